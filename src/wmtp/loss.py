@@ -1,0 +1,294 @@
+"""Per-head labels and the weighted multi-token prediction loss (REFERENCE.md §1 and §3).
+
+One indexing convention for the whole code base: head h at position t predicts x[t+1+h].
+
+Two implementations of the same loss:
+
+- `weighted_mtp_loss` is the plain reference on materialised logits [B, S, n, V]. It is short enough to
+  check by eye, and the tests hold the fast path to it.
+- `fused_linear_mtp_ce` is the fast path the trainer uses: it takes the heads' final hidden states and the
+  shared unembedding, walks over chunks of valid (token, head) pairs, and keeps only one chunk of logits
+  alive at a time. The gradient of each chunk is taken right away (the weights are known before the
+  forward), so no logits are stored for the backward pass (the trick of Liger's fused linear CE).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+Reduction = Literal["token_mean", "weight_mean"]
+REDUCTIONS: tuple[str, ...] = ("token_mean", "weight_mean")
+
+
+def mtp_labels(
+    input_ids: torch.Tensor,
+    n_heads: int,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
+    prompt_mask: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Labels for every (position, head) pair: `y[b, t, h] = input_ids[b, t+1+h]`.
+
+    input_ids: [B, S]; attention_mask: [B, S], 1 on real tokens; document_ids: [B, S], the packed document
+    each token belongs to; prompt_mask: [B, S], True on prompt tokens that must not be targets.
+    A pair is ignored when t+1+h >= S, when either token is padding, when the target is a prompt token,
+    or when the two tokens belong to different packed documents.
+    Returns a LongTensor [B, S, n_heads].
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
+    if n_heads < 1:
+        raise ValueError(f"n_heads must be >= 1, got {n_heads}")
+    batch, seq = input_ids.shape
+    for name, extra in (("attention_mask", attention_mask), ("document_ids", document_ids),
+                        ("prompt_mask", prompt_mask)):
+        if extra is not None and extra.shape != input_ids.shape:
+            raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(extra.shape)}")
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    targetable = real if prompt_mask is None else real & ~prompt_mask.bool()
+    labels = torch.full((batch, seq, n_heads), ignore_index, dtype=torch.long, device=input_ids.device)
+    for h in range(min(n_heads, seq - 1)):
+        offset = h + 1
+        ok = real[:, :-offset] & targetable[:, offset:]
+        if document_ids is not None:
+            ok &= document_ids[:, :-offset] == document_ids[:, offset:]
+        labels[:, :-offset, h] = torch.where(ok, input_ids[:, offset:], ignore_index)
+    return labels
+
+
+def per_target_to_heads(signal: torch.Tensor, n_heads: int, fill: float = 0.0) -> torch.Tensor:
+    """Map a signal defined per target token j to (position, head) pairs: `w[b, t, h] = s[b, t+1+h]`.
+
+    The one helper for this mapping (a reference CE of x_j, a TD error of generating x_j, ...).
+    signal: [B, S]. Returns [B, S, n_heads]; pairs whose target lies past the end hold `fill`.
+    """
+    batch, seq = signal.shape
+    out = signal.new_full((batch, seq, n_heads), fill)
+    for h in range(min(n_heads, seq - 1)):
+        out[:, : seq - h - 1, h] = signal[:, h + 1:]
+    return out
+
+
+def _head_coef_tensor(head_coef, n_heads: int, device: torch.device) -> torch.Tensor:
+    if head_coef is None:
+        return torch.ones(n_heads, dtype=torch.float32, device=device)
+    coef = torch.as_tensor(head_coef, dtype=torch.float32, device=device)
+    if coef.shape != (n_heads,):
+        raise ValueError(f"head_coef must have one value per head ({n_heads}), got shape {tuple(coef.shape)}")
+    if bool((coef < 0).any()):
+        raise ValueError(f"head_coef must be >= 0, got {coef.tolist()}")
+    return coef
+
+
+def _check_weights(weights: torch.Tensor | None, labels: torch.Tensor, reduction: str,
+                   allow_negative: bool) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if weights is None:
+        return
+    if weights.shape != labels.shape:
+        raise ValueError(f"weights must have the shape of labels {tuple(labels.shape)}, got {tuple(weights.shape)}")
+    if weights.requires_grad:
+        raise ValueError("weights carry gradient: importance weights must be detached (REFERENCE.md §3)")
+    valid = labels != IGNORE_INDEX
+    if not bool(torch.isfinite(weights[valid]).all()):
+        raise ValueError("weights are not finite on some valid (token, head) pair")
+    if bool((weights[valid] < 0).any()):
+        if reduction == "weight_mean":
+            raise ValueError("negative weights cannot be used with reduction='weight_mean'")
+        if not allow_negative:
+            raise ValueError("negative weights: only a scheme that declares allow_negative may produce them")
+
+
+def pair_coefficients(
+    labels: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    *,
+    head_coef=None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """`λ_h · w[t,h] · m[t,h]` for every pair, fp32 [..., n]; 0 on ignored pairs (whatever the weight there)."""
+    lam = _head_coef_tensor(head_coef, labels.shape[-1], labels.device)
+    valid = labels != ignore_index
+    w = torch.ones_like(labels, dtype=torch.float32) if weights is None else weights.float()
+    return torch.where(valid, w * lam, torch.zeros((), device=labels.device))
+
+
+def loss_denominator(
+    labels: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    *,
+    head_coef=None,
+    reduction: str = "token_mean",
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """The denominator of one micro-batch: `Σ λ_h m` (token_mean) or `Σ λ_h w m` (weight_mean), fp32 scalar.
+
+    The trainer sums it over all micro-batches of an optimizer step and all-reduces it over ranks, then
+    passes the total as `normalizer`; that makes 1×8 and 8×1 give the same update.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    use_weights = weights if reduction == "weight_mean" else None
+    return pair_coefficients(labels, use_weights, head_coef=head_coef, ignore_index=ignore_index).sum()
+
+
+def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor | float) -> torch.Tensor:
+    # A micro-batch (or step) without a valid pair has numerator 0 and denominator 0: it contributes 0.
+    den = torch.as_tensor(denominator, dtype=torch.float32, device=numerator.device)
+    return numerator / den.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def weighted_mtp_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    *,
+    head_coef=None,
+    reduction: str = "token_mean",
+    normalizer: torch.Tensor | float | None = None,
+    allow_negative: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """The plain reference weighted MTP loss (REFERENCE.md §3).
+
+    logits: [B, S, n, V]; labels: [B, S, n] from `mtp_labels`; weights: [B, S, n], detached, or None for
+    uniform; head_coef: λ_h, n values (default 1). The per-pair CE is computed in fp32.
+    token_mean:  Σ λ w m ℓ / Σ λ m.   weight_mean: Σ λ w m ℓ / Σ λ w m.
+    `normalizer` replaces the denominator (the trainer passes the one summed over the whole step).
+    """
+    if logits.dim() != 4 or logits.shape[:3] != labels.shape:
+        raise ValueError(f"logits must be [B, S, n, V] matching labels {tuple(labels.shape)}, "
+                         f"got {tuple(logits.shape)}")
+    _check_weights(weights, labels, reduction, allow_negative)
+    vocab = logits.shape[-1]
+    ce = F.cross_entropy(logits.float().reshape(-1, vocab), labels.reshape(-1),
+                         ignore_index=ignore_index, reduction="none").view(labels.shape)
+    coef = pair_coefficients(labels, weights, head_coef=head_coef, ignore_index=ignore_index)
+    if normalizer is None:
+        normalizer = loss_denominator(labels, weights, head_coef=head_coef, reduction=reduction,
+                                      ignore_index=ignore_index)
+    return _safe_divide((coef * ce).sum(), normalizer)
+
+
+def mean1_clip(weights: torch.Tensor, valid: torch.Tensor, eps: float = 0.05, w_max: float = 3.0) -> torch.Tensor:
+    """Weight post-processing `mean1_clip(ε, w_max)` over the valid pairs (REFERENCE.md §3).
+
+    w ← w / mean_valid(w); w ← clip(w, ε, w_max); w ← w / mean_valid(w). Invalid pairs get 0.
+    weights, valid: same shape. With no valid pair, all zeros.
+    """
+    if not 0 <= eps <= w_max:
+        raise ValueError(f"mean1_clip needs 0 <= eps <= w_max, got eps={eps}, w_max={w_max}")
+    valid = valid.bool()
+    w = weights.detach().float()
+    zero = torch.zeros((), device=w.device)
+    count = valid.sum()
+    if int(count) == 0:
+        return torch.zeros_like(w)
+
+    def normalise(x: torch.Tensor) -> torch.Tensor:
+        mean = torch.where(valid, x, zero).sum() / count
+        return x / mean.clamp_min(torch.finfo(torch.float32).tiny)
+
+    w = normalise(torch.where(valid, w, zero)).clamp(eps, w_max)
+    return torch.where(valid, normalise(torch.where(valid, w, zero)), zero)
+
+
+class _FusedLinearMTPCrossEntropy(torch.autograd.Function):
+    """Σ coef·CE over selected pairs, with the gradient taken chunk by chunk during the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, coef, chunk_size):
+        # hidden: [P, D] rows of the valid pairs; targets, coef: [P]. Autocast is off in here: the matmuls run
+        # in the hidden states' dtype and the softmax in fp32.
+        compute_dtype = hidden.dtype
+        w = weight.to(compute_dtype)
+        b = None if bias is None else bias.to(compute_dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        ce = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
+        correct = torch.empty(targets.shape, dtype=torch.bool, device=hidden.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        rows = torch.arange(min(chunk_size, max(hidden.shape[0], 1)), device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = min(start + chunk_size, hidden.shape[0])
+            h = hidden[start:end]
+            y = targets[start:end]
+            c = coef[start:end]
+            logits = F.linear(h, w, b).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            r = rows[: end - start]
+            pair_ce = lse - logits[r, y]
+            ce[start:end] = pair_ce
+            correct[start:end] = logits.argmax(dim=-1) == y
+            total += (c * pair_ce).sum()
+            # d(c·CE)/dlogits = c·(softmax − onehot), computed in place over the logits buffer.
+            grad_logits = logits.sub_(lse[:, None]).exp_()
+            grad_logits[r, y] -= 1.0
+            grad_logits.mul_(c[:, None])
+            grad_logits = grad_logits.to(compute_dtype)
+            grad_hidden[start:end] = grad_logits @ w
+            grad_weight += (grad_logits.t() @ h).float()
+            if grad_bias is not None:
+                grad_bias += grad_logits.float().sum(dim=0)
+            del logits, grad_logits
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.weight_dtype = weight.dtype
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(ce, correct)
+        return total, ce, correct
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_ce, _grad_correct):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+        grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
+        if ctx.has_bias:
+            grad_bias = (grad_bias * grad_total).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def fused_linear_mtp_ce(
+    head_hidden: list[torch.Tensor],
+    unembedding: torch.Tensor,
+    labels: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    chunk_size: int = 4096,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fast path: `Σ coef · CE` over all pairs without materialising [B, S, n, V].
+
+    head_hidden: n tensors [B, S, D], each head's final hidden state (after the shared final norm);
+    unembedding: [V, D] (the shared lm_head weight); labels: [B, S, n]; coef: [B, S, n] fp32, the
+    per-pair coefficient λ_h·w·m / normalizer (0 on ignored pairs). Only valid pairs are computed,
+    `chunk_size` rows at a time. Returns (loss, ce [B, S, n] detached fp32 with 0 on ignored pairs,
+    correct [B, S, n] bool: the head's argmax equals the label).
+    """
+    if len(head_hidden) != labels.shape[-1]:
+        raise ValueError(f"got {len(head_hidden)} head hidden states for labels with {labels.shape[-1]} heads")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    hidden = torch.stack(head_hidden, dim=2)  # [B, S, n, D]
+    valid = labels != ignore_index
+    flat_index = valid.reshape(-1).nonzero().squeeze(1)
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_index)
+    targets = labels.reshape(-1).index_select(0, flat_index)
+    pair_coef = coef.reshape(-1).index_select(0, flat_index).float()
+    with torch.autocast(device_type=rows.device.type, enabled=False):
+        total, pair_ce, pair_correct = _FusedLinearMTPCrossEntropy.apply(
+            rows, unembedding, bias, targets, pair_coef, chunk_size)
+    ce = torch.zeros(labels.numel(), dtype=torch.float32, device=labels.device)
+    ce[flat_index] = pair_ce
+    correct = torch.zeros(labels.numel(), dtype=torch.bool, device=labels.device)
+    correct[flat_index] = pair_correct
+    return total, ce.view(labels.shape), correct.view(labels.shape)

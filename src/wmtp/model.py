@@ -1,0 +1,294 @@
+"""The multi-token prediction model: a Hugging Face causal LM as trunk, n output heads, one unembedding.
+
+Head h at position t predicts x[t+1+h] (REFERENCE.md §1–§2). Head 0 is always the base model itself, so
+decoding with head 0 (`generate`) is ordinary decoding of the wrapped model, KV cache included.
+
+Head types:
+- `transformer` (Meta-style, Gloeckle et al. 2024): the trunk is every decoder layer but the last, head 0
+  is the last layer, heads 1…n-1 are extra decoder layers initialised as copies of it. They see the same
+  trunk state, attention mask and rotary position embeddings as the last layer (captured from the base
+  model's own call, so the base model's masking rules apply unchanged), then the shared final norm and
+  the shared unembedding.
+- `linear` (Medusa-style): f_h(z) = z + W2·SiLU(W1·z) on the base model's final (normed) hidden state,
+  with W2 zero-initialised so each head starts as the identity on the shared unembedding. Works on any
+  causal LM; head 0 is the base model's own head.
+
+On disk (`save_pretrained`): the base model exactly as Hugging Face writes it (`config.json` plus
+`model.safetensors`, loadable by any HF tool as a plain causal LM), the extra heads in
+`mtp_heads.safetensors`, the MTP settings under the `wmtp` key of `config.json`, and the tokenizer.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from .loss import (
+    IGNORE_INDEX,
+    _check_weights,
+    _safe_divide,
+    fused_linear_mtp_ce,
+    loss_denominator,
+    pair_coefficients,
+)
+
+HEAD_TYPES = ("transformer", "linear")
+HEADS_FILE = "mtp_heads.safetensors"
+CONFIG_KEY = "wmtp"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class MTPConfig:
+    """The MTP shape. n_heads counts head 0 (the base model's own next-token head)."""
+
+    n_heads: int = 4
+    head_type: str = "transformer"
+
+    def __post_init__(self) -> None:
+        if self.n_heads < 1:
+            raise ValueError(f"n_heads must be >= 1, got {self.n_heads}")
+        if self.head_type not in HEAD_TYPES:
+            raise ValueError(f"head_type must be one of {HEAD_TYPES}, got {self.head_type!r}")
+
+
+@dataclass
+class MTPOutput:
+    """What a forward returns. Shapes: ce, correct [B, S, n]; logits [B, S, n, V]; trunk_hidden [B, S, D]."""
+
+    loss: torch.Tensor | None = None
+    ce: torch.Tensor | None = None
+    correct: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    trunk_hidden: torch.Tensor | None = None
+
+
+class ResidualHead(nn.Module):
+    """Medusa-style head: z + W2·SiLU(W1·z), W2 zero-initialised (the head starts as the identity)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(hidden_size, hidden_size)
+        self.down = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z + self.down(nn.functional.silu(self.up(z)))
+
+
+def _decoder_parts(base: PreTrainedModel) -> tuple[nn.Module, nn.ModuleList, nn.Module]:
+    """(inner model, its decoder layers, its final norm) for Llama-family and GPT-2-style models."""
+    inner = base.base_model
+    layers = next((getattr(inner, name) for name in ("layers", "h") if isinstance(getattr(inner, name, None),
+                                                                          nn.ModuleList)), None)
+    norm = next((getattr(inner, name) for name in ("norm", "ln_f") if getattr(inner, name, None) is not None),
+                None)
+    if layers is None or norm is None:
+        raise ValueError(f"transformer heads need a decoder with `layers` (or `h`) and a final `norm` (or `ln_f`); "
+                         f"{type(base).__name__} has neither: use head_type='linear'")
+    return inner, layers, norm
+
+
+def _check_plain_unembedding(config) -> None:
+    # The fast path computes logits as hidden @ U.T (+ bias); a model that rescales or caps its logits
+    # would silently train on different logits.
+    for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        value = getattr(config, key, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(f"{config.model_type}: `{key}={value}` transforms the logits; the MTP fast path "
+                             "supports plain unembeddings only")
+
+
+def load_causal_lm(spec: str | os.PathLike, *, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """A causal LM from a hub id, a local directory, or a GGUF file (dequantised by transformers)."""
+    path = Path(spec)
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+    if path.exists() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json, not a Hugging Face model directory")
+    return AutoModelForCausalLM.from_pretrained(str(spec), **kwargs)
+
+
+class MTPModel(nn.Module):
+    """A causal LM with n output heads sharing the final norm and the unembedding (REFERENCE.md §2)."""
+
+    def __init__(self, base: PreTrainedModel, heads: nn.ModuleList, config: MTPConfig) -> None:
+        super().__init__()
+        if len(heads) != config.n_heads - 1:
+            raise ValueError(f"{config.n_heads} heads need {config.n_heads - 1} extra head modules, got {len(heads)}")
+        _check_plain_unembedding(base.config)
+        self.base = base
+        self.heads = heads
+        self.mtp_config = config
+
+    # construction -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_base(cls, model_or_path: PreTrainedModel | str | os.PathLike, n_heads: int = 4,
+                  head_type: str = "transformer", *, dtype: torch.dtype | None = None) -> MTPModel:
+        """Wrap a causal LM; head 0 stays the base model bit for bit, extra heads are initialised as
+        copies of the last decoder layer (transformer) or as the identity (linear)."""
+        config = MTPConfig(n_heads=n_heads, head_type=head_type)
+        base = model_or_path if isinstance(model_or_path, PreTrainedModel) else load_causal_lm(model_or_path,
+                                                                                             dtype=dtype)
+        return cls(base, cls._new_heads(base, config), config)
+
+    @staticmethod
+    def _new_heads(base: PreTrainedModel, config: MTPConfig) -> nn.ModuleList:
+        if config.head_type == "transformer":
+            _, layers, _ = _decoder_parts(base)
+            return nn.ModuleList(copy.deepcopy(layers[-1]) for _ in range(config.n_heads - 1))
+        hidden = base.get_output_embeddings().weight.shape[1]
+        ref = base.get_output_embeddings().weight
+        return nn.ModuleList(ResidualHead(hidden).to(device=ref.device, dtype=ref.dtype)
+                             for _ in range(config.n_heads - 1))
+
+    @property
+    def n_heads(self) -> int:
+        return self.mtp_config.n_heads
+
+    @property
+    def config(self):
+        """The base model's Hugging Face config."""
+        return self.base.config
+
+    @property
+    def unembedding(self) -> nn.Linear:
+        return self.base.get_output_embeddings()
+
+    # forward ----------------------------------------------------------------------------------------------
+    def head_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                           position_ids: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Each head's final hidden state (after the shared final norm) [B, S, D], and the trunk state z
+        [B, S, D] (the input of the last decoder layer for transformer heads, the base model's final hidden
+        state for linear heads)."""
+        if self.mtp_config.head_type == "linear":
+            out = self.base.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                       position_ids=position_ids, use_cache=False)
+            z = out.last_hidden_state
+            return [z] + [head(z) for head in self.heads], z
+
+        inner, layers, norm = _decoder_parts(self.base)
+        captured: dict = {}
+
+        def capture(_module, args, kwargs):
+            captured["args"], captured["kwargs"] = args, kwargs
+
+        handle = layers[-1].register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            out = inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False)
+        finally:
+            handle.remove()
+        args, kwargs = captured["args"], dict(captured["kwargs"])
+        if args:
+            z, rest = args[0], args[1:]
+        else:
+            z, rest = kwargs.pop("hidden_states"), ()
+        hidden = [out.last_hidden_state]
+        for head in self.heads:
+            h = head(z, *rest, **kwargs)
+            hidden.append(norm(h[0] if isinstance(h, tuple) else h))
+        return hidden, z
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        head_coef=None,
+        reduction: str = "token_mean",
+        normalizer: torch.Tensor | float | None = None,
+        allow_negative: bool = False,
+        return_logits: bool = False,
+        chunk_size: int = 4096,
+    ) -> MTPOutput:
+        """input_ids, attention_mask: [B, S]; labels: [B, S, n] from `mtp_labels`; weights: [B, S, n] detached.
+
+        With labels, computes the weighted loss on the fast path (no [B, S, n, V] tensor), with the same
+        meaning as `weighted_mtp_loss`. `return_logits` also returns all heads' logits [B, S, n, V]: for
+        small inputs and for the reference path only.
+        """
+        hidden, z = self.head_hidden_states(input_ids, attention_mask, position_ids)
+        output = MTPOutput(trunk_hidden=z)
+        if return_logits:
+            output.logits = torch.stack([self.unembedding(h) for h in hidden], dim=2)
+        if labels is None:
+            return output
+        if labels.shape != (*input_ids.shape, self.n_heads):
+            raise ValueError(f"labels must be [B, S, n]={(*input_ids.shape, self.n_heads)}, got {tuple(labels.shape)}")
+        _check_weights(weights, labels, reduction, allow_negative)
+        if normalizer is None:
+            normalizer = loss_denominator(labels, weights, head_coef=head_coef, reduction=reduction)
+        coef = _safe_divide(pair_coefficients(labels, weights, head_coef=head_coef), normalizer)
+        output.loss, output.ce, output.correct = fused_linear_mtp_ce(
+            hidden, self.unembedding.weight, labels, coef, bias=self.unembedding.bias, chunk_size=chunk_size,
+            ignore_index=IGNORE_INDEX)
+        return output
+
+    def generate(self, *args, **kwargs):
+        """Ordinary Hugging Face decoding with head 0 (the base model), KV cache included."""
+        return self.base.generate(*args, **kwargs)
+
+    # persistence ------------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None) -> Path:
+        """Write the model (and tokenizer) to `directory` atomically: into a sibling temp dir, then renamed."""
+        target = Path(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            self.base.save_pretrained(tmp)
+            heads = {k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}
+            save_file(heads, tmp / HEADS_FILE,
+                      metadata={"format": "pt", CONFIG_KEY: json.dumps(asdict(self.mtp_config))})
+            config_path = tmp / "config.json"
+            config = json.loads(config_path.read_text())
+            config[CONFIG_KEY] = {**asdict(self.mtp_config), "format_version": FORMAT_VERSION}
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> MTPModel:
+        """Load a directory written by `save_pretrained`."""
+        directory = Path(directory)
+        config_path = directory / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{directory}: no config.json, not a saved wmtp model")
+        settings = json.loads(config_path.read_text()).get(CONFIG_KEY)
+        if settings is None:
+            raise ValueError(f"{config_path}: no `{CONFIG_KEY}` key; this is a plain causal LM, "
+                             "use MTPModel.from_base to add heads")
+        if settings.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{config_path}: wmtp format_version {settings.get('format_version')} is not "
+                             f"supported (expected {FORMAT_VERSION})")
+        config = MTPConfig(n_heads=settings["n_heads"], head_type=settings["head_type"])
+        base = load_causal_lm(directory, dtype=dtype)
+        heads = cls._new_heads(base, config)
+        if config.n_heads > 1:
+            state = load_file(directory / HEADS_FILE, device=str(base.device))
+            heads.load_state_dict(state, strict=True)
+        return cls(base, heads, config)
