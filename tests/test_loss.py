@@ -178,3 +178,24 @@ def test_fused_path_matches_reference_loss_and_gradients(reduction, chunk_size):
     assert torch.allclose(ce[valid], ref_ce[valid].detach(), rtol=1e-5)
     assert (ce[~valid] == 0).all()
     assert torch.equal(correct[valid], logits.argmax(-1)[valid] == labels[valid])
+
+
+def test_fused_path_scales_with_upstream_gradient_and_runs_in_bf16():
+    g = torch.Generator().manual_seed(12)
+    B, S, n, D, V = 2, 6, 2, 8, 17
+    labels = mtp_labels(torch.randint(0, V, (B, S), generator=g), n)
+    coef = pair_coefficients(labels) / loss_denominator(labels)
+    hidden = [torch.randn(B, S, D, generator=g, requires_grad=True) for _ in range(n)]
+    U = torch.randn(V, D, generator=g, requires_grad=True)
+    loss, _, _ = fused_linear_mtp_ce(hidden, U, labels, coef, chunk_size=3)
+    once = torch.autograd.grad(loss, [U, *hidden])
+    loss, _, _ = fused_linear_mtp_ce(hidden, U, labels, coef, chunk_size=3)
+    scaled = torch.autograd.grad(2.5 * loss, [U, *hidden])
+    for a, b in zip(once, scaled, strict=True):
+        assert torch.allclose(2.5 * a, b, rtol=1e-6)
+    low = [h.detach().bfloat16().requires_grad_(True) for h in hidden]
+    loss16, _, _ = fused_linear_mtp_ce(low, U, labels, coef, chunk_size=3)
+    grads16 = torch.autograd.grad(loss16, [U, *low])
+    assert torch.isclose(loss16, loss, rtol=2e-2)
+    assert grads16[0].dtype == torch.float32 and grads16[1].dtype == torch.bfloat16
+    assert torch.allclose(grads16[0], once[0], atol=2e-2)

@@ -218,28 +218,35 @@ class _FusedLinearMTPCrossEntropy(torch.autograd.Function):
         correct = torch.empty(targets.shape, dtype=torch.bool, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         rows = torch.arange(min(chunk_size, max(hidden.shape[0], 1)), device=hidden.device)
+        fp32 = compute_dtype == torch.float32
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
             h = hidden[start:end]
             y = targets[start:end]
             c = coef[start:end]
-            logits = F.linear(h, w, b).float()
-            lse = torch.logsumexp(logits, dim=-1)
             r = rows[: end - start]
-            pair_ce = lse - logits[r, y]
+            # One [chunk, V] fp32 buffer, turned into the gradient in place:
+            # d(c·CE)/dlogits = c·(softmax − onehot).
+            buf = F.linear(h, w, b).float()
+            peak, argmax = buf.max(dim=-1)
+            target_logit = buf[r, y]
+            total_exp = buf.sub_(peak[:, None]).exp_().sum(dim=-1)
+            pair_ce = peak + total_exp.log() - target_logit
             ce[start:end] = pair_ce
-            correct[start:end] = logits.argmax(dim=-1) == y
+            correct[start:end] = argmax == y
             total += (c * pair_ce).sum()
-            # d(c·CE)/dlogits = c·(softmax − onehot), computed in place over the logits buffer.
-            grad_logits = logits.sub_(lse[:, None]).exp_()
-            grad_logits[r, y] -= 1.0
-            grad_logits.mul_(c[:, None])
-            grad_logits = grad_logits.to(compute_dtype)
+            buf.div_(total_exp[:, None])
+            buf[r, y] -= 1.0
+            buf.mul_(c[:, None])
+            grad_logits = buf if fp32 else buf.to(compute_dtype)
             grad_hidden[start:end] = grad_logits @ w
-            grad_weight += (grad_logits.t() @ h).float()
+            if fp32:
+                grad_weight.addmm_(grad_logits.t(), h)
+            else:
+                grad_weight += (grad_logits.t() @ h).float()
             if grad_bias is not None:
-                grad_bias += grad_logits.float().sum(dim=0)
-            del logits, grad_logits
+                grad_bias += buf.sum(dim=0)
+            del buf, grad_logits
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
         ctx.has_bias = bias is not None
@@ -249,10 +256,13 @@ class _FusedLinearMTPCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _grad_ce, _grad_correct):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
-        grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
+        if not bool(grad_total == 1):  # the usual case (loss.backward()) needs no scaled copies
+            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+            grad_weight = grad_weight * grad_total
+            grad_bias = None if grad_bias is None else grad_bias * grad_total
+        grad_weight = grad_weight.to(ctx.weight_dtype)
         if ctx.has_bias:
-            grad_bias = (grad_bias * grad_total).to(ctx.weight_dtype)
+            grad_bias = grad_bias.to(ctx.weight_dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
@@ -263,7 +273,7 @@ def fused_linear_mtp_ce(
     coef: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    chunk_size: int = 4096,
+    chunk_size: int = 1024,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fast path: `Σ coef · CE` over all pairs without materialising [B, S, n, V].

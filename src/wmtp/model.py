@@ -217,7 +217,7 @@ class MTPModel(nn.Module):
         normalizer: torch.Tensor | float | None = None,
         allow_negative: bool = False,
         return_logits: bool = False,
-        chunk_size: int = 4096,
+        chunk_size: int = 1024,
     ) -> MTPOutput:
         """input_ids, attention_mask: [B, S]; labels: [B, S, n] from `mtp_labels`; weights: [B, S, n] detached.
 
@@ -247,14 +247,22 @@ class MTPModel(nn.Module):
         return self.base.generate(*args, **kwargs)
 
     # persistence ------------------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None) -> Path:
-        """Write the model (and tokenizer) to `directory` atomically: into a sibling temp dir, then renamed."""
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the model (and tokenizer) to `directory` atomically: into a sibling temp dir, then renamed.
+
+        `state_dict` (keys `base.*`, `heads.*`) replaces the module's own tensors: a sharded (FSDP2) model
+        passes its gathered full state dict.
+        """
         target = Path(directory)
         target.parent.mkdir(parents=True, exist_ok=True)
+        state = self.state_dict() if state_dict is None else state_dict
+        base_state = {k.removeprefix("base."): v for k, v in state.items() if k.startswith("base.")}
+        heads = {k.removeprefix("heads."): v.detach().contiguous().cpu() for k, v in state.items()
+                 if k.startswith("heads.")}
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            self.base.save_pretrained(tmp)
-            heads = {k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}
+            self.base.save_pretrained(tmp, state_dict=base_state)
             save_file(heads, tmp / HEADS_FILE,
                       metadata={"format": "pt", CONFIG_KEY: json.dumps(asdict(self.mtp_config))})
             config_path = tmp / "config.json"

@@ -1,0 +1,115 @@
+"""Training checkpoints: everything a run needs to continue bit for bit, written atomically.
+
+A checkpoint is a directory `step-00000100/` holding
+- `model/`: the model as `MTPModel.save_pretrained` writes it (safetensors, config, tokenizer);
+- `optimizer.safetensors`: every optimizer state tensor, keyed `<parameter name>/<state name>`;
+- `trainer_state.json`: step, data position, scheduler, optimizer hyper-parameters, early-stopping state,
+  the MLflow run id, and the RNG states (as lists of bytes).
+Full (unsharded) state dicts are gathered from every rank and written by rank 0, so a checkpoint written
+under FSDP2 or DDP loads on one process and the other way round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from .distributed import DistInfo
+from .model import MTPModel
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
+                  and (p / STATE_FILE).is_file())
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def save_checkpoint(run_dir: Path, step: int, model: MTPModel, optimizer: torch.optim.Optimizer, scheduler,
+                    trainer_state: dict, tokenizer, info: DistInfo, keep_last: int) -> Path | None:
+    """Gather on every rank, write on rank 0 (into a temp dir, renamed when complete), prune old ones."""
+    model_state = get_model_state_dict(model, options=_FULL)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=_FULL)
+    if not info.is_main:
+        return None
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / checkpoint_name(step)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+    try:
+        model.save_pretrained(tmp / "model", tokenizer=tokenizer, state_dict=model_state)
+        tensors = {}
+        for name, per_param in optim_state["state"].items():
+            for key, value in per_param.items():
+                tensors[f"{name}/{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
+        save_file(tensors, tmp / OPTIMIZER_FILE)
+        state = {**trainer_state, "step": step, "scheduler": scheduler.state_dict(),
+                 "optimizer_param_groups": optim_state["param_groups"], "rng": rng_state()}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old)
+    return target
+
+
+def load_checkpoint(path: Path, model: MTPModel, optimizer: torch.optim.Optimizer, scheduler) -> dict:
+    """Restore model, optimizer, scheduler and RNG from `path` on every rank; returns the trainer state."""
+    state_path = path / STATE_FILE
+    if not state_path.is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint (no {STATE_FILE})")
+    state = json.loads(state_path.read_text())
+    saved = MTPModel.from_pretrained(path / "model")
+    if saved.mtp_config != model.mtp_config:
+        raise ValueError(f"{path}: checkpoint has {saved.mtp_config}, the recipe asks for {model.mtp_config}")
+    set_model_state_dict(model, saved.state_dict(), options=StateDictOptions(full_state_dict=True))
+    del saved
+    tensors = load_file(path / OPTIMIZER_FILE)
+    per_param: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, _, field = key.rpartition("/")
+        per_param.setdefault(name, {})[field] = value
+    set_optimizer_state_dict(model, optimizer, {"state": per_param, "param_groups": state["optimizer_param_groups"]},
+                             options=StateDictOptions(full_state_dict=True))
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state

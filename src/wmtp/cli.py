@@ -1,0 +1,148 @@
+"""The `wmtp` command. Errors are one line and exit code 1; `--verbose` adds the traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from .config import ConfigError, dump_masked, load_config, load_recipe
+from .tracking import tracking_uri
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wmtp", description="Weighted multi-token prediction")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a model from a config (where/how) and a recipe (what)")
+    train.add_argument("--config", required=True, type=Path)
+    train.add_argument("--recipe", required=True, type=Path)
+    train.add_argument("--run-name", help="directory under output_dir (default: <recipe name>-<time>)")
+    train.add_argument("--tags", default="", help="comma-separated MLflow tags, e.g. a,b or key=value")
+    train.add_argument("--resume", help="a checkpoint directory, or `auto` for the run's latest checkpoint")
+    train.add_argument("--dry-run", action="store_true", help="validate everything and print the plan; no training")
+    train.add_argument("--verbose", action="store_true", help="print the resolved config and tracebacks")
+    return parser
+
+
+def _tags(text: str) -> dict[str, str]:
+    tags = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, _, value = item.partition("=")
+        tags[key] = value or "true"
+    return tags
+
+
+def _plan(setup, trainer_steps: tuple[int, int], run_dir: Path, loss: float) -> str:
+    model, recipe, info = setup.model, setup.recipe, setup.info
+    total = sum(p.numel() for p in model.parameters())
+    heads = sum(p.numel() for p in model.heads.parameters())
+    t = recipe.train
+    tokens = t.micro_batch_size * t.grad_accum_steps * info.world_size * recipe.data.max_length
+    steps, per_epoch = trainer_steps
+    return "\n".join([
+        f"model: {total / 1e6:.2f}M parameters ({heads / 1e6:.2f}M in {model.n_heads - 1} extra "
+        f"{model.mtp_config.head_type} heads), {model.n_heads} heads, vocabulary {model.unembedding.weight.shape[0]}",
+        f"data: {setup.n_train_examples} train / {setup.n_val_examples} validation examples -> "
+        f"{len(setup.train_set)} train / {len(setup.val_set) if setup.val_set else 0} validation sequences "
+        f"of {recipe.data.max_length} tokens",
+        f"steps: {steps} optimizer steps ({per_epoch} per epoch), {tokens} tokens per step "
+        f"({t.micro_batch_size} x {t.grad_accum_steps} accumulation x {info.world_size} processes)",
+        f"device: {info.device}, precision {setup.config.compute.precision}, world size {info.world_size}",
+        f"one forward on one batch: loss {loss:.4f}",
+        f"outputs: {run_dir} (checkpoints/, final/); MLflow: "
+        + (tracking_uri(setup.config.mlflow, Path(setup.config.output_dir)) if setup.config.mlflow.enabled
+           else "disabled"),
+    ])
+
+
+def _summary(result: dict, run_dir: Path) -> str:
+    lines = [f"run {run_dir}: {result['status'].lower()} at step {result['step']}/{result['total_steps']} "
+             f"({result['reason']})"]
+    ev = result["eval"]
+    if "val/loss" in ev:
+        initial = ev.get("initial_val_loss")
+        lines.append(f"validation loss {ev['val/loss']:.4f}" + (f" (initial {initial:.4f})" if initial else ""))
+        lines.append("head  CE      ppl       top-1 acc")
+        h = 0
+        while f"val/ce_head{h}" in ev:
+            lines.append(f"{h:<5} {ev[f'val/ce_head{h}']:<7.4f} {ev[f'val/ppl_head{h}']:<9.2f} "
+                         f"{ev[f'val/acc_head{h}']:.4f}")
+            h += 1
+    lines.append(f"checkpoint: {result['checkpoint']}")
+    if result["final_model"]:
+        lines.append(f"final model: {result['final_model']}")
+    if result["mlflow_run_id"]:
+        lines.append(f"MLflow run {result['mlflow_run_id']} in {result['tracking_uri']} "
+                     f"(mlflow ui --backend-store-uri {result['tracking_uri']})")
+    return "\n".join(lines)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import distributed as dist_utils
+    from .train import Trainer, find_resume, labels_for, prepare, step_counts
+
+    config = load_config(args.config)
+    recipe = load_recipe(args.recipe)
+    if args.verbose:
+        print(f"# config {args.config}\n{dump_masked(config)}# recipe {args.recipe}\n{dump_masked(recipe)}")
+    if args.resume == "auto" and not args.run_name:
+        raise ConfigError("--resume auto needs --run-name (the run whose latest checkpoint to continue)")
+    if args.resume and args.resume != "auto":
+        run_dir = Path(args.resume).resolve().parent.parent
+    else:
+        run_dir = Path(config.output_dir) / (args.run_name or f"{args.recipe.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    resume = find_resume(args.resume, run_dir)
+    if resume is None and not args.dry_run and (run_dir / "checkpoints").exists():
+        raise ConfigError(f"{run_dir} already holds a run: pass --resume auto to continue it or another --run-name")
+    info = dist_utils.init_distributed(config.compute.device)
+    try:
+        setup = prepare(config, recipe, info, tokenizer_dir=resume / "model" if resume else None)
+        if args.dry_run:
+            steps = step_counts(len(setup.train_set), recipe.train, info.world_size)
+            batch = setup.train_set.select(torch.arange(min(recipe.train.micro_batch_size, len(setup.train_set))))
+            batch = {k: v.to(info.device) for k, v in batch.items()}
+            with torch.no_grad():
+                out = setup.model(batch["input_ids"], batch["attention_mask"],
+                                  labels=labels_for(batch, setup.model.n_heads, recipe.data.mask_prompt),
+                                  chunk_size=recipe.loss.chunk_size)
+            if info.is_main:
+                print(_plan(setup, steps, run_dir, float(out.loss)))
+                print("dry run: configuration, data, tokenizer and model are valid; nothing was trained or written")
+            return 0
+        if info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(setup, run_dir, run_name=run_dir.name, tags=_tags(args.tags), resume=resume,
+                          config_files=(args.config, args.recipe))
+        result = trainer.run()
+        if info.is_main:
+            print(_summary(result, run_dir))
+        return 0
+    finally:
+        dist_utils.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    try:
+        if args.command == "train":
+            return train_command(args)
+    except KeyboardInterrupt:
+        print("wmtp: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the one place errors become a line and an exit code
+        if getattr(args, "verbose", False):
+            traceback.print_exc()
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"wmtp: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""Configuration: a *config* says where and how (model and data paths, outputs, tracking, devices), a *recipe*
+says what (algorithm, MTP shape, data sources and sizes, loss, optimiser, training length, evaluation).
+
+Both are YAML files validated by pydantic; unknown keys are errors at every level. String values may use
+`${VAR}` (the variable must be set) and `${VAR:-default}`. Secrets (`SecretStr` fields) are never printed
+or logged as parameters.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; its message is one line naming the file and the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------- config
+class ScratchModel(Strict):
+    """A Llama-family model initialised from random weights (the demo; tests)."""
+
+    hidden_size: int = Field(256, gt=0)
+    num_layers: int = Field(4, ge=1, description="decoder layers of the base model; the last one is head 0")
+    num_attention_heads: int = Field(4, ge=1)
+    num_key_value_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(688, gt=0)
+    max_position_embeddings: int = Field(2048, gt=0)
+    tie_word_embeddings: bool = True
+
+
+class TokenizerTraining(Strict):
+    """A byte-level BPE tokenizer trained on the training texts before the model is built."""
+
+    vocab_size: int = Field(4096, ge=300)
+    min_frequency: int = Field(2, ge=1)
+
+
+class ModelSource(Strict):
+    """Where a model comes from: `path` (hub id, local directory, GGUF file, or `pkg:<package>/<file>`, a file
+    shipped inside an installed Python package) or `from_scratch` (with `train_tokenizer` or `tokenizer`)."""
+
+    path: str | None = None
+    tokenizer: str | None = Field(None, description="tokenizer location when it is not next to the model")
+    from_scratch: ScratchModel | None = None
+    train_tokenizer: TokenizerTraining | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the weights are loaded in; training precision is compute.precision")
+    hf_token: SecretStr | None = Field(None, description="token for gated hub models; never printed")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSource:
+        if (self.path is None) == (self.from_scratch is None):
+            raise ValueError("give exactly one of `path` and `from_scratch`")
+        if self.train_tokenizer is not None and self.from_scratch is None:
+            raise ValueError("`train_tokenizer` only goes with `from_scratch` (a pretrained model has its tokenizer)")
+        if self.from_scratch is not None and (self.train_tokenizer is None) == (self.tokenizer is None):
+            raise ValueError("a `from_scratch` model needs exactly one of `train_tokenizer` and `tokenizer`")
+        return self
+
+
+class Compute(Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast dtype for the forward; fp16 needs CUDA and uses a gradient scaler")
+    distributed: Literal["ddp", "fsdp2"] = Field("ddp", description="used when WORLD_SIZE > 1 (torchrun)")
+    seed: int = 0
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+
+
+class Checkpointing(Strict):
+    every_steps: int | None = Field(None, ge=1, description="save every N optimizer steps (and always at the end)")
+    keep_last: int = Field(2, ge=1)
+
+
+class Tracking(Strict):
+    enabled: bool = True
+    tracking_uri: str | None = Field(None, description="default: sqlite store under the run directory")
+    experiment: str = "wmtp"
+    log_model: bool = Field(True, description="upload the final model directory as a run artifact")
+
+
+class Logging(Strict):
+    log_every: int = Field(10, ge=1, description="optimizer steps between metric logs")
+    progress: bool = Field(True, description="console progress bar with ETA")
+
+
+class Config(Strict):
+    model: ModelSource
+    datasets: dict[str, str] = Field(default_factory=dict, description="name -> file or directory")
+    output_dir: str = "runs"
+    compute: Compute = Compute()
+    checkpoint: Checkpointing = Checkpointing()
+    mlflow: Tracking = Tracking()
+    logging: Logging = Logging()
+
+
+# --------------------------------------------------------------------------------------------- recipe
+class MTPShape(Strict):
+    n_heads: int = Field(4, ge=1, description="heads including head 0; 4 is best at 32k vocabularies (Meta)")
+    head_type: Literal["transformer", "linear"] = "transformer"
+    head_coef: list[float] | None = Field(
+        None, description="λ_h per head (default all 1, Meta); DeepSeek-V3 style: [1, β/(n-1), ...]")
+
+    @model_validator(mode="after")
+    def _coef_length(self) -> MTPShape:
+        if self.head_coef is not None:
+            if len(self.head_coef) != self.n_heads:
+                raise ValueError(f"head_coef has {len(self.head_coef)} values for n_heads={self.n_heads}")
+            if any(c < 0 for c in self.head_coef):
+                raise ValueError("head_coef values must be >= 0")
+        return self
+
+
+class LossSettings(Strict):
+    reduction: Literal["token_mean", "weight_mean"] = "token_mean"
+    chunk_size: int = Field(
+        1024, ge=1, description="valid (token, head) pairs per CE chunk on the fast path: peak memory ~ chunk x V")
+
+
+SourceKind = Literal["mbpp", "humaneval", "codecontests", "jsonl", "hf", "python-stdlib"]
+
+
+class DataSource(Strict):
+    kind: SourceKind
+    dataset: str | None = Field(None, description="name in the config's `datasets` (a path), or a hub id for hf")
+    split: str | None = Field(None, description="mbpp/hf split (train, validation, test)")
+    limit: int | None = Field(None, ge=1, description="use at most this many records")
+    text_field: str = Field("text", description="jsonl/hf: field holding plain text")
+
+
+class DataSettings(Strict):
+    train: list[DataSource] = Field(min_length=1)
+    validation: list[DataSource] | None = Field(None, description="default: hold out validation_fraction of train")
+    validation_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    max_length: int = Field(512, ge=8, description="tokens per training sequence")
+    packing: bool = Field(True, description="pack documents into full sequences, labels stop at boundaries")
+    mask_prompt: bool = Field(False, description="exclude prompt tokens from the loss (targets = solution only)")
+    shuffle_seed: int = 0
+
+
+class Optimizer(Strict):
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm; null disables clipping")
+
+
+class Schedule(Strict):
+    kind: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of optim.lr")
+
+
+class EarlyStopping(Strict):
+    metric: str = Field("val/loss", description="a validation metric, e.g. val/loss or val/acc_head0")
+    mode: Literal["min", "max"] = "min"
+    patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
+    min_delta: float = Field(0.0, ge=0)
+
+
+class Training(Strict):
+    micro_batch_size: int = Field(8, ge=1, description="sequences per micro-batch per process")
+    grad_accum_steps: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    num_epochs: float | None = Field(None, gt=0)
+    eval_every: int | None = Field(None, ge=1, description="optimizer steps between validations (and at the end)")
+    eval_batches: int | None = Field(None, ge=1, description="cap on validation micro-batches")
+    early_stopping: EarlyStopping | None = None
+
+    @model_validator(mode="after")
+    def _length(self) -> Training:
+        if self.max_steps is None and self.num_epochs is None:
+            raise ValueError("give max_steps or num_epochs")
+        if self.early_stopping is not None and self.eval_every is None:
+            raise ValueError("early_stopping needs eval_every")
+        return self
+
+
+class Recipe(Strict):
+    algorithm: Literal["baseline-mtp"] = Field(
+        "baseline-mtp", description="baseline-mtp: uniform weights (Meta MTP; n_heads=1 is next-token training)")
+    mtp: MTPShape = MTPShape()
+    loss: LossSettings = LossSettings()
+    data: DataSettings
+    optim: Optimizer = Optimizer()
+    schedule: Schedule = Schedule()
+    train: Training
+
+
+# --------------------------------------------------------------------------------------------- loading
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def substitute_env(value: Any, where: str, env: dict[str, str] | None = None) -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree."""
+    env = os.environ if env is None else env
+    if isinstance(value, dict):
+        return {k: substitute_env(v, f"{where}.{k}" if where else str(k), env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [substitute_env(v, f"{where}[{i}]", env) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def replace(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{where}: environment variable {name} is not set (use ${{{name}:-default}} for a default)")
+
+    return _VAR.sub(replace, value)
+
+
+def _describe(error: ValidationError, path: Path) -> str:
+    first = error.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"{path}: {loc}: unknown key"
+    if first["type"] == "missing":
+        return f"{path}: {loc}: required key missing"
+    return f"{path}: {loc}: {first['msg']} (got {first.get('input')!r})"
+
+
+def load_yaml(path: str | os.PathLike, schema: type[BaseModel]) -> BaseModel:
+    """Read, substitute and validate one YAML file; relative paths inside stay relative to the CWD."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{line} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    raw = substitute_env(raw, str(path))
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    return load_yaml(path, Config)
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    return load_yaml(path, Recipe)
+
+
+def flatten(model: BaseModel, prefix: str = "") -> dict[str, str]:
+    """`a.b.c -> value` for logging as parameters; secrets are masked."""
+    out: dict[str, str] = {}
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name), f"{key}.{name}" if key else name)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}")
+        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            for i, v in enumerate(value):
+                walk(v, f"{key}.{i}")
+        elif isinstance(value, SecretStr):
+            out[key] = "**********"
+        else:
+            out[key] = str(value)
+
+    walk(model, prefix)
+    return out
+
+
+def dump_masked(model: BaseModel) -> str:
+    """YAML of a validated config with secrets masked (for --verbose)."""
+    return yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False)
+

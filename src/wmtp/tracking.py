@@ -1,0 +1,106 @@
+"""MLflow tracking and console progress. Only rank 0 tracks; other ranks get a tracker that does nothing.
+
+By default the store is a local sqlite file shared by all runs under the output directory
+(`<output_dir>/mlflow.db`, artifacts in `<output_dir>/mlartifacts`), so runs can be compared side by side
+with `mlflow ui --backend-store-uri sqlite:///<output_dir>/mlflow.db`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import Tracking
+
+
+def tracking_uri(settings: Tracking, output_dir: Path) -> str:
+    return settings.tracking_uri or f"sqlite:///{output_dir.resolve() / 'mlflow.db'}"
+
+
+class Tracker:
+    def __init__(self, settings: Tracking, output_dir: Path, run_name: str, *, active: bool,
+                 tags: dict[str, str] | None = None, resume_run_id: str | None = None) -> None:
+        self.active = active and settings.enabled
+        self.run_id: str | None = None
+        self.tracking_uri: str | None = None
+        if not self.active:
+            return
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        import mlflow
+
+        self._mlflow = mlflow
+        output_dir = output_dir.resolve()
+        self.tracking_uri = tracking_uri(settings, output_dir)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        experiment = mlflow.get_experiment_by_name(settings.experiment)
+        if experiment is None:
+            artifacts = None if settings.tracking_uri else (output_dir / "mlartifacts").as_uri()
+            experiment_id = mlflow.create_experiment(settings.experiment, artifact_location=artifacts)
+        else:
+            experiment_id = experiment.experiment_id
+        run = mlflow.start_run(run_id=resume_run_id, experiment_id=None if resume_run_id else experiment_id,
+                               run_name=None if resume_run_id else run_name, tags=tags or None)
+        self.run_id = run.info.run_id
+
+    def log_params(self, params: dict[str, str]) -> None:
+        if self.active:
+            items = list(params.items())
+            for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+                self._mlflow.log_params({k: v[:6000] for k, v in items[i:i + 100]})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.active:
+            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if self.active:
+            if path.is_dir():
+                self._mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+            else:
+                self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.active:
+            self._mlflow.end_run(status=status)
+
+
+class Progress:
+    """A progress bar with ETA on stderr, or one plain line per logged step."""
+
+    def __init__(self, total: int, start: int, *, enabled: bool, active: bool) -> None:
+        self.active = active
+        self.total = total
+        self.bar = None
+        self.started = time.monotonic()
+        self.start = start
+        if active and enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, step: int, metrics: dict[str, float], logged: bool) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
+        elif logged:
+            done = step - self.start
+            elapsed = time.monotonic() - self.started
+            eta = elapsed / max(done, 1) * (self.total - step)
+            print(f"step {step}/{self.total} loss {metrics['train/loss']:.4f} lr {metrics['train/lr']:.2e} "
+                  f"eta {eta:.0f}s", file=sys.stderr, flush=True)
+
+    def write(self, line: str) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,30 @@
+"""The protocol every weighting scheme follows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepBatch:
+    """One micro-batch of an optimizer step. input_ids, attention_mask: [B, S]; labels: [B, S, n]."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+
+class WeightingScheme:
+    """Base class: `step_weights` returns one detached [B, S, n] tensor (or None = uniform) per micro-batch."""
+
+    name = "base"
+    allow_negative = False  # a scheme that produces negative weights must say so (REFERENCE.md §3)
+
+    def step_weights(self, batches: list[StepBatch]) -> list[torch.Tensor | None]:
+        raise NotImplementedError
+
+    def metrics(self) -> dict[str, float]:
+        """Scheme-specific metrics of the last step (selected fraction, excess-loss statistics, ...)."""
+        return {}
