@@ -60,6 +60,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
+def save_model(model: MTPModel, directory: Path, tokenizer, info: DistInfo) -> Path | None:
+    """Gather the full model on every rank (a no-op copy when not sharded) and write it from rank 0."""
+    state = get_model_state_dict(model, options=_FULL)
+    return model.save_pretrained(directory, tokenizer=tokenizer, state_dict=state) if info.is_main else None
+
+
 def save_checkpoint(run_dir: Path, step: int, model: MTPModel, optimizer: torch.optim.Optimizer, scheduler,
                     trainer_state: dict, tokenizer, info: DistInfo, keep_last: int) -> Path | None:
     """Gather on every rank, write on rank 0 (into a temp dir, renamed when complete), prune old ones."""

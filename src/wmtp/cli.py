@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the one place errors become a line and an exit code
         if getattr(args, "verbose", False):
             traceback.print_exc()
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        if not isinstance(exc, ConfigError | OSError):  # an unexpected error: name its kind
+            message = f"{type(exc).__name__}: {message}"
         print(f"wmtp: error: {message}", file=sys.stderr)
         return 1
     return 0

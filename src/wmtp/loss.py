@@ -297,8 +297,8 @@ def fused_linear_mtp_ce(
     with torch.autocast(device_type=rows.device.type, enabled=False):
         total, pair_ce, pair_correct = _FusedLinearMTPCrossEntropy.apply(
             rows, unembedding, bias, targets, pair_coef, chunk_size)
-    ce = torch.zeros(labels.numel(), dtype=torch.float32, device=labels.device)
-    ce[flat_index] = pair_ce
-    correct = torch.zeros(labels.numel(), dtype=torch.bool, device=labels.device)
-    correct[flat_index] = pair_correct
-    return total, ce.view(labels.shape), correct.view(labels.shape)
+    ce = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    ce.view(-1)[flat_index] = pair_ce
+    correct = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    correct.view(-1)[flat_index] = pair_correct
+    return total, ce, correct

@@ -23,7 +23,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from . import distributed as dist_utils
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_model
 from .config import Config, ConfigError, ModelSource, Recipe, flatten
 from .data import (
     SequenceSet,
@@ -213,6 +213,8 @@ class Trainer:
         self.global_micro = t.micro_batch_size * self.info.world_size
         self.total_steps, self.steps_per_epoch = step_counts(len(setup.train_set), t, self.info.world_size)
         self.model = setup.model
+        # FSDP2 replaces the parameters with sharded ones: wrap first, then build the optimizer over them.
+        self.wrapped = dist_utils.wrap_model(self.model, self.info, self.config.compute.distributed)
         self.optimizer = make_optimizer(self.model, self.recipe)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.recipe.schedule,
                                                                                      self.total_steps))
@@ -228,7 +230,6 @@ class Trainer:
             self.best, self.bad_evals = state["best"], state["bad_evals"]
             self.last_eval = state.get("last_eval", {})
             resume_run_id = state.get("mlflow_run_id")
-        self.wrapped = dist_utils.wrap_model(self.model, self.info, self.config.compute.distributed)
         self.tracker = Tracker(self.config.mlflow, Path(self.config.output_dir), run_name, active=self.info.is_main,
                                tags=tags, resume_run_id=resume_run_id)
         if resume is None:
@@ -437,10 +438,9 @@ class Trainer:
                 self.tracker.log_metrics(evaluation, self.step)
             checkpoint = self.save() or checkpoint
             final = None
-            if status == "FINISHED" and self.info.is_main:
-                final = self.run_dir / "final"
-                self.model.save_pretrained(final, tokenizer=self.s.tokenizer)
-                if self.config.mlflow.log_model:
+            if status == "FINISHED":
+                final = save_model(self.model, self.run_dir / "final", self.s.tokenizer, self.info)
+                if final is not None and self.config.mlflow.log_model:
                     self.tracker.log_artifact(final, "model")
         except BaseException:
             self.tracker.end("FAILED")
