@@ -35,7 +35,7 @@ def _tags(text: str) -> dict[str, str]:
     return tags
 
 
-def _plan(setup, trainer_steps: tuple[int, int], run_dir: Path, loss: float) -> str:
+def _plan(setup, trainer_steps: tuple[int, int], run_dir: Path, loss: float, head_ce: list[float]) -> str:
     model, recipe, info = setup.model, setup.recipe, setup.info
     total = sum(p.numel() for p in model.parameters())
     heads = sum(p.numel() for p in model.heads.parameters())
@@ -51,7 +51,7 @@ def _plan(setup, trainer_steps: tuple[int, int], run_dir: Path, loss: float) -> 
         f"steps: {steps} optimizer steps ({per_epoch} per epoch), {tokens} tokens per step "
         f"({t.micro_batch_size} x {t.grad_accum_steps} accumulation x {info.world_size} processes)",
         f"device: {info.device}, precision {setup.config.compute.precision}, world size {info.world_size}",
-        f"one forward on one batch: loss {loss:.4f}",
+        f"one forward on one batch: loss {loss:.4f}; CE per head " + " ".join(f"{c:.3f}" for c in head_ce),
         f"outputs: {run_dir} (checkpoints/, final/); MLflow: "
         + (tracking_uri(setup.config.mlflow, Path(setup.config.output_dir)) if setup.config.mlflow.enabled
            else "disabled"),
@@ -106,12 +106,13 @@ def train_command(args: argparse.Namespace) -> int:
             steps = step_counts(len(setup.train_set), recipe.train, info.world_size)
             batch = setup.train_set.select(torch.arange(min(recipe.train.micro_batch_size, len(setup.train_set))))
             batch = {k: v.to(info.device) for k, v in batch.items()}
+            labels = labels_for(batch, setup.model.n_heads, recipe.data.mask_prompt)
             with torch.no_grad():
-                out = setup.model(batch["input_ids"], batch["attention_mask"],
-                                  labels=labels_for(batch, setup.model.n_heads, recipe.data.mask_prompt),
+                out = setup.model(batch["input_ids"], batch["attention_mask"], labels=labels,
                                   chunk_size=recipe.loss.chunk_size)
+            head_ce = (out.ce.sum(dim=(0, 1)) / (labels != -100).sum(dim=(0, 1)).clamp_min(1)).tolist()
             if info.is_main:
-                print(_plan(setup, steps, run_dir, float(out.loss)))
+                print(_plan(setup, steps, run_dir, float(out.loss), head_ce))
                 print("dry run: configuration, data, tokenizer and model are valid; nothing was trained or written")
             return 0
         if info.is_main:

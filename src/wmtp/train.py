@@ -62,9 +62,12 @@ def resolve_model_path(spec: str) -> str:
 
 def load_tokenizer_from(spec: str, token: str | None = None):
     path = Path(resolve_model_path(spec))
-    if path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(str(path), token=token)
+    try:
+        if path.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(str(path), token=token)
+    except OSError as exc:
+        raise ConfigError(f"tokenizer {spec}: {str(exc).splitlines()[0]}") from exc
 
 
 def check_tokenizer_fits(tokenizer, model: MTPModel, what: str) -> None:
@@ -74,6 +77,13 @@ def check_tokenizer_fits(tokenizer, model: MTPModel, what: str) -> None:
 
 
 def build_model(source: ModelSource, recipe: Recipe, tokenizer) -> MTPModel:
+    try:
+        return _build_model(source, recipe, tokenizer)
+    except OSError as exc:  # missing files, no network, unknown hub id: name what was asked for
+        raise ConfigError(f"model.path {source.path}: {str(exc).splitlines()[0]}") from exc
+
+
+def _build_model(source: ModelSource, recipe: Recipe, tokenizer) -> MTPModel:
     shape = recipe.mtp
     if source.from_scratch is not None:
         s = source.from_scratch

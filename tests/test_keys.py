@@ -1,0 +1,921 @@
+"""Every config and recipe key that is accepted changes behaviour, and a check here proves it for each one.
+
+`leaf_keys()` lists every leaf key of the `Config` and `Recipe` schemas (`config.compute.seed`,
+`recipe.data.train[].kind`, ...). `KEY_CHECKS` maps each of them to a check that sets the key to two values
+and observes a difference, so a new key without a check fails `test_every_key_has_a_check`. Checks call the
+function the trainer calls with that key where they can (`lr_lambda`, `make_optimizer`, `step_counts`,
+`build_model`, `prepare`, `load_examples`); keys that act inside the loop use a few steps of a real `Trainer`,
+and `output_dir` and `compute.device` go through the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+import yaml
+from conftest import tiny_llama
+from pydantic import BaseModel, ValidationError
+from tiny_run import CONFIG, RECIPE, SNIPPETS, merge
+
+import wmtp.model
+from wmtp.cli import main
+from wmtp.config import Config, ConfigError, DataSettings, ModelSource, Recipe, ScratchModel, Tracking, Training
+from wmtp.data import load_examples, train_bpe_tokenizer
+from wmtp.distributed import DistInfo, resolve_device
+from wmtp.model import ResidualHead
+from wmtp.tracking import tracking_uri
+from wmtp.train import (
+    Trainer,
+    build_model,
+    labels_for,
+    lr_lambda,
+    make_optimizer,
+    make_scheme,
+    prepare,
+    step_counts,
+)
+from wmtp.weighting import UniformWeighting, WeightingScheme
+
+MBPP = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mbpp"
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+SCRATCH = CONFIG["model"]["from_scratch"]  # hidden 32, 2 layers, 4 heads, 2 kv heads, mlp 64, 128 positions
+
+
+# ------------------------------------------------------------------------------------------- the key list
+def _nested(annotation) -> tuple[type[BaseModel] | None, bool]:
+    """(the pydantic model an annotation holds, whether it is a list of them); (None, False) for a leaf."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is list and args:
+        inner, _ = _nested(args[0])
+        return (inner, True) if inner is not None else (None, False)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            found = _nested(arg)
+            if found[0] is not None:
+                return found
+    return None, False
+
+
+def leaf_keys(schema: type[BaseModel] | None = None, prefix: str = "") -> set[str]:
+    """Every leaf key path of the schemas: nested models recursed, list items as `[]`, dicts as one leaf."""
+    if schema is None:
+        return leaf_keys(Config, "config") | leaf_keys(Recipe, "recipe")
+    keys: set[str] = set()
+    for name, field in schema.model_fields.items():
+        model, is_list = _nested(field.annotation)
+        path = f"{prefix}.{name}"
+        keys |= {path} if model is None else leaf_keys(model, path + ("[]" if is_list else ""))
+    return keys
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The models are tiny: one thread is fastest, and much faster on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Shared:
+    """Files built once per module: a prompt/completion corpus, two tokenizers, and an MLflow store on demand."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        texts = [(f"# task {i}\n", s) for i, s in enumerate(SNIPPETS)]
+        self.corpus = root / "snippets.jsonl"
+        self.corpus.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in texts))
+        self.other = root / "other.jsonl"
+        self.other.write_text("".join(json.dumps({"text": f"x{i} = {i}\n"}) + "\n" for i in range(30)))
+        self.fields = root / "fields.jsonl"
+        self.fields.write_text("".join(json.dumps({"text": f"t{i}", "body": f"b{i}"}) + "\n" for i in range(10)))
+        self.tokenizer = train_bpe_tokenizer([p + c for p, c in texts], 300, 2)
+        self.tok300, self.tok400 = root / "tok300", root / "tok400"
+        self.tokenizer.save_pretrained(self.tok300)
+        train_bpe_tokenizer([p + c for p, c in texts], 400, 2).save_pretrained(self.tok400)
+        self.datasets = {"snippets": str(self.corpus), "other": str(self.other), "fields": str(self.fields),
+                         "mbpp": str(MBPP), "mbpp_train": str(MBPP / "train.json")}
+        self._store: str | None = None
+
+    def mlflow_store(self) -> str:
+        """A sqlite store whose experiments keep their artifacts under the module's directory."""
+        if self._store is None:
+            from mlflow import MlflowClient
+
+            uri = f"sqlite:///{self.root / 'mlflow.db'}"
+            client = MlflowClient(uri)
+            for name in ("keys", "keys-a", "keys-b"):
+                client.create_experiment(name, artifact_location=(self.root / "artifacts" / name).as_uri())
+            self._store = uri
+        return self._store
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> Shared:
+    return Shared(tmp_path_factory.mktemp("keys"))
+
+
+@dataclass
+class Kit:
+    """What a check gets: the shared files, its own temp dir, monkeypatch and capsys, and builders."""
+
+    shared: Shared
+    tmp: Path
+    monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture
+
+    def raw_config(self, model: dict | None = None, **overrides) -> dict:
+        base = merge(CONFIG, {"output_dir": str(self.tmp / "runs"), "datasets": self.shared.datasets})
+        base["model"] = model if model is not None else {"from_scratch": SCRATCH, "tokenizer": str(self.shared.tok300)}
+        return merge(base, overrides)
+
+    def raw_recipe(self, **overrides) -> dict:
+        return merge(RECIPE, overrides)
+
+    def config(self, model: dict | None = None, **overrides) -> Config:
+        return Config.model_validate(self.raw_config(model, **overrides))
+
+    def recipe(self, **overrides) -> Recipe:
+        return Recipe.model_validate(self.raw_recipe(**overrides))
+
+    def prepare(self, config: Config | None = None, recipe: Recipe | None = None):
+        return prepare(config or self.config(), recipe or self.recipe(), CPU)
+
+    def trainer(self, config: dict | None = None, recipe: dict | None = None, name: str = "run",
+                info: DistInfo = CPU) -> Trainer:
+        setup = prepare(self.config(**(config or {})), self.recipe(**(recipe or {})), info)
+        return Trainer(setup, self.tmp / "runs" / name, run_name=name)
+
+    def cli(self, config: dict, recipe: dict | None = None, *extra: str) -> int:
+        config_path, recipe_path = self.tmp / "config.yaml", self.tmp / "recipe.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        recipe_path.write_text(yaml.safe_dump(self.raw_recipe(**(recipe or {}))))
+        return main(["train", "--config", str(config_path), "--recipe", str(recipe_path), "--run-name", "run", *extra])
+
+    def saved_llama(self, seed: int, name: str | None = None) -> Path:
+        """A plain Hugging Face Llama directory with the 300-token tokenizer next to it."""
+        directory = self.tmp / (name or f"llama{seed}")
+        tiny_llama(seed, vocab=512).save_pretrained(directory)
+        self.shared.tokenizer.save_pretrained(directory)
+        return directory
+
+
+@pytest.fixture
+def kit(shared, tmp_path, monkeypatch, capsys) -> Kit:
+    return Kit(shared, tmp_path, monkeypatch, capsys)
+
+
+def record_logs(trainer: Trainer) -> list[tuple[int, dict]]:
+    """Every (step, metrics) the trainer logs, passed on to its tracker."""
+    logged: list[tuple[int, dict]] = []
+    original = trainer.tracker.log_metrics
+
+    def log_metrics(metrics, step):
+        logged.append((step, dict(metrics)))
+        original(metrics, step)
+
+    trainer.tracker.log_metrics = log_metrics
+    return logged
+
+
+def count_forwards(module: torch.nn.Module) -> list[int]:
+    calls: list[int] = []
+    module.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def weights_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def checkpoints(trainer: Trainer) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in (trainer.run_dir / "checkpoints").iterdir())
+
+
+# ------------------------------------------------------------------------------------------- config.model
+def check_model_path(kit: Kit) -> None:
+    """`model.path` is the model that is loaded: its weights, not fresh ones."""
+    for seed in (0, 1):
+        directory = kit.saved_llama(seed)
+        setup = kit.prepare(kit.config(model={"path": str(directory)}))
+        want = transformers.AutoModelForCausalLM.from_pretrained(directory).state_dict()
+        assert weights_equal(setup.model.base.state_dict(), want)
+    assert not weights_equal(*(transformers.AutoModelForCausalLM.from_pretrained(kit.tmp / f"llama{s}").state_dict()
+                               for s in (0, 1)))
+
+
+def check_model_tokenizer(kit: Kit) -> None:
+    """`model.tokenizer` is the tokenizer that is loaded, instead of the one next to the model."""
+    directory = kit.saved_llama(0)
+    default = kit.prepare(kit.config(model={"path": str(directory)}))
+    other = kit.prepare(kit.config(model={"path": str(directory), "tokenizer": str(kit.shared.tok400)}))
+    assert default.tokenizer.get_vocab() == kit.shared.tokenizer.get_vocab()
+    assert other.tokenizer.get_vocab() == transformers.AutoTokenizer.from_pretrained(kit.shared.tok400).get_vocab()
+    assert not torch.equal(default.train_set.input_ids, other.train_set.input_ids)
+    scratch = kit.prepare(kit.config(model={"from_scratch": SCRATCH, "tokenizer": str(kit.shared.tok400)}))
+    assert scratch.model.unembedding.weight.shape[0] == len(other.tokenizer) != len(default.tokenizer)
+
+
+def scratch_model(kit: Kit, **fields) -> wmtp.MTPModel:
+    source = ModelSource(from_scratch=ScratchModel(**{**SCRATCH, **fields}), tokenizer="given")
+    return build_model(source, kit.recipe(), kit.shared.tokenizer)
+
+
+def check_hidden_size(kit: Kit) -> None:
+    """`from_scratch.hidden_size` is the width of the model."""
+    assert scratch_model(kit).base.get_input_embeddings().weight.shape[1] == 32
+    assert scratch_model(kit, hidden_size=48).base.get_input_embeddings().weight.shape[1] == 48
+
+
+def check_num_layers(kit: Kit) -> None:
+    """`from_scratch.num_layers` is the number of decoder layers of the base model."""
+    assert len(scratch_model(kit).base.model.layers) == 2
+    assert len(scratch_model(kit, num_layers=3).base.model.layers) == 3
+
+
+def check_num_attention_heads(kit: Kit) -> None:
+    """`from_scratch.num_attention_heads` sets the head size (width / heads), hence the key projection's size."""
+    def k_rows(model):
+        return model.base.model.layers[0].self_attn.k_proj.weight.shape[0]
+
+    assert k_rows(scratch_model(kit)) == 2 * 32 // 4
+    assert k_rows(scratch_model(kit, num_attention_heads=2)) == 2 * 32 // 2
+
+
+def check_num_key_value_heads(kit: Kit) -> None:
+    """`from_scratch.num_key_value_heads` is the number of key/value heads (grouped-query attention)."""
+    def k_rows(model):
+        return model.base.model.layers[0].self_attn.k_proj.weight.shape[0]
+
+    assert k_rows(scratch_model(kit)) == 2 * 8
+    assert k_rows(scratch_model(kit, num_key_value_heads=1)) == 1 * 8
+
+
+def check_intermediate_size(kit: Kit) -> None:
+    """`from_scratch.intermediate_size` is the MLP width."""
+    assert scratch_model(kit).base.model.layers[0].mlp.gate_proj.weight.shape[0] == 64
+    assert scratch_model(kit, intermediate_size=80).base.model.layers[0].mlp.gate_proj.weight.shape[0] == 80
+
+
+def check_max_position_embeddings(kit: Kit) -> None:
+    """`from_scratch.max_position_embeddings` is the model's context length (config and rotary embedding)."""
+    for value in (128, 64):
+        model = scratch_model(kit, max_position_embeddings=value)
+        assert model.config.max_position_embeddings == value
+        assert model.base.model.rotary_emb.max_seq_len_cached == value
+
+
+def check_tie_word_embeddings(kit: Kit) -> None:
+    """`from_scratch.tie_word_embeddings` shares the embedding matrix with the unembedding, or not."""
+    tied, untied = scratch_model(kit), scratch_model(kit, tie_word_embeddings=False)
+    assert tied.unembedding.weight is tied.base.get_input_embeddings().weight
+    assert untied.unembedding.weight is not untied.base.get_input_embeddings().weight
+
+
+def trained_tokenizer(kit: Kit, **settings):
+    model = {"from_scratch": SCRATCH, "train_tokenizer": {"vocab_size": 400, "min_frequency": 2, **settings}}
+    setup = kit.prepare(kit.config(model=model))
+    assert setup.model.unembedding.weight.shape[0] == len(setup.tokenizer)
+    return setup.tokenizer
+
+
+def check_tokenizer_vocab_size(kit: Kit) -> None:
+    """`train_tokenizer.vocab_size` is the size of the trained tokenizer (and of the model's vocabulary)."""
+    assert len(trained_tokenizer(kit, vocab_size=300)) == 300
+    assert len(trained_tokenizer(kit, vocab_size=400)) == 400
+
+
+def check_tokenizer_min_frequency(kit: Kit) -> None:
+    """`train_tokenizer.min_frequency` drops rare merges: a high value gives a smaller vocabulary."""
+    assert len(trained_tokenizer(kit, min_frequency=40)) < len(trained_tokenizer(kit, min_frequency=2))
+
+
+def check_model_dtype(kit: Kit) -> None:
+    """`model.dtype` is the dtype the weights are built or loaded in."""
+    directory = kit.saved_llama(0)
+    for dtype, want in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        scratch = kit.prepare(kit.config(model={"from_scratch": SCRATCH, "tokenizer": str(kit.shared.tok300),
+                                                "dtype": dtype}))
+        loaded = kit.prepare(kit.config(model={"path": str(directory), "dtype": dtype}))
+        assert {p.dtype for p in scratch.model.parameters()} == {p.dtype for p in loaded.model.parameters()} == {want}
+
+
+def check_hf_token(kit: Kit) -> None:
+    """`model.hf_token` is sent to the hub when the model and its tokenizer are downloaded."""
+    seen: list[tuple[str, str | None]] = []
+
+    def model_from_pretrained(path, **kwargs):
+        seen.append(("model", kwargs.get("token")))
+        return tiny_llama(vocab=512)
+
+    class Tokenizers:
+        @staticmethod
+        def from_pretrained(path, **kwargs):
+            seen.append(("tokenizer", kwargs.get("token")))
+            return kit.shared.tokenizer
+
+    kit.monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model_from_pretrained)
+    kit.monkeypatch.setattr("wmtp.train.AutoTokenizer", Tokenizers)
+    kit.prepare(kit.config(model={"path": "org/gated-model"}))
+    assert seen == [("tokenizer", None), ("model", None)]
+    seen.clear()
+    kit.prepare(kit.config(model={"path": "org/gated-model", "hf_token": "hf_secret"}))
+    assert seen == [("tokenizer", "hf_secret"), ("model", "hf_secret")]
+
+
+# ------------------------------------------------------------------------------------------- config: rest
+def check_datasets(kit: Kit) -> None:
+    """`datasets` maps the names that data sources use to files."""
+    settings = DataSettings(train=[{"kind": "jsonl", "dataset": "d"}], validation_fraction=0.0)
+    a, _ = load_examples(settings, {"d": str(kit.shared.corpus)})
+    b, _ = load_examples(settings, {"d": str(kit.shared.other)})
+    assert a[0].completion == SNIPPETS[0] and b[0].completion == "x0 = 0\n"
+
+
+def check_output_dir(kit: Kit) -> None:
+    """`output_dir` is where a run's directory (checkpoints, final model) is written."""
+    config = kit.raw_config(output_dir=str(kit.tmp / "elsewhere"))
+    assert kit.cli(config, {"train": {"max_steps": 1}}) == 0
+    assert (kit.tmp / "elsewhere" / "run" / "final" / "config.json").is_file()
+    assert not (kit.tmp / "runs").exists()
+
+
+def check_device(kit: Kit) -> None:
+    """`compute.device` picks the device: cuda is refused without CUDA, auto takes CUDA when there is one."""
+    kit.monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto", 1) == torch.device("cuda", 1)
+    assert resolve_device("cpu", 1) == torch.device("cpu")
+    kit.monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert kit.cli(kit.raw_config(compute={"device": "cpu"}), None, "--dry-run") == 0
+    assert kit.cli(kit.raw_config(compute={"device": "cuda"}), None, "--dry-run") == 1
+    assert "no CUDA device" in kit.capsys.readouterr().err
+
+
+def check_precision(kit: Kit) -> None:
+    """`compute.precision` is the autocast dtype of the forward (bf16 gives a different loss; fp16 needs CUDA)."""
+    fp32 = kit.trainer().train_step()["train/loss"]
+    bf16 = kit.trainer(config={"compute": {"precision": "bf16"}}).train_step()["train/loss"]
+    assert math.isfinite(bf16) and bf16 != fp32 and abs(bf16 - fp32) < 0.1
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        kit.prepare(kit.config(compute={"precision": "fp16"}))
+
+
+def check_distributed(kit: Kit) -> None:
+    """`compute.distributed` picks the wrapper under torchrun: DistributedDataParallel or FSDP2's fully_shard."""
+    calls: list[str] = []
+    kit.monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel",
+                            lambda model, **_: calls.append("ddp") or model)
+    kit.monkeypatch.setattr(torch.distributed.fsdp, "fully_shard",
+                            lambda module, **_: calls.append(type(module).__name__) or module)
+    two = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    kit.trainer(config={"compute": {"distributed": "ddp"}}, info=two)
+    assert calls == ["ddp"]
+    calls.clear()
+    kit.trainer(config={"compute": {"distributed": "fsdp2"}}, info=two)
+    assert "ddp" not in calls and calls[-1] == "MTPModel" and len(calls) == 2 + 2 + 1  # layers, heads, root
+
+
+def check_seed(kit: Kit) -> None:
+    """`compute.seed` seeds the initial weights: the same seed gives the same model, another seed another."""
+    def weights(seed):
+        return kit.prepare(kit.config(compute={"seed": seed})).model.state_dict()
+
+    assert weights_equal(weights(0), weights(0))
+    assert not weights_equal(weights(0), weights(1))
+
+
+def check_threads(kit: Kit) -> None:
+    """`compute.threads` sets torch's CPU thread count."""
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            kit.prepare(kit.config(compute={"threads": threads}))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def check_every_steps(kit: Kit) -> None:
+    """`checkpoint.every_steps` saves a checkpoint every N steps, besides the one at the end."""
+    default = kit.trainer(name="a")
+    default.run()
+    every_two = kit.trainer(config={"checkpoint": {"every_steps": 2, "keep_last": 5}}, name="b")
+    every_two.run()
+    assert checkpoints(default) == [4] and checkpoints(every_two) == [2, 4]
+
+
+def check_keep_last(kit: Kit) -> None:
+    """`checkpoint.keep_last` is how many checkpoints are kept."""
+    two = kit.trainer(config={"checkpoint": {"every_steps": 1}}, name="a")
+    two.run()
+    three = kit.trainer(config={"checkpoint": {"every_steps": 1, "keep_last": 3}}, name="b")
+    three.run()
+    assert checkpoints(two) == [3, 4] and checkpoints(three) == [2, 3, 4]
+
+
+def tracked(kit: Kit, **mlflow) -> dict:
+    settings = {"enabled": True, "tracking_uri": kit.shared.mlflow_store(), "experiment": "keys",
+                "log_model": False, **mlflow}
+    return kit.trainer(config={"mlflow": settings}, recipe={"train": {"max_steps": 1}}, name="tracked").run()
+
+
+def check_mlflow_enabled(kit: Kit) -> None:
+    """`mlflow.enabled` starts an MLflow run, or tracks nothing."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(kit.shared.mlflow_store())
+    experiment = client.get_experiment_by_name("keys").experiment_id
+    before = len(client.search_runs([experiment]))
+    assert tracked(kit, enabled=False)["mlflow_run_id"] is None
+    assert len(client.search_runs([experiment])) == before
+    run_id = tracked(kit)["mlflow_run_id"]
+    assert client.get_run(run_id).data.metrics["train/loss"] > 0
+
+
+def check_tracking_uri(kit: Kit) -> None:
+    """`mlflow.tracking_uri` is the store the run is written to (default: a sqlite file under output_dir)."""
+    from mlflow import MlflowClient
+
+    result = tracked(kit)
+    assert result["tracking_uri"] == kit.shared.mlflow_store()
+    assert MlflowClient(kit.shared.mlflow_store()).get_run(result["mlflow_run_id"]).info.status == "FINISHED"
+    assert not (kit.tmp / "runs" / "mlflow.db").exists()
+    assert tracking_uri(Tracking(), kit.tmp) == f"sqlite:///{kit.tmp.resolve() / 'mlflow.db'}"
+
+
+def check_experiment(kit: Kit) -> None:
+    """`mlflow.experiment` is the experiment the run belongs to."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(kit.shared.mlflow_store())
+    for name in ("keys-a", "keys-b"):
+        run = client.get_run(tracked(kit, experiment=name)["mlflow_run_id"])
+        assert client.get_experiment(run.info.experiment_id).name == name
+
+
+def check_log_model(kit: Kit) -> None:
+    """`mlflow.log_model` uploads the final model directory as the run's `model` artifact, or not."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(kit.shared.mlflow_store())
+    with_model = client.list_artifacts(tracked(kit, log_model=True)["mlflow_run_id"])
+    without = client.list_artifacts(tracked(kit, log_model=False)["mlflow_run_id"])
+    assert "model" in [a.path for a in with_model] and "model" not in [a.path for a in without]
+
+
+def check_log_every(kit: Kit) -> None:
+    """`logging.log_every` is the number of steps between training-metric logs (and the last step is logged)."""
+    def logged_steps(every):
+        trainer = kit.trainer(config={"logging": {"log_every": every}}, name=f"every{every}")
+        logs = record_logs(trainer)
+        trainer.run()
+        return [step for step, metrics in logs if "train/loss" in metrics]
+
+    assert logged_steps(1) == [1, 2, 3, 4] and logged_steps(3) == [3, 4]
+
+
+def check_progress(kit: Kit) -> None:
+    """`logging.progress` shows a progress bar, or else one plain line per logged step."""
+    kit.trainer(config={"logging": {"progress": False}}, name="plain").run()
+    plain = kit.capsys.readouterr().err
+    kit.trainer(config={"logging": {"progress": True}}, name="bar").run()
+    bar = kit.capsys.readouterr().err
+    assert "step 4/4 loss" in plain and "4/4 [" not in plain
+    assert "4/4 [" in bar and "step 4/4 loss" not in bar
+
+
+# ------------------------------------------------------------------------------------------- recipe: model, loss
+def check_algorithm(kit: Kit) -> None:
+    """`algorithm` picks the weighting scheme: baseline-mtp is uniform weighting, other names are refused."""
+    assert type(make_scheme(kit.recipe(algorithm="baseline-mtp"))) is UniformWeighting
+    with pytest.raises(ValidationError, match="algorithm"):
+        kit.recipe(algorithm="not-a-scheme")
+
+
+def check_n_heads(kit: Kit) -> None:
+    """`mtp.n_heads` is the number of output heads, hence of label columns per position."""
+    for n in (1, 3):
+        setup = kit.prepare(recipe=kit.recipe(mtp={"n_heads": n}))
+        batch = setup.train_set.select(torch.arange(2))
+        assert setup.model.n_heads == n and len(setup.model.heads) == n - 1
+        assert labels_for(batch, setup.model.n_heads, False).shape[-1] == n
+
+
+def check_head_type(kit: Kit) -> None:
+    """`mtp.head_type` is the kind of extra head: a decoder layer or a residual MLP."""
+    transformer = kit.prepare(recipe=kit.recipe(mtp={"head_type": "transformer"})).model
+    linear = kit.prepare(recipe=kit.recipe(mtp={"head_type": "linear"})).model
+    assert type(transformer.heads[0]) is type(transformer.base.model.layers[-1])
+    assert all(isinstance(h, ResidualHead) for h in linear.heads)
+
+
+def check_head_coef(kit: Kit) -> None:
+    """`mtp.head_coef` weights the heads in the loss: [1, 0, 0] trains on head 0's cross-entropy alone."""
+    uniform = kit.trainer().train_step()
+    head0 = kit.trainer(recipe={"mtp": {"head_coef": [1.0, 0.0, 0.0]}}).train_step()
+    assert head0["train/loss"] == pytest.approx(head0["train/ce_head0"], rel=1e-5)
+    assert uniform["train/loss"] != pytest.approx(uniform["train/ce_head0"], rel=1e-3)
+
+
+class RandomWeights(WeightingScheme):
+    """Non-uniform positive weights, the same on every call with the same batches."""
+
+    def step_weights(self, batches):
+        g = torch.Generator().manual_seed(0)
+        return [torch.rand(b.labels.shape, generator=g) + 0.5 for b in batches]
+
+
+def check_reduction(kit: Kit) -> None:
+    """`loss.reduction` is the loss normaliser: the pair count (token_mean) or the weight sum (weight_mean)."""
+    losses = {}
+    for reduction in ("token_mean", "weight_mean"):
+        trainer = kit.trainer(recipe={"loss": {"reduction": reduction}})
+        trainer.scheme = RandomWeights()
+        metrics = trainer.train_step()
+        losses[reduction] = metrics["train/loss"]
+    mean_weight = metrics["weights/mean"]
+    assert mean_weight != pytest.approx(1.0, abs=1e-3)
+    assert losses["token_mean"] == pytest.approx(losses["weight_mean"] * mean_weight, rel=1e-5)
+
+
+def check_chunk_size(kit: Kit) -> None:
+    """`loss.chunk_size` reaches the fused cross-entropy in training and validation (results do not change)."""
+    seen: list[int] = []
+    original = wmtp.model.fused_linear_mtp_ce
+
+    def fused(*args, chunk_size, **kwargs):
+        seen.append(chunk_size)
+        return original(*args, chunk_size=chunk_size, **kwargs)
+
+    kit.monkeypatch.setattr(wmtp.model, "fused_linear_mtp_ce", fused)
+    losses = {}
+    for chunk in (1024, 7):
+        seen.clear()
+        trainer = kit.trainer(recipe={"loss": {"chunk_size": chunk}})
+        losses[chunk] = trainer.train_step()["train/loss"]
+        trainer.evaluate()
+        assert seen and set(seen) == {chunk}
+    assert losses[7] == pytest.approx(losses[1024], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- recipe.data
+def source_examples(kit: Kit, where: str, **source):
+    """The examples of one source standing in `data.<where>` (the other list is a fixed jsonl source)."""
+    fixed = {"kind": "jsonl", "dataset": "snippets"}
+    data = {"train": [fixed], "validation": [fixed], where: [source]}
+    train, validation = load_examples(DataSettings(**data), kit.shared.datasets)
+    return train if where == "train" else validation
+
+
+def check_source_kind(kit: Kit, where: str) -> None:
+    """`kind` picks the reader: the same MBPP file read as mbpp (prompt + code) or as plain jsonl text."""
+    mbpp = source_examples(kit, where, kind="mbpp", dataset="mbpp_train")
+    jsonl = source_examples(kit, where, kind="jsonl", dataset="mbpp_train")
+    assert len(mbpp) == len(jsonl) == 374
+    assert mbpp[0].prompt.startswith('"""\n') and mbpp[0].completion.startswith("class Pair")
+    assert jsonl[0].prompt == "" and jsonl[0].completion.startswith("Write a function")
+
+
+def check_source_dataset(kit: Kit, where: str) -> None:
+    """`dataset` names the file a source reads."""
+    a = source_examples(kit, where, kind="jsonl", dataset="snippets")
+    b = source_examples(kit, where, kind="jsonl", dataset="other")
+    assert (len(a), a[0].completion) == (len(SNIPPETS), SNIPPETS[0]) and (len(b), b[0].completion) == (30, "x0 = 0\n")
+
+
+def check_source_split(kit: Kit, where: str) -> None:
+    """`split` picks the split file of a dataset directory."""
+    train = source_examples(kit, where, kind="mbpp", dataset="mbpp", split="train")
+    test = source_examples(kit, where, kind="mbpp", dataset="mbpp", split="test")
+    assert len(train) == 374 and len(test) == 500 and train[0].key != test[0].key
+
+
+def check_source_limit(kit: Kit, where: str) -> None:
+    """`limit` caps the number of records read from a source."""
+    assert len(source_examples(kit, where, kind="jsonl", dataset="other")) == 30
+    assert len(source_examples(kit, where, kind="jsonl", dataset="other", limit=4)) == 4
+
+
+def check_source_text_field(kit: Kit, where: str) -> None:
+    """`text_field` is the jsonl field that holds the text."""
+    text = source_examples(kit, where, kind="jsonl", dataset="fields")
+    body = source_examples(kit, where, kind="jsonl", dataset="fields", text_field="body")
+    assert text[0].completion == "t0" and body[0].completion == "b0"
+
+
+def check_validation_fraction(kit: Kit) -> None:
+    """`data.validation_fraction` is the share of the training examples held out for validation."""
+    def held_out(fraction):
+        settings = DataSettings(train=[{"kind": "mbpp", "dataset": "mbpp"}], validation_fraction=fraction)
+        return len(load_examples(settings, kit.shared.datasets)[1])
+
+    assert held_out(0.0) == 0 and 10 < held_out(0.1) < held_out(0.3) < 374
+
+
+def check_max_length(kit: Kit) -> None:
+    """`data.max_length` is the number of tokens per training sequence."""
+    for length in (32, 16):
+        setup = kit.prepare(recipe=kit.recipe(data={"max_length": length}))
+        assert setup.train_set.input_ids.shape[1] == setup.val_set.input_ids.shape[1] == length
+
+
+def check_packing(kit: Kit) -> None:
+    """`data.packing` packs documents into full rows, or puts each document in its own padded row."""
+    packed = kit.prepare(recipe=kit.recipe(data={"packing": True, "max_length": 128}))
+    padded = kit.prepare(recipe=kit.recipe(data={"packing": False, "max_length": 128}))
+    assert len(padded.train_set) == padded.n_train_examples > len(packed.train_set)
+    assert int(packed.train_set.document_ids[0].max()) > 0  # a packed row holds several documents
+    assert bool(packed.train_set.attention_mask[:-1].all()) and not bool(padded.train_set.attention_mask.all())
+    assert bool((padded.train_set.document_ids[:, 0] == torch.arange(len(padded.train_set))).all())
+
+
+def check_mask_prompt(kit: Kit) -> None:
+    """`data.mask_prompt` excludes prompt tokens as targets, in the trainer's labels."""
+    def targets(mask):
+        trainer = kit.trainer(recipe={"data": {"mask_prompt": mask}})
+        return int((trainer.labels_for(trainer.micro_batch(0)) != -100).sum())
+
+    assert 0 < targets(True) < targets(False)
+
+
+def check_shuffle_seed(kit: Kit) -> None:
+    """`data.shuffle_seed` sets the document order of the sequences and the order of the sequences per epoch."""
+    seed0, seed1 = (kit.prepare(recipe=kit.recipe(data={"shuffle_seed": s})) for s in (0, 1))
+    assert not torch.equal(seed0.train_set.input_ids, seed1.train_set.input_ids)
+    same_data = replace(seed0, recipe=seed1.recipe)
+    first = Trainer(seed0, kit.tmp / "a", run_name="a").micro_batch(0)["input_ids"]
+    second = Trainer(same_data, kit.tmp / "b", run_name="b").micro_batch(0)["input_ids"]
+    assert not torch.equal(first, second)
+
+
+# ------------------------------------------------------------------------------------------- recipe.optim, schedule
+def optimizer(kit: Kit, **optim) -> torch.optim.Optimizer:
+    return make_optimizer(torch.nn.Linear(4, 4), kit.recipe(optim=optim))
+
+
+def check_lr(kit: Kit) -> None:
+    """`optim.lr` is the optimizer's learning rate."""
+    assert {g["lr"] for g in optimizer(kit, lr=1e-3).param_groups} == {1e-3}
+    assert {g["lr"] for g in optimizer(kit, lr=5e-4).param_groups} == {5e-4}
+
+
+def check_weight_decay(kit: Kit) -> None:
+    """`optim.weight_decay` is the decay of the matrices (vectors never decay)."""
+    assert [g["weight_decay"] for g in optimizer(kit, weight_decay=0.1).param_groups] == [0.1, 0.0]
+    assert [g["weight_decay"] for g in optimizer(kit, weight_decay=0.3).param_groups] == [0.3, 0.0]
+
+
+def check_betas(kit: Kit) -> None:
+    """`optim.betas` are AdamW's moment decay rates."""
+    assert {g["betas"] for g in optimizer(kit, betas=(0.9, 0.95)).param_groups} == {(0.9, 0.95)}
+    assert {g["betas"] for g in optimizer(kit, betas=(0.8, 0.99)).param_groups} == {(0.8, 0.99)}
+
+
+def check_eps(kit: Kit) -> None:
+    """`optim.eps` is AdamW's epsilon."""
+    assert {g["eps"] for g in optimizer(kit, eps=1e-8).param_groups} == {1e-8}
+    assert {g["eps"] for g in optimizer(kit, eps=1e-6).param_groups} == {1e-6}
+
+
+def check_grad_clip(kit: Kit) -> None:
+    """`optim.grad_clip` caps the global gradient norm; null leaves gradients as they are."""
+    def norm_after_clip(clip):
+        trainer = kit.trainer(recipe={"optim": {"grad_clip": clip}})
+        for p in trainer.model.parameters():
+            p.grad = torch.ones_like(p)
+        before = trainer._clip_gradients()
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.model.parameters()]))
+        return before, float(after)
+
+    before, after = norm_after_clip(0.5)
+    assert before > 10 and after == pytest.approx(0.5, rel=1e-4)
+    before, after = norm_after_clip(None)
+    assert after == pytest.approx(before, rel=1e-5)
+
+
+def factors(kit: Kit, total: int = 10, **schedule) -> list[float]:
+    factor = lr_lambda(kit.recipe(schedule=schedule).schedule, total)
+    return [factor(step) for step in range(total + 1)]
+
+
+def check_schedule_kind(kit: Kit) -> None:
+    """`schedule.kind` is the shape of the decay: cosine, linear or constant."""
+    cosine = factors(kit, kind="cosine", warmup_steps=0)
+    linear = factors(kit, kind="linear", warmup_steps=0)
+    constant = factors(kit, kind="constant", warmup_steps=0)
+    assert constant == [1.0] * 11
+    assert linear[5] == pytest.approx(0.1 + 0.9 * 0.5) and cosine[2] == pytest.approx(0.1 + 0.9 * 0.5 * (
+        1 + math.cos(math.pi * 0.2)))
+    assert cosine[2] != pytest.approx(linear[2])
+
+
+def check_warmup_steps(kit: Kit) -> None:
+    """`schedule.warmup_steps` ramps the learning rate up linearly over its first steps."""
+    assert factors(kit, warmup_steps=0)[0] == 1.0
+    assert factors(kit, warmup_steps=4)[:4] == [0.25, 0.5, 0.75, 1.0]
+
+
+def check_min_lr_ratio(kit: Kit) -> None:
+    """`schedule.min_lr_ratio` is the final learning rate as a fraction of optim.lr."""
+    assert factors(kit, warmup_steps=0, min_lr_ratio=0.1)[-1] == pytest.approx(0.1)
+    assert factors(kit, warmup_steps=0, min_lr_ratio=0.5)[-1] == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------------------------------- recipe.train
+def steps(**train) -> tuple[int, int]:
+    return step_counts(100, Training(**{"max_steps": 1000, "micro_batch_size": 4, **train}), world_size=1)
+
+
+def check_micro_batch_size(kit: Kit) -> None:
+    """`train.micro_batch_size` is the number of sequences per micro-batch (hence steps per epoch)."""
+    assert steps(micro_batch_size=4)[1] == 25 and steps(micro_batch_size=8)[1] == 12
+    for size in (4, 2):
+        trainer = kit.trainer(recipe={"train": {"micro_batch_size": size}})
+        assert trainer.micro_batch(0)["input_ids"].shape[0] == size
+
+
+def check_grad_accum_steps(kit: Kit) -> None:
+    """`train.grad_accum_steps` is the number of micro-batches (forwards) per optimizer step."""
+    assert steps(micro_batch_size=4, grad_accum_steps=1)[1] == 25
+    assert steps(micro_batch_size=4, grad_accum_steps=2)[1] == 12
+    for accum in (1, 3):
+        trainer = kit.trainer(recipe={"train": {"grad_accum_steps": accum, "micro_batch_size": 2}})
+        forwards = count_forwards(trainer.model)
+        trainer.train_step()
+        assert len(forwards) == accum
+
+
+def check_max_steps(kit: Kit) -> None:
+    """`train.max_steps` is the number of optimizer steps (when fewer than num_epochs give)."""
+    assert steps(max_steps=3)[0] == 3 and steps(max_steps=7)[0] == 7
+    assert steps(max_steps=7, num_epochs=1)[0] == 7 and steps(max_steps=70, num_epochs=1)[0] == 25
+    assert kit.trainer(recipe={"train": {"max_steps": 2}}).total_steps == 2
+
+
+def check_num_epochs(kit: Kit) -> None:
+    """`train.num_epochs` is the training length in passes over the data."""
+    def total(epochs):
+        return step_counts(100, Training(micro_batch_size=4, num_epochs=epochs), world_size=1)[0]
+
+    assert (total(1), total(2), total(0.5)) == (25, 50, 13)
+
+
+def check_eval_every(kit: Kit) -> None:
+    """`train.eval_every` is the number of steps between validations (default: once, at the end)."""
+    def validated_at(every):
+        trainer = kit.trainer(recipe={"train": {"eval_every": every}}, name=f"eval{every}")
+        logs = record_logs(trainer)
+        trainer.run()
+        return [step for step, metrics in logs if "val/loss" in metrics]
+
+    assert validated_at(None) == [4] and validated_at(2) == [2, 4] and validated_at(1) == [1, 2, 3, 4]
+
+
+def check_eval_batches(kit: Kit) -> None:
+    """`train.eval_batches` caps the number of validation micro-batches."""
+    def forwards(cap):
+        trainer = kit.trainer(recipe={"train": {"eval_batches": cap}})
+        calls = count_forwards(trainer.model)
+        trainer.evaluate()
+        return len(calls)
+
+    assert forwards(None) == 4 and forwards(1) == 1 and forwards(2) == 2  # 16 validation sequences, 4 per batch
+
+
+def stops_at(kit: Kit, rule: dict, values: list[float], metric: str = "val/loss") -> int | None:
+    """The evaluation (1-based) after which early stopping stops training, for a series of metric values."""
+    trainer = kit.trainer(recipe={"train": {"eval_every": 1, "early_stopping": rule}})
+    for i, value in enumerate(values, start=1):
+        metrics = {"val/loss": 1.0, "val/acc_head0": 0.5, metric: value}
+        if trainer._early_stop(metrics):
+            return i
+    return None
+
+
+def check_early_stopping_metric(kit: Kit) -> None:
+    """`early_stopping.metric` is the validation metric that must improve."""
+    falling = [3.0, 2.0, 1.0, 0.5]
+    assert stops_at(kit, {"metric": "val/loss", "patience": 1}, falling) is None
+    assert stops_at(kit, {"metric": "val/acc_head0", "patience": 1}, falling) == 2  # acc stays flat
+    with pytest.raises(ConfigError, match="not a validation metric"):
+        stops_at(kit, {"metric": "val/nope"}, falling)
+
+
+def check_early_stopping_mode(kit: Kit) -> None:
+    """`early_stopping.mode` says whether lower (min) or higher (max) is better."""
+    rising = [1.0, 2.0, 3.0, 4.0]
+    assert stops_at(kit, {"mode": "min", "patience": 1}, rising) == 2
+    assert stops_at(kit, {"mode": "max", "patience": 1}, rising) is None
+
+
+def check_early_stopping_patience(kit: Kit) -> None:
+    """`early_stopping.patience` is the number of evaluations without improvement before stopping."""
+    flat = [1.0] * 6
+    assert stops_at(kit, {"patience": 1}, flat) == 2 and stops_at(kit, {"patience": 3}, flat) == 4
+
+
+def check_early_stopping_min_delta(kit: Kit) -> None:
+    """`early_stopping.min_delta` is the smallest change that counts as an improvement."""
+    creeping = [1.0, 0.99, 0.98, 0.97]
+    assert stops_at(kit, {"patience": 1, "min_delta": 0.0}, creeping) is None
+    assert stops_at(kit, {"patience": 1, "min_delta": 0.05}, creeping) == 2
+
+
+# ------------------------------------------------------------------------------------------- the registry
+KEY_CHECKS: dict[str, Callable[[Kit], None]] = {
+    "config.model.path": check_model_path,
+    "config.model.tokenizer": check_model_tokenizer,
+    "config.model.from_scratch.hidden_size": check_hidden_size,
+    "config.model.from_scratch.num_layers": check_num_layers,
+    "config.model.from_scratch.num_attention_heads": check_num_attention_heads,
+    "config.model.from_scratch.num_key_value_heads": check_num_key_value_heads,
+    "config.model.from_scratch.intermediate_size": check_intermediate_size,
+    "config.model.from_scratch.max_position_embeddings": check_max_position_embeddings,
+    "config.model.from_scratch.tie_word_embeddings": check_tie_word_embeddings,
+    "config.model.train_tokenizer.vocab_size": check_tokenizer_vocab_size,
+    "config.model.train_tokenizer.min_frequency": check_tokenizer_min_frequency,
+    "config.model.dtype": check_model_dtype,
+    "config.model.hf_token": check_hf_token,
+    "config.datasets": check_datasets,
+    "config.output_dir": check_output_dir,
+    "config.compute.device": check_device,
+    "config.compute.precision": check_precision,
+    "config.compute.distributed": check_distributed,
+    "config.compute.seed": check_seed,
+    "config.compute.threads": check_threads,
+    "config.checkpoint.every_steps": check_every_steps,
+    "config.checkpoint.keep_last": check_keep_last,
+    "config.mlflow.enabled": check_mlflow_enabled,
+    "config.mlflow.tracking_uri": check_tracking_uri,
+    "config.mlflow.experiment": check_experiment,
+    "config.mlflow.log_model": check_log_model,
+    "config.logging.log_every": check_log_every,
+    "config.logging.progress": check_progress,
+    "recipe.algorithm": check_algorithm,
+    "recipe.mtp.n_heads": check_n_heads,
+    "recipe.mtp.head_type": check_head_type,
+    "recipe.mtp.head_coef": check_head_coef,
+    "recipe.loss.reduction": check_reduction,
+    "recipe.loss.chunk_size": check_chunk_size,
+    **{f"recipe.data.{where}[].{key}": partial(check, where=where)
+       for where in ("train", "validation")
+       for key, check in (("kind", check_source_kind), ("dataset", check_source_dataset),
+                          ("split", check_source_split), ("limit", check_source_limit),
+                          ("text_field", check_source_text_field))},
+    "recipe.data.validation_fraction": check_validation_fraction,
+    "recipe.data.max_length": check_max_length,
+    "recipe.data.packing": check_packing,
+    "recipe.data.mask_prompt": check_mask_prompt,
+    "recipe.data.shuffle_seed": check_shuffle_seed,
+    "recipe.optim.lr": check_lr,
+    "recipe.optim.weight_decay": check_weight_decay,
+    "recipe.optim.betas": check_betas,
+    "recipe.optim.eps": check_eps,
+    "recipe.optim.grad_clip": check_grad_clip,
+    "recipe.schedule.kind": check_schedule_kind,
+    "recipe.schedule.warmup_steps": check_warmup_steps,
+    "recipe.schedule.min_lr_ratio": check_min_lr_ratio,
+    "recipe.train.micro_batch_size": check_micro_batch_size,
+    "recipe.train.grad_accum_steps": check_grad_accum_steps,
+    "recipe.train.max_steps": check_max_steps,
+    "recipe.train.num_epochs": check_num_epochs,
+    "recipe.train.eval_every": check_eval_every,
+    "recipe.train.eval_batches": check_eval_batches,
+    "recipe.train.early_stopping.metric": check_early_stopping_metric,
+    "recipe.train.early_stopping.mode": check_early_stopping_mode,
+    "recipe.train.early_stopping.patience": check_early_stopping_patience,
+    "recipe.train.early_stopping.min_delta": check_early_stopping_min_delta,
+}
+
+
+def test_every_key_has_a_check():
+    keys = leaf_keys()
+    assert not keys - set(KEY_CHECKS), f"keys without a check in KEY_CHECKS: {sorted(keys - set(KEY_CHECKS))}"
+    assert not set(KEY_CHECKS) - keys, f"checks for keys the schemas do not have: {sorted(set(KEY_CHECKS) - keys)}"
+
+
+def test_leaf_keys_walks_nested_models_lists_and_dicts():
+    keys = leaf_keys()
+    assert {"config.datasets", "config.model.hf_token", "config.model.from_scratch.num_layers",
+            "recipe.data.train[].kind", "recipe.data.validation[].limit", "recipe.optim.betas",
+            "recipe.train.early_stopping.min_delta"} <= keys
+    assert not {"config.model", "config.model.from_scratch", "recipe.data.train", "recipe.data.validation",
+                "recipe.train.early_stopping"} & keys
+
+
+@pytest.mark.parametrize("key", sorted(KEY_CHECKS))
+def test_key_changes_behaviour(key, kit):
+    KEY_CHECKS[key](kit)
