@@ -96,6 +96,9 @@ class Logging(Strict):
 
 class Config(Strict):
     model: ModelSource
+    reference_model: ModelSource | None = Field(
+        None, description="Rho-1's frozen reference (a `path`; same tokenizer as `model`); load it in bfloat16 "
+        "on GPUs with `dtype`")
     datasets: dict[str, str] = Field(default_factory=dict, description="name -> file or directory")
     output_dir: str = "runs"
     compute: Compute = Compute()
@@ -187,15 +190,48 @@ class Training(Strict):
         return self
 
 
+class Rho1(Strict):
+    """Rho-1 (Lin et al., 2024): weights from the signed excess loss ℓ − ref, per head, over the whole step."""
+
+    mode: Literal["weighted", "token_skip", "topk"] = "weighted"
+    temperature: float = Field(0.7, gt=0, description="weighted: w = exp(z/T) (the seed's 0.7)")
+    eps: float = Field(0.05, ge=0, description="weighted: mean1_clip floor (the seed's 0.05)")
+    w_max: float = Field(3.0, gt=0, description="weighted: mean1_clip ceiling (the seed's 3.0)")
+    skip_fraction: float = Field(0.3, ge=0, lt=1, description="token_skip: drop this bottom fraction per head")
+    keep_fraction: float = Field(0.6, gt=0, le=1, description="topk: keep this top fraction per head (paper: 0.6 at "
+                                 "1B, 0.7 at 7B)")
+    min_ce_diff: float | None = Field(None, description="pairs with excess below it are never selected/up-weighted")
+    train_head0_fully: bool = Field(False, description="head 0 keeps weight 1 on every valid pair")
+
+    @model_validator(mode="after")
+    def _keys_of_mode(self) -> Rho1:
+        owners = {"temperature": "weighted", "eps": "weighted", "w_max": "weighted",
+                  "skip_fraction": "token_skip", "keep_fraction": "topk"}
+        for key in self.model_fields_set:
+            if key in owners and owners[key] != self.mode:
+                raise ValueError(f"`{key}` only applies to mode {owners[key]}, not {self.mode}")
+        if self.eps > self.w_max:
+            raise ValueError("eps must be <= w_max")
+        return self
+
+
 class Recipe(Strict):
-    algorithm: Literal["baseline-mtp"] = Field(
-        "baseline-mtp", description="baseline-mtp: uniform weights (Meta MTP; n_heads=1 is next-token training)")
+    algorithm: Literal["baseline-mtp", "rho1"] = Field(
+        "baseline-mtp", description="baseline-mtp: uniform weights (Meta MTP; n_heads=1 is next-token training); "
+        "rho1: excess-loss weights against config.reference_model (needs the `rho1` section)")
+    rho1: Rho1 | None = None
     mtp: MTPShape = MTPShape()
     loss: LossSettings = LossSettings()
     data: DataSettings
     optim: Optimizer = Optimizer()
     schedule: Schedule = Schedule()
     train: Training
+
+    @model_validator(mode="after")
+    def _algorithm_section(self) -> Recipe:
+        if (self.algorithm == "rho1") != (self.rho1 is not None):
+            raise ValueError("the `rho1` section goes with algorithm: rho1, and algorithm rho1 needs it")
+        return self
 
 
 # --------------------------------------------------------------------------------------------- loading

@@ -113,3 +113,18 @@ def gradient_sync(model: nn.Module, enabled: bool):
 
         return no_sync()
     return contextlib.nullcontext()
+
+
+def all_gather_concat(values: torch.Tensor, info: DistInfo) -> tuple[torch.Tensor, int]:
+    """Concatenate a 1-D tensor of any length from every rank, in rank order; and this rank's offset in it."""
+    if not info.distributed:
+        return values, 0
+    sizes = torch.zeros(info.world_size, dtype=torch.long, device=values.device)
+    sizes[info.rank] = values.numel()
+    dist.all_reduce(sizes)
+    padded = torch.zeros(int(sizes.max()), dtype=values.dtype, device=values.device)
+    padded[:values.numel()] = values
+    chunks = [torch.empty_like(padded) for _ in range(info.world_size)]
+    dist.all_gather(chunks, padded)
+    gathered = torch.cat([chunk[:int(n)] for chunk, n in zip(chunks, sizes, strict=True)])
+    return gathered, int(sizes[:info.rank].sum())

@@ -38,7 +38,8 @@ from .distributed import DistInfo
 from .loss import IGNORE_INDEX, loss_denominator, mtp_labels
 from .model import CONFIG_KEY, MTPModel, load_causal_lm
 from .tracking import Progress, Tracker
-from .weighting import StepBatch, UniformWeighting, WeightingScheme
+from .weighting import Rho1Weighting, StepBatch, UniformWeighting, WeightingScheme
+from .weighting.rho1 import check_tokenizers_compatible, reference_target_ce
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -124,6 +125,25 @@ class RunSetup:
     val_set: SequenceSet | None
     n_train_examples: int
     n_val_examples: int
+    reference: torch.nn.Module | None = None
+
+
+def load_reference(source: ModelSource | None, tokenizer, device: torch.device) -> torch.nn.Module:
+    """Rho-1's reference: frozen, in eval mode, in `dtype`, checked to share the trained model's tokenizer."""
+    if source is None or source.path is None:
+        raise ConfigError("algorithm rho1 needs config `reference_model` with a `path` (hub id, directory or GGUF)")
+    token = (source.hf_token.get_secret_value() or None) if source.hf_token else None
+    reference_tokenizer = load_tokenizer_from(source.tokenizer or source.path, token)
+    try:
+        check_tokenizers_compatible(tokenizer, reference_tokenizer)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        model = load_causal_lm(resolve_model_path(source.path), dtype=_DTYPES[source.dtype])
+    except OSError as exc:
+        raise ConfigError(f"reference_model.path {source.path}: {str(exc).splitlines()[0]}") from exc
+    model.requires_grad_(False)
+    return model.eval().to(device)
 
 
 def prepare(config: Config, recipe: Recipe, info: DistInfo, *, tokenizer_dir: Path | None = None) -> RunSetup:
@@ -156,8 +176,9 @@ def prepare(config: Config, recipe: Recipe, info: DistInfo, *, tokenizer_dir: Pa
 
     train_set = sequences(train_examples, data.shuffle_seed)
     val_set = sequences(val_examples, 0) if val_examples else None
+    reference = load_reference(config.reference_model, tokenizer, info.device) if recipe.algorithm == "rho1" else None
     return RunSetup(config, recipe, info, tokenizer, model, train_set, val_set, len(train_examples),
-                    len(val_examples))
+                    len(val_examples), reference)
 
 
 def step_counts(n_sequences: int, t, world_size: int) -> tuple[int, int]:
@@ -179,8 +200,25 @@ def labels_for(batch: dict[str, torch.Tensor], n_heads: int, mask_prompt: bool) 
                       document_ids=batch["document_ids"], prompt_mask=batch["prompt_mask"] if mask_prompt else None)
 
 
-def make_scheme(recipe: Recipe) -> WeightingScheme:
-    return UniformWeighting()
+def make_scheme(setup: RunSetup, model: torch.nn.Module, autocast) -> WeightingScheme:
+    """The recipe's weighting scheme; `model` is the (possibly wrapped) model the trainer steps."""
+    recipe = setup.recipe
+    if recipe.algorithm == "baseline-mtp":
+        return UniformWeighting()
+
+    @torch.no_grad()
+    def model_ce(batch: StepBatch) -> torch.Tensor:
+        with autocast:
+            return model(batch.input_ids, batch.attention_mask, labels=batch.labels,
+                         chunk_size=recipe.loss.chunk_size).ce
+
+    @torch.no_grad()
+    def reference_ce(batch: StepBatch) -> torch.Tensor:
+        with autocast:
+            logits = setup.reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return reference_target_ce(logits, batch.input_ids, batch.attention_mask)
+
+    return Rho1Weighting(recipe.rho1, model_ce, reference_ce, setup.info)
 
 
 def lr_lambda(schedule, total_steps: int):
@@ -228,7 +266,6 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, self.recipe)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.recipe.schedule,
                                                                                      self.total_steps))
-        self.scheme = make_scheme(self.recipe)
         self.step = 0
         self.best: float | None = None
         self.bad_evals = 0
@@ -251,6 +288,7 @@ class Trainer:
         dtype = _AUTOCAST.get(self.config.compute.precision)
         self.autocast = (torch.autocast(self.info.device.type, dtype=dtype) if dtype is not None else nullcontext())
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.config.compute.precision == "fp16")
+        self.scheme = make_scheme(setup, self.wrapped, self.autocast)
 
     # data ---------------------------------------------------------------------------------------------------
     def micro_batch(self, global_index: int, dataset: SequenceSet | None = None) -> dict[str, torch.Tensor]:

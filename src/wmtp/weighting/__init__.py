@@ -7,6 +7,7 @@ backward pass. Returning None for a micro-batch means uniform weights.
 """
 
 from .base import StepBatch, WeightingScheme
+from .rho1 import Rho1Weighting
 from .uniform import UniformWeighting
 
-__all__ = ["StepBatch", "UniformWeighting", "WeightingScheme"]
+__all__ = ["Rho1Weighting", "StepBatch", "UniformWeighting", "WeightingScheme"]

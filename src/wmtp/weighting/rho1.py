@@ -1,0 +1,150 @@
+"""Rho-1 weighting (Lin et al., 2024, "Not All Tokens Are What You Need"), REFERENCE.md §4.
+
+A frozen reference model R scores every target token once: ref[j] = −log p_R(x_j | x_<j). The excess loss of
+a pair is signed, e[t, h] = ℓ[t, h] − ref[t+1+h] (high: the reference knows the token, the model does not yet).
+The reference sees h more tokens of context than head h, so e grows with h for structural reasons: every
+statistic is taken per head, over the valid pairs of the whole optimizer step (all micro-batches, all ranks).
+
+Modes:
+- `weighted`: z = per-head standardised e, w = exp(z / T), then `mean1_clip(eps, w_max)`.
+- `token_skip`: drop the bottom `skip_fraction` of valid pairs per head, keep ⌈(1 − p)·N⌉ (weight 1, others 0).
+- `topk`: keep the top ⌈k·N⌉ valid pairs per head (the paper's 60% at 1B, 70% at 7B).
+Tie rule for the selection modes: pairs are ranked by e, descending; equal values keep the order of the step
+(rank, then micro-batch, then position, then head), so exactly the stated number is kept.
+`min_ce_diff`: pairs with e below it are never selected, and in `weighted` mode never weighted above 1.
+`train_head0_fully`: head 0 keeps weight 1 on every valid pair; only heads 1… are re-weighted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..distributed import DistInfo, all_gather_concat
+from ..loss import IGNORE_INDEX, mean1_clip, per_target_to_heads
+from .base import StepBatch, WeightingScheme
+
+
+def reference_target_ce(ref_logits: torch.Tensor, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ref[b, j] = −log p_R(x_j | x_<j) for every target token j ≥ 1, in fp32; 0 where undefined (j = 0, padding).
+
+    ref_logits: [B, S, V], the reference's logits on input_ids [B, S]; logits at t score x[t+1].
+    """
+    batch, seq = input_ids.shape
+    out = torch.zeros(batch, seq, dtype=torch.float32, device=input_ids.device)
+    if seq < 2:
+        return out
+    ce = F.cross_entropy(ref_logits[:, :-1].float().reshape(-1, ref_logits.shape[-1]), input_ids[:, 1:].reshape(-1),
+                         reduction="none").view(batch, seq - 1)
+    if attention_mask is not None:
+        both_real = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+        ce = torch.where(both_real, ce, torch.zeros((), device=ce.device))
+    out[:, 1:] = ce
+    return out
+
+
+def excess_loss(model_ce: torch.Tensor, ref_target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Signed excess e[t, h] = ℓ[t, h] − ref[t+1+h] on valid pairs, 0 elsewhere. model_ce, labels: [B, S, n]."""
+    ref_pairs = per_target_to_heads(ref_target, labels.shape[-1])
+    return torch.where(labels != IGNORE_INDEX, model_ce.float() - ref_pairs, torch.zeros((), device=labels.device))
+
+
+def _head_values(excess: list[torch.Tensor], valid: list[torch.Tensor], head: int, info: DistInfo) -> tuple[
+        torch.Tensor, int]:
+    """All valid excess values of one head over the step and the ranks, in step order; and where this rank's
+    values start in that vector."""
+    local = torch.cat([e[..., head][v[..., head]] for e, v in zip(excess, valid, strict=True)])
+    gathered, offset = all_gather_concat(local, info)
+    return gathered, offset
+
+
+def rho1_weights(excess: list[torch.Tensor], labels: list[torch.Tensor], *, mode: str, temperature: float,
+                 eps: float, w_max: float, skip_fraction: float, keep_fraction: float, min_ce_diff: float | None,
+                 train_head0_fully: bool, info: DistInfo) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """Detached weights [B, S, n] per micro-batch from the step's excess losses; and per-head metrics."""
+    valid = [lab != IGNORE_INDEX for lab in labels]
+    weights = [torch.zeros_like(e) for e in excess]
+    n_heads = labels[0].shape[-1]
+    metrics: dict[str, float] = {}
+    for h in range(n_heads):
+        values, offset = _head_values(excess, valid, h, info)
+        count = values.numel()
+        local_count = sum(int(v[..., h].sum()) for v in valid)
+        if count:
+            mean, std = values.mean(), values.std(unbiased=False)
+            metrics[f"rho1/excess_mean_head{h}"] = float(mean)
+            metrics[f"rho1/excess_std_head{h}"] = float(std)
+        if count == 0 or (h == 0 and train_head0_fully):
+            head_w = torch.ones(count, device=values.device)
+        elif mode == "weighted":
+            z = (values - mean) / std if float(std) > 0 else torch.zeros_like(values)
+            head_w = torch.exp(z / temperature)
+            if min_ce_diff is not None:
+                head_w = torch.where(values < min_ce_diff, head_w.clamp(max=1.0), head_w)
+            head_w = mean1_clip(head_w, torch.ones_like(head_w, dtype=torch.bool), eps=eps, w_max=w_max)
+        else:
+            fraction = keep_fraction if mode == "topk" else 1.0 - skip_fraction
+            keep = min(count, math.ceil(fraction * count - 1e-9))
+            order = torch.sort(values, descending=True, stable=True).indices
+            head_w = torch.zeros(count, device=values.device)
+            head_w[order[:keep]] = 1.0
+            if min_ce_diff is not None:
+                head_w = torch.where(values < min_ce_diff, torch.zeros((), device=values.device), head_w)
+        if count:
+            metrics[f"rho1/selected_frac_head{h}"] = float((head_w > 0).float().mean())
+        mine = head_w[offset:offset + local_count]
+        start = 0
+        for w, v in zip(weights, valid, strict=True):
+            k = int(v[..., h].sum())
+            w[..., h][v[..., h]] = mine[start:start + k]
+            start += k
+    return weights, metrics
+
+
+PROBE_STRINGS = ("def f(x):\n    return x + 1\n", "Hello, world!", "  \t\n", "import numpy as np", "ünïcødé 文字 🙂")
+
+
+def check_tokenizers_compatible(trained, reference, where: str = "reference_model") -> None:
+    """The reference must score the same token ids: same vocabulary size, probe ids and special tokens."""
+    if len(trained) != len(reference):
+        raise ValueError(f"{where}: tokenizer has {len(reference)} tokens, the trained model's has {len(trained)}")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        a, b = getattr(trained, name, None), getattr(reference, name, None)
+        if a != b:
+            raise ValueError(f"{where}: {name} is {b}, the trained model's is {a}")
+    for probe in PROBE_STRINGS:
+        a = trained(probe, add_special_tokens=False)["input_ids"]
+        b = reference(probe, add_special_tokens=False)["input_ids"]
+        if a != b:
+            raise ValueError(f"{where}: tokenizes {probe!r} as {b[:8]}…, the trained model as {a[:8]}…")
+
+
+class Rho1Weighting(WeightingScheme):
+    """Per step: the model's own per-pair CE (a no-grad pass), the reference's CE per target token, the signed
+    excess, then per-head weights over the whole step."""
+
+    name = "rho1"
+
+    def __init__(self, settings, model_ce: Callable[[StepBatch], torch.Tensor],
+                 reference_ce: Callable[[StepBatch], torch.Tensor], info: DistInfo) -> None:
+        self.settings = settings
+        self.model_ce = model_ce
+        self.reference_ce = reference_ce
+        self.info = info
+        self._metrics: dict[str, float] = {}
+
+    def step_weights(self, batches: list[StepBatch]) -> list[torch.Tensor | None]:
+        s = self.settings
+        excess = [excess_loss(self.model_ce(b), self.reference_ce(b), b.labels) for b in batches]
+        weights, self._metrics = rho1_weights(
+            excess, [b.labels for b in batches], mode=s.mode, temperature=s.temperature, eps=s.eps, w_max=s.w_max,
+            skip_fraction=s.skip_fraction, keep_fraction=s.keep_fraction, min_ce_diff=s.min_ce_diff,
+            train_head0_fully=s.train_head0_fully, info=self.info)
+        return weights
+
+    def metrics(self) -> dict[str, float]:
+        return self._metrics
