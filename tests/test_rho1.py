@@ -170,3 +170,29 @@ def test_rho1_without_reference_model_fails_clearly(tmp_path, capsys):
     args = train_args(tmp_path, "rho1", recipe={"algorithm": "rho1", "rho1": {"mode": "weighted"}})
     assert main([*args, "--dry-run"]) == 1
     assert "needs config `reference_model`" in capsys.readouterr().err
+
+
+def test_reference_cache_equals_online_and_mismatch_is_an_error(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    assert main(train_args(tmp_path, "reference", recipe={"mtp": {"n_heads": 1}, "train": {"max_steps": 5}})) == 0
+    reference = str(tmp_path / "runs" / "reference" / "final")
+    rho1 = {"algorithm": "rho1", "rho1": {"mode": "weighted"}, "train": {"max_steps": 2}}
+    cache = str(tmp_path / "ref-cache.safetensors")
+    online_args = train_args(tmp_path, "online", config={"reference_model": {"path": reference}}, recipe=rho1)
+    assert main(online_args) == 0
+    cached_config = {"reference_model": {"path": reference}, "reference_cache": cache}
+    cached_args = train_args(tmp_path, "cached", config=cached_config, recipe=rho1)
+    assert main(cached_args) == 1  # no cache yet: a clear error, no silent online fallback
+    assert "wmtp score-reference" in capsys.readouterr().err
+    assert main(["score-reference", *cached_args[1:5]]) == 0
+    assert "scored" in capsys.readouterr().out
+    assert main(cached_args) == 0
+    online = load_file(tmp_path / "runs" / "online" / "final" / "model.safetensors")
+    cached = load_file(tmp_path / "runs" / "cached" / "final" / "model.safetensors")
+    for key in online:
+        assert torch.allclose(online[key], cached[key], atol=1e-6), key
+    # other data (another shuffle) with the same cache file: refused
+    other = train_args(tmp_path, "other", config=cached_config, recipe={**rho1, "data": {"shuffle_seed": 5}})
+    assert main(other) == 1
+    assert "fingerprint does not match" in capsys.readouterr().err

@@ -24,6 +24,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", help="a checkpoint directory, or `auto` for the run's latest checkpoint")
     train.add_argument("--dry-run", action="store_true", help="validate everything and print the plan; no training")
     train.add_argument("--verbose", action="store_true", help="print the resolved config and tracebacks")
+    score = sub.add_parser("score-reference", help="Rho-1: score the training set with the reference model once "
+                           "and write the config's reference_cache")
+    score.add_argument("--config", required=True, type=Path)
+    score.add_argument("--recipe", required=True, type=Path)
+    score.add_argument("--verbose", action="store_true", help="print tracebacks")
     return parser
 
 
@@ -127,12 +132,40 @@ def train_command(args: argparse.Namespace) -> int:
         dist_utils.shutdown()
 
 
+def score_reference_command(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
+    import torch
+
+    from . import distributed as dist_utils
+    from .reference_cache import fingerprint, write_cache
+    from .train import prepare, resolve_model_path, score_reference_set
+
+    config = load_config(args.config)
+    recipe = load_recipe(args.recipe)
+    if recipe.algorithm != "rho1" or config.reference_cache is None:
+        raise ConfigError("score-reference needs a recipe with algorithm: rho1 and a config with reference_cache")
+    info = dist_utils.resolve_device(config.compute.device)
+    setup = prepare(config, recipe, dist_utils.DistInfo(0, 1, 0, info), score_reference=True)
+    precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.compute.precision)
+    autocast = torch.autocast(info.type, dtype=precision) if precision is not None else nullcontext()
+    started = time.monotonic()
+    ref = score_reference_set(setup, recipe.train.micro_batch_size, autocast)
+    key = fingerprint(setup.train_set, setup.tokenizer, resolve_model_path(config.reference_model.path))
+    write_cache(Path(config.reference_cache), ref, key)
+    print(f"scored {len(setup.train_set)} sequences ({setup.train_set.n_tokens} tokens) in "
+          f"{time.monotonic() - started:.1f}s -> {config.reference_cache} (fingerprint {key[:12]})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     try:
         if args.command == "train":
             return train_command(args)
+        if args.command == "score-reference":
+            return score_reference_command(args)
     except KeyboardInterrupt:
         print("wmtp: interrupted", file=sys.stderr)
         return 130

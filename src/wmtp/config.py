@@ -99,6 +99,9 @@ class Config(Strict):
     reference_model: ModelSource | None = Field(
         None, description="Rho-1's frozen reference (a `path`; same tokenizer as `model`); load it in bfloat16 "
         "on GPUs with `dtype`")
+    reference_cache: str | None = Field(
+        None, description="Rho-1: file of reference CEs written by `wmtp score-reference`; read instead of "
+        "running the reference (a fingerprint mismatch is an error)")
     datasets: dict[str, str] = Field(default_factory=dict, description="name -> file or directory")
     output_dir: str = "runs"
     compute: Compute = Compute()

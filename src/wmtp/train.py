@@ -37,6 +37,7 @@ from .data import (
 from .distributed import DistInfo
 from .loss import IGNORE_INDEX, loss_denominator, mtp_labels
 from .model import CONFIG_KEY, MTPModel, load_causal_lm
+from .reference_cache import fingerprint, read_cache
 from .tracking import Progress, Tracker
 from .weighting import Rho1Weighting, StepBatch, UniformWeighting, WeightingScheme
 from .weighting.rho1 import check_tokenizers_compatible, reference_target_ce
@@ -128,8 +129,10 @@ class RunSetup:
     reference: torch.nn.Module | None = None
 
 
-def load_reference(source: ModelSource | None, tokenizer, device: torch.device) -> torch.nn.Module:
-    """Rho-1's reference: frozen, in eval mode, in `dtype`, checked to share the trained model's tokenizer."""
+def load_reference(source: ModelSource | None, tokenizer, device: torch.device,
+                   load_weights: bool = True) -> torch.nn.Module | None:
+    """Rho-1's reference: frozen, in eval mode, in `dtype`, checked to share the trained model's tokenizer
+    (only the check when its CEs come from the cache)."""
     if source is None or source.path is None:
         raise ConfigError("algorithm rho1 needs config `reference_model` with a `path` (hub id, directory or GGUF)")
     token = (source.hf_token.get_secret_value() or None) if source.hf_token else None
@@ -138,6 +141,8 @@ def load_reference(source: ModelSource | None, tokenizer, device: torch.device) 
         check_tokenizers_compatible(tokenizer, reference_tokenizer)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if not load_weights:
+        return None
     try:
         model = load_causal_lm(resolve_model_path(source.path), dtype=_DTYPES[source.dtype])
     except OSError as exc:
@@ -146,7 +151,8 @@ def load_reference(source: ModelSource | None, tokenizer, device: torch.device) 
     return model.eval().to(device)
 
 
-def prepare(config: Config, recipe: Recipe, info: DistInfo, *, tokenizer_dir: Path | None = None) -> RunSetup:
+def prepare(config: Config, recipe: Recipe, info: DistInfo, *, tokenizer_dir: Path | None = None,
+            score_reference: bool = False) -> RunSetup:
     """Read the data, get the tokenizer (trained, loaded, or from a checkpoint), build the model and the sequences.
     Deterministic given the seed: every rank builds the same model and the same sequences."""
     if config.compute.threads is not None:
@@ -176,7 +182,10 @@ def prepare(config: Config, recipe: Recipe, info: DistInfo, *, tokenizer_dir: Pa
 
     train_set = sequences(train_examples, data.shuffle_seed)
     val_set = sequences(val_examples, 0) if val_examples else None
-    reference = load_reference(config.reference_model, tokenizer, info.device) if recipe.algorithm == "rho1" else None
+    reference = None
+    if recipe.algorithm == "rho1":
+        cached = config.reference_cache is not None and not score_reference
+        reference = load_reference(config.reference_model, tokenizer, info.device, load_weights=not cached)
     return RunSetup(config, recipe, info, tokenizer, model, train_set, val_set, len(train_examples),
                     len(val_examples), reference)
 
@@ -212,13 +221,38 @@ def make_scheme(setup: RunSetup, model: torch.nn.Module, autocast) -> WeightingS
             return model(batch.input_ids, batch.attention_mask, labels=batch.labels,
                          chunk_size=recipe.loss.chunk_size).ce
 
-    @torch.no_grad()
-    def reference_ce(batch: StepBatch) -> torch.Tensor:
-        with autocast:
-            logits = setup.reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        return reference_target_ce(logits, batch.input_ids, batch.attention_mask)
+    if setup.config.reference_cache is not None:
+        key = fingerprint(setup.train_set, setup.tokenizer, resolve_model_path(setup.config.reference_model.path))
+        cache = read_cache(Path(setup.config.reference_cache), key)
+
+        def reference_ce(batch: StepBatch) -> torch.Tensor:
+            return cache[batch.rows].to(batch.input_ids.device)
+    else:
+        def reference_ce(batch: StepBatch) -> torch.Tensor:
+            return score_reference_batch(setup.reference, batch.input_ids, batch.attention_mask, autocast)
 
     return Rho1Weighting(recipe.rho1, model_ce, reference_ce, setup.info)
+
+
+@torch.no_grad()
+def score_reference_batch(reference: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          autocast) -> torch.Tensor:
+    """The reference's CE of every target token of a batch: [B, S] (see `reference_target_ce`)."""
+    with autocast:
+        logits = reference(input_ids=input_ids, attention_mask=attention_mask).logits
+    return reference_target_ce(logits, input_ids, attention_mask)
+
+
+def score_reference_set(setup: RunSetup, batch_size: int, autocast) -> torch.Tensor:
+    """Reference CEs of every training sequence, [N, S] fp32 on the CPU."""
+    train = setup.train_set
+    out = torch.zeros(train.input_ids.shape, dtype=torch.float32)
+    for start in range(0, len(train), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(train)))
+        batch = {k: v.to(setup.info.device) for k, v in train.select(index).items()}
+        out[index] = score_reference_batch(setup.reference, batch["input_ids"], batch["attention_mask"],
+                                           autocast).cpu()
+    return out
 
 
 def lr_lambda(schedule, total_steps: int):
@@ -299,7 +333,7 @@ class Trainer:
         order = epoch_order(len(dataset), self.recipe.data.shuffle_seed, epoch)
         start = within * self.global_micro + self.info.rank * self.recipe.train.micro_batch_size
         index = order[start:start + self.recipe.train.micro_batch_size]
-        return {k: v.to(self.info.device) for k, v in dataset.select(index).items()}
+        return {"rows": index, **{k: v.to(self.info.device) for k, v in dataset.select(index).items()}}
 
     def labels_for(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return labels_for(batch, self.model.n_heads, self.recipe.data.mask_prompt)
@@ -310,7 +344,7 @@ class Trainer:
         coef = self.recipe.mtp.head_coef
         reduction = self.recipe.loss.reduction
         batches = [self.micro_batch(self.step * self.micro_per_step + k) for k in range(self.micro_per_step)]
-        steps = [StepBatch(b["input_ids"], b["attention_mask"], self.labels_for(b)) for b in batches]
+        steps = [StepBatch(b["input_ids"], b["attention_mask"], self.labels_for(b), b["rows"]) for b in batches]
         weights = self.scheme.step_weights(steps)
         denominator = sum(loss_denominator(sb.labels, w, head_coef=coef, reduction=reduction)
                           for sb, w in zip(steps, weights, strict=True))

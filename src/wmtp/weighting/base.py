@@ -9,11 +9,13 @@ import torch
 
 @dataclass
 class StepBatch:
-    """One micro-batch of an optimizer step. input_ids, attention_mask: [B, S]; labels: [B, S, n]."""
+    """One micro-batch of an optimizer step. input_ids, attention_mask: [B, S]; labels: [B, S, n];
+    rows: [B], the sequences' indices in the training set (for per-sequence caches)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    rows: torch.Tensor
 
 
 class WeightingScheme:
