@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench clean demo
+.PHONY: install test lint bench clean demo demo-rho1
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,3 +30,8 @@ clean:
 # library as corpus. Offline; a few minutes on 2 CPU cores.
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/wmtp train --config configs/demo-config.yaml --recipe configs/demo-recipe.yaml
+
+# The offline Rho-1 workflow: a next-token reference first, then Rho-1 weighted MTP against it.
+demo-rho1: $(STAMP)
+	HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/wmtp train --config configs/demo-config.yaml --recipe configs/demo-reference.yaml --run-name demo-reference --resume auto
+	HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/wmtp train --config configs/demo-rho1-config.yaml --recipe configs/demo-rho1.yaml
