@@ -15,7 +15,7 @@ ONE = DistInfo(0, 1, 0, torch.device("cpu"))
 
 def weights_for(excess, labels, **overrides):
     s = Rho1(**{k: v for k, v in overrides.items() if k in Rho1.model_fields})
-    w, metrics = rho1_weights(excess, labels, mode=s.mode, temperature=s.temperature, eps=s.eps, w_max=s.w_max,
+    w, metrics, _ = rho1_weights(excess, labels, mode=s.mode, temperature=s.temperature, eps=s.eps, w_max=s.w_max,
                               skip_fraction=s.skip_fraction, keep_fraction=s.keep_fraction,
                               min_ce_diff=s.min_ce_diff, train_head0_fully=s.train_head0_fully, info=ONE)
     return w, metrics
@@ -164,6 +164,12 @@ def test_rho1_workflow_reference_then_weighted_training(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "finished at step 3/3" in out
+    import json
+
+    histogram = json.loads((tmp_path / "runs" / "rho1" / "rho1_weight_histogram.json").read_text())
+    assert len(histogram["counts_per_head"]) == 3
+    # topk weights are 0 or 1: every step's valid pairs land in the first bin or the bin holding 1.0
+    assert sum(histogram["counts_per_head"][1]) > 0
 
 
 def test_rho1_without_reference_model_fails_clearly(tmp_path, capsys):

@@ -519,6 +519,10 @@ class Trainer:
                 self.last_eval = {**self.last_eval, **evaluation}
                 self.tracker.log_metrics(evaluation, self.step)
             checkpoint = self.save() or checkpoint
+            if self.info.is_main:
+                for name, text in self.scheme.artifacts().items():
+                    (self.run_dir / name).write_text(text)
+                    self.tracker.log_artifact(self.run_dir / name, "weights")
             final = None
             if status == "FINISHED":
                 final = save_model(self.model, self.run_dir / "final", self.s.tokenizer, self.info)

@@ -30,3 +30,7 @@ class WeightingScheme:
     def metrics(self) -> dict[str, float]:
         """Scheme-specific metrics of the last step (selected fraction, excess-loss statistics, ...)."""
         return {}
+
+    def artifacts(self) -> dict[str, str]:
+        """Files (name -> text) the trainer writes to the run directory and logs at the end of the run."""
+        return {}

@@ -17,6 +17,7 @@ Tie rule for the selection modes: pairs are ranked by e, descending; equal value
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 
@@ -64,12 +65,14 @@ def _head_values(excess: list[torch.Tensor], valid: list[torch.Tensor], head: in
 
 def rho1_weights(excess: list[torch.Tensor], labels: list[torch.Tensor], *, mode: str, temperature: float,
                  eps: float, w_max: float, skip_fraction: float, keep_fraction: float, min_ce_diff: float | None,
-                 train_head0_fully: bool, info: DistInfo) -> tuple[list[torch.Tensor], dict[str, float]]:
-    """Detached weights [B, S, n] per micro-batch from the step's excess losses; and per-head metrics."""
+                 train_head0_fully: bool, info: DistInfo) -> tuple[list[torch.Tensor], dict[str, float], torch.Tensor]:
+    """Detached weights [B, S, n] per micro-batch from the step's excess losses; per-head metrics; and per-head
+    weight histograms [n, HISTOGRAM_BINS] over [0, HISTOGRAM_MAX] (the step's pairs, all ranks)."""
     valid = [lab != IGNORE_INDEX for lab in labels]
     weights = [torch.zeros_like(e) for e in excess]
     n_heads = labels[0].shape[-1]
     metrics: dict[str, float] = {}
+    histograms: list[torch.Tensor] = []
     for h in range(n_heads):
         values, offset = _head_values(excess, valid, h, info)
         count = values.numel()
@@ -96,14 +99,23 @@ def rho1_weights(excess: list[torch.Tensor], labels: list[torch.Tensor], *, mode
                 head_w = torch.where(values < min_ce_diff, torch.zeros((), device=values.device), head_w)
         if count:
             metrics[f"rho1/selected_frac_head{h}"] = float((head_w > 0).float().mean())
+            metrics[f"rho1/weight_mean_head{h}"] = float(head_w.mean())
+            metrics[f"rho1/weight_std_head{h}"] = float(head_w.std(unbiased=False))
+            metrics[f"rho1/weight_max_head{h}"] = float(head_w.max())
+            histograms.append(torch.histc(head_w.float(), bins=HISTOGRAM_BINS, min=0.0, max=HISTOGRAM_MAX))
+        else:
+            histograms.append(torch.zeros(HISTOGRAM_BINS))
         mine = head_w[offset:offset + local_count]
         start = 0
         for w, v in zip(weights, valid, strict=True):
             k = int(v[..., h].sum())
             w[..., h][v[..., h]] = mine[start:start + k]
             start += k
-    return weights, metrics
+    return weights, metrics, torch.stack(histograms).cpu()
 
+
+HISTOGRAM_BINS = 40
+HISTOGRAM_MAX = 4.0
 
 PROBE_STRINGS = ("def f(x):\n    return x + 1\n", "Hello, world!", "  \t\n", "import numpy as np", "ünïcødé 文字 🙂")
 
@@ -136,15 +148,25 @@ class Rho1Weighting(WeightingScheme):
         self.reference_ce = reference_ce
         self.info = info
         self._metrics: dict[str, float] = {}
+        self.histogram: torch.Tensor | None = None  # per-head weight counts summed over the run
 
     def step_weights(self, batches: list[StepBatch]) -> list[torch.Tensor | None]:
         s = self.settings
         excess = [excess_loss(self.model_ce(b), self.reference_ce(b), b.labels) for b in batches]
-        weights, self._metrics = rho1_weights(
+        weights, self._metrics, histogram = rho1_weights(
             excess, [b.labels for b in batches], mode=s.mode, temperature=s.temperature, eps=s.eps, w_max=s.w_max,
             skip_fraction=s.skip_fraction, keep_fraction=s.keep_fraction, min_ce_diff=s.min_ce_diff,
             train_head0_fully=s.train_head0_fully, info=self.info)
+        self.histogram = histogram if self.histogram is None else self.histogram + histogram
         return weights
+
+    def artifacts(self) -> dict[str, str]:
+        if self.histogram is None:
+            return {}
+        edges = torch.linspace(0.0, HISTOGRAM_MAX, HISTOGRAM_BINS + 1).tolist()
+        table = {"bin_edges": edges, "note": "weights above the last edge are counted in the last bin",
+                 "counts_per_head": self.histogram.tolist()}
+        return {"rho1_weight_histogram.json": json.dumps(table)}
 
     def metrics(self) -> dict[str, float]:
         return self._metrics
