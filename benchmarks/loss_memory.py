@@ -190,12 +190,12 @@ def report_shape(args: argparse.Namespace, vocab: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vocab", type=int, nargs="+", default=[8192, 49152], help="one shape per vocabulary size")
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 49152], help="one shape per vocabulary size")
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up; median reported")
-    parser.add_argument("--chunk-size", type=int, nargs="+", default=[4096], help="fast-path chunk size(s)")
+    parser.add_argument("--chunk-size", type=int, nargs="+", default=[1024], help="fast-path chunk size(s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)

@@ -5,6 +5,10 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Tiny models on a 2-core machine: one thread per process avoids oversubscription (and subprocesses inherit it).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 VOCAB = 97

@@ -109,3 +109,18 @@ def test_recipe_rules(tmp_path, extra, message):
         text += "train:\n  max_steps: 3\n"
     with pytest.raises(ConfigError, match=message):
         load_recipe(write(tmp_path, "r.yaml", text))
+
+
+@pytest.mark.parametrize("extra,message", [
+    ("data:\n  train:\n    - kind: jsonl\n      dataset: d\n      split: train\n",
+     "`split` does not apply to kind jsonl"),
+    ("data:\n  train:\n    - kind: mbpp\n      dataset: d\n      text_field: body\n",
+     "`text_field` does not apply to kind mbpp"),
+    ("data:\n  train:\n    - kind: mbpp\n      dataset: d\n  validation:\n    - kind: mbpp\n      dataset: d\n"
+     "  validation_fraction: 0.1\n", "not both"),
+    ("data:\n  train:\n    - kind: mbpp\n      dataset: d\nschedule:\n  kind: constant\n  min_lr_ratio: 0.5\n",
+     "`min_lr_ratio` does not apply to kind constant"),
+])
+def test_keys_that_would_be_ignored_are_refused(tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(write(tmp_path, "r.yaml", extra + "train:\n  max_steps: 3\n"))

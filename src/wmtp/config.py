@@ -68,6 +68,15 @@ class ModelSource(Strict):
         return self
 
 
+class ReferenceSource(Strict):
+    """Rho-1's reference model: a pretrained causal LM sharing the trained model's tokenizer."""
+
+    path: str = Field(description="hub id, directory, GGUF file or `pkg:<package>/<file>`")
+    tokenizer: str | None = Field(None, description="tokenizer location when it is not next to the model")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype the reference runs in")
+    hf_token: SecretStr | None = Field(None, description="token for a gated hub reference; never printed")
+
+
 class Compute(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = Field(
@@ -96,9 +105,8 @@ class Logging(Strict):
 
 class Config(Strict):
     model: ModelSource
-    reference_model: ModelSource | None = Field(
-        None, description="Rho-1's frozen reference (a `path`; same tokenizer as `model`); load it in bfloat16 "
-        "on GPUs with `dtype`")
+    reference_model: ReferenceSource | None = Field(
+        None, description="Rho-1's frozen reference (same tokenizer as `model`); bfloat16 on GPUs via `dtype`")
     reference_cache: str | None = Field(
         None, description="Rho-1: file of reference CEs written by `wmtp score-reference`; read instead of "
         "running the reference (a fingerprint mismatch is an error)")
@@ -130,7 +138,7 @@ class MTPShape(Strict):
 class LossSettings(Strict):
     reduction: Literal["token_mean", "weight_mean"] = "token_mean"
     chunk_size: int = Field(
-        1024, ge=1, description="valid (token, head) pairs per CE chunk on the fast path: peak memory ~ chunk x V")
+        256, ge=1, description="valid (token, head) pairs per CE chunk on the fast path: peak memory ~ chunk x V")
 
 
 SourceKind = Literal["mbpp", "humaneval", "codecontests", "jsonl", "hf", "python-stdlib"]
@@ -143,6 +151,14 @@ class DataSource(Strict):
     limit: int | None = Field(None, ge=1, description="use at most this many records")
     text_field: str = Field("text", description="jsonl/hf: field holding plain text")
 
+    @model_validator(mode="after")
+    def _keys_of_kind(self) -> DataSource:
+        applies = {"split": ("mbpp", "codecontests", "hf"), "text_field": ("jsonl", "hf")}
+        for key, kinds in applies.items():
+            if key in self.model_fields_set and self.kind not in kinds:
+                raise ValueError(f"`{key}` does not apply to kind {self.kind} (only {', '.join(kinds)})")
+        return self
+
 
 class DataSettings(Strict):
     train: list[DataSource] = Field(min_length=1)
@@ -152,6 +168,12 @@ class DataSettings(Strict):
     packing: bool = Field(True, description="pack documents into full sequences, labels stop at boundaries")
     mask_prompt: bool = Field(False, description="exclude prompt tokens from the loss (targets = solution only)")
     shuffle_seed: int = 0
+
+    @model_validator(mode="after")
+    def _holdout_or_sources(self) -> DataSettings:
+        if self.validation is not None and "validation_fraction" in self.model_fields_set:
+            raise ValueError("give `validation` sources or `validation_fraction`, not both")
+        return self
 
 
 class Optimizer(Strict):
@@ -166,6 +188,12 @@ class Schedule(Strict):
     kind: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of optim.lr")
+
+    @model_validator(mode="after")
+    def _ratio_needs_decay(self) -> Schedule:
+        if self.kind == "constant" and "min_lr_ratio" in self.model_fields_set:
+            raise ValueError("`min_lr_ratio` does not apply to kind constant")
+        return self
 
 
 class EarlyStopping(Strict):
@@ -199,7 +227,8 @@ class Rho1(Strict):
     mode: Literal["weighted", "token_skip", "topk"] = "weighted"
     temperature: float = Field(0.7, gt=0, description="weighted: w = exp(z/T) (the seed's 0.7)")
     eps: float = Field(0.05, ge=0, description="weighted: mean1_clip floor (the seed's 0.05)")
-    w_max: float = Field(3.0, gt=0, description="weighted: mean1_clip ceiling (the seed's 3.0)")
+    w_max: float = Field(3.0, gt=0, description="weighted: mean1_clip clip ceiling before the final renormalisation "
+                         "(the seed's 3.0); bounds each head's max/min weight ratio by w_max/eps")
     skip_fraction: float = Field(0.3, ge=0, lt=1, description="token_skip: drop this bottom fraction per head")
     keep_fraction: float = Field(0.6, gt=0, le=1, description="topk: keep this top fraction per head (paper: 0.6 at "
                                  "1B, 0.7 at 7B)")

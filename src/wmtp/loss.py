@@ -273,7 +273,7 @@ def fused_linear_mtp_ce(
     coef: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fast path: `Σ coef · CE` over all pairs without materialising [B, S, n, V].

@@ -110,10 +110,14 @@ def _check_plain_unembedding(config) -> None:
                              "supports plain unembeddings only")
 
 
-def load_causal_lm(spec: str | os.PathLike, *, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """A causal LM from a hub id, a local directory, or a GGUF file (dequantised by transformers)."""
+def load_causal_lm(spec: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                   token: str | None = None) -> PreTrainedModel:
+    """A causal LM from a hub id, a local directory, or a GGUF file (dequantised by transformers);
+    `token` for gated hub models."""
     path = Path(spec)
     kwargs = {} if dtype is None else {"dtype": dtype}
+    if token is not None:
+        kwargs["token"] = token
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
@@ -217,7 +221,7 @@ class MTPModel(nn.Module):
         normalizer: torch.Tensor | float | None = None,
         allow_negative: bool = False,
         return_logits: bool = False,
-        chunk_size: int = 1024,
+        chunk_size: int = 256,
     ) -> MTPOutput:
         """input_ids, attention_mask: [B, S]; labels: [B, S, n] from `mtp_labels`; weights: [B, S, n] detached.
 

@@ -36,7 +36,10 @@ class Tracker:
         mlflow.set_tracking_uri(self.tracking_uri)
         experiment = mlflow.get_experiment_by_name(settings.experiment)
         if experiment is None:
-            artifacts = None if settings.tracking_uri else (output_dir / "mlartifacts").as_uri()
+            # a local store keeps its artifacts under output_dir (MLflow's default is ./mlruns in the CWD);
+            # a tracking server decides for itself
+            local = self.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in self.tracking_uri
+            artifacts = (output_dir / "mlartifacts").as_uri() if local else None
             experiment_id = mlflow.create_experiment(settings.experiment, artifact_location=artifacts)
         else:
             experiment_id = experiment.experiment_id

@@ -24,7 +24,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from . import distributed as dist_utils
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_model
-from .config import Config, ConfigError, ModelSource, Recipe, flatten
+from .config import Config, ConfigError, ModelSource, Recipe, ReferenceSource, flatten
 from .data import (
     SequenceSet,
     build_sequences,
@@ -106,12 +106,7 @@ def _build_model(source: ModelSource, recipe: Recipe, tokenizer) -> MTPModel:
                               f"the recipe asks for {shape.n_heads} {shape.head_type} heads")
         return model
     token = (source.hf_token.get_secret_value() or None) if source.hf_token else None
-    if token is not None and not Path(path).exists():
-        from transformers import AutoModelForCausalLM
-
-        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, token=token)
-    else:
-        base = load_causal_lm(path, dtype=dtype)
+    base = load_causal_lm(path, dtype=dtype, token=token)
     return MTPModel.from_base(base, n_heads=shape.n_heads, head_type=shape.head_type)
 
 
@@ -129,11 +124,11 @@ class RunSetup:
     reference: torch.nn.Module | None = None
 
 
-def load_reference(source: ModelSource | None, tokenizer, device: torch.device,
+def load_reference(source: ReferenceSource | None, tokenizer, device: torch.device,
                    load_weights: bool = True) -> torch.nn.Module | None:
     """Rho-1's reference: frozen, in eval mode, in `dtype`, checked to share the trained model's tokenizer
     (only the check when its CEs come from the cache)."""
-    if source is None or source.path is None:
+    if source is None:
         raise ConfigError("algorithm rho1 needs config `reference_model` with a `path` (hub id, directory or GGUF)")
     token = (source.hf_token.get_secret_value() or None) if source.hf_token else None
     reference_tokenizer = load_tokenizer_from(source.tokenizer or source.path, token)
@@ -144,7 +139,7 @@ def load_reference(source: ModelSource | None, tokenizer, device: torch.device,
     if not load_weights:
         return None
     try:
-        model = load_causal_lm(resolve_model_path(source.path), dtype=_DTYPES[source.dtype])
+        model = load_causal_lm(resolve_model_path(source.path), dtype=_DTYPES[source.dtype], token=token)
     except OSError as exc:
         raise ConfigError(f"reference_model.path {source.path}: {str(exc).splitlines()[0]}") from exc
     model.requires_grad_(False)
@@ -201,6 +196,11 @@ def step_counts(n_sequences: int, t, world_size: int) -> tuple[int, int]:
     if t.num_epochs is not None:
         candidates.append(max(1, math.ceil(t.num_epochs * per_epoch)))
     return min(candidates), per_epoch
+
+
+def validation_metric_names(n_heads: int) -> list[str]:
+    """The metrics `Trainer.evaluate` reports (the names early stopping may monitor)."""
+    return ["val/loss"] + [f"val/{kind}_head{h}" for h in range(n_heads) for kind in ("ce", "ppl", "acc")]
 
 
 def labels_for(batch: dict[str, torch.Tensor], n_heads: int, mask_prompt: bool) -> torch.Tensor:
@@ -294,6 +294,11 @@ class Trainer:
         self.micro_per_step = t.grad_accum_steps
         self.global_micro = t.micro_batch_size * self.info.world_size
         self.total_steps, self.steps_per_epoch = step_counts(len(setup.train_set), t, self.info.world_size)
+        if t.early_stopping is not None:  # refuse a misspelt metric before training, not at the first evaluation
+            known = validation_metric_names(setup.model.n_heads)
+            if t.early_stopping.metric not in known:
+                raise ConfigError(f"recipe train.early_stopping.metric: `{t.early_stopping.metric}` is not a "
+                                  f"validation metric (available: {', '.join(known)})")
         self.model = setup.model
         # FSDP2 replaces the parameters with sharded ones: wrap first, then build the optimizer over them.
         self.wrapped = dist_utils.wrap_model(self.model, self.info, self.config.compute.distributed)
@@ -449,9 +454,6 @@ class Trainer:
         rule = self.recipe.train.early_stopping
         if rule is None:
             return False
-        if rule.metric not in metrics:
-            raise ConfigError(f"recipe train.early_stopping.metric: `{rule.metric}` is not a validation metric "
-                              f"(available: {', '.join(sorted(metrics))})")
         value = metrics[rule.metric]
         improved = (self.best is None or (value < self.best - rule.min_delta if rule.mode == "min"
                                           else value > self.best + rule.min_delta))
