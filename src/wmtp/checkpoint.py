@@ -12,9 +12,7 @@ under FSDP2 or DDP loads on one process and the other way round.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from .atomic import atomic_directory
 from .distributed import DistInfo
 from .model import MTPModel
 
@@ -74,10 +73,8 @@ def save_checkpoint(run_dir: Path, step: int, model: MTPModel, optimizer: torch.
     if not info.is_main:
         return None
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     target = root / checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
-    try:
+    with atomic_directory(target) as tmp:
         model.save_pretrained(tmp / "model", tokenizer=tokenizer, state_dict=model_state)
         tensors = {}
         for name, per_param in optim_state["state"].items():
@@ -87,12 +84,6 @@ def save_checkpoint(run_dir: Path, step: int, model: MTPModel, optimizer: torch.
         state = {**trainer_state, "step": step, "scheduler": scheduler.state_dict(),
                  "optimizer_param_groups": optim_state["param_groups"], "rng": rng_state()}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old)
     return target

@@ -100,10 +100,14 @@ def _split_file(directory: Path, split: str) -> Path:
     raise ConfigError(f"{directory}: no file for split `{split}` ({split}.json or {split}.jsonl)")
 
 
-def _mbpp(spec: DataSource, datasets: dict[str, str]) -> Iterator[Example]:
+def _split_path(spec: DataSource, datasets: dict[str, str]) -> Path:
+    """The dataset's file, or in a directory of splits the file of `spec.split` (default train)."""
     path = _dataset_path(spec, datasets)
-    if path.is_dir():
-        path = _split_file(path, spec.split or "train")
+    return _split_file(path, spec.split or "train") if path.is_dir() else path
+
+
+def _mbpp(spec: DataSource, datasets: dict[str, str]) -> Iterator[Example]:
+    path = _split_path(spec, datasets)
     for where, record in _read_records(path):
         text = _field(record, "text", where)
         code = _field(record, "code", where).replace("\r\n", "\n")
@@ -133,9 +137,7 @@ def _humaneval(spec: DataSource, datasets: dict[str, str]) -> Iterator[Example]:
 
 
 def _codecontests(spec: DataSource, datasets: dict[str, str]) -> Iterator[Example]:
-    path = _dataset_path(spec, datasets)
-    if path.is_dir():
-        path = _split_file(path, spec.split or "train")
+    path = _split_path(spec, datasets)
     for where, record in _read_records(path):
         description = _field(record, "description", where)
         solutions = _field(record, "solutions", where, dict)

@@ -23,8 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from .atomic import atomic_directory
 from .loss import (
     IGNORE_INDEX,
     _check_weights,
@@ -259,13 +258,11 @@ class MTPModel(nn.Module):
         passes its gathered full state dict.
         """
         target = Path(directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
         state = self.state_dict() if state_dict is None else state_dict
         base_state = {k.removeprefix("base."): v for k, v in state.items() if k.startswith("base.")}
         heads = {k.removeprefix("heads."): v.detach().contiguous().cpu() for k, v in state.items()
                  if k.startswith("heads.")}
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+        with atomic_directory(target) as tmp:
             self.base.save_pretrained(tmp, state_dict=base_state)
             save_file(heads, tmp / HEADS_FILE,
                       metadata={"format": "pt", CONFIG_KEY: json.dumps(asdict(self.mtp_config))})
@@ -275,12 +272,6 @@ class MTPModel(nn.Module):
             config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return target
 
     @classmethod
