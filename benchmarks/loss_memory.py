@@ -195,7 +195,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up; median reported")
-    parser.add_argument("--chunk-size", type=int, nargs="+", default=[1024], help="fast-path chunk size(s)")
+    parser.add_argument("--chunk-size", type=int, nargs="+", default=[256], help="fast-path chunk size(s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
