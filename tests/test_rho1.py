@@ -202,3 +202,45 @@ def test_reference_cache_equals_online_and_mismatch_is_an_error(tmp_path, capsys
     other = train_args(tmp_path, "other", config=cached_config, recipe={**rho1, "data": {"shuffle_seed": 5}})
     assert main(other) == 1
     assert "fingerprint does not match" in capsys.readouterr().err
+
+
+def _rank_weights(rank: int, world: int, port: int, excess: list, labels: list, mode: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        info = DistInfo(rank, world, rank, torch.device("cpu"))
+        mine = slice(rank * 2, rank * 2 + 2)  # each rank holds 2 of the 4 sequences of every micro-batch
+        s = Rho1(mode=mode)
+        w, _, _ = rho1_weights([e[mine] for e in excess], [lab[mine] for lab in labels], mode=s.mode,
+                               temperature=s.temperature, eps=s.eps, w_max=s.w_max, skip_fraction=s.skip_fraction,
+                               keep_fraction=s.keep_fraction, min_ce_diff=None, train_head0_fully=False, info=info)
+        torch.save(w, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["weighted", "topk"])
+def test_two_ranks_select_like_one_process(tmp_path, mode):
+    """Statistics and selection run over all ranks: 2 ranks with half the sequences each give the weights that
+    one process gives for the whole step (ties need the rank-major order, so values here are distinct)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    g = torch.Generator().manual_seed(7)
+    labels = [mtp_labels(torch.randint(0, 9, (4, 8), generator=g), 2) for _ in range(2)]
+    excess = [torch.randn(lab.shape, generator=g) * (lab != IGNORE_INDEX) for lab in labels]
+    # one process sees the same pairs in the order of the ranks' concatenation: rank 0's rows of every
+    # micro-batch first, then rank 1's
+    single, _ = weights_for([e[:2] for e in excess] + [e[2:] for e in excess],
+                            [lab[:2] for lab in labels] + [lab[2:] for lab in labels], mode=mode)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_rank_weights, args=(2, port, excess, labels, mode, str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for k in range(2):
+        assert torch.allclose(rank0[k], single[k], atol=1e-6)
+        assert torch.allclose(rank1[k], single[2 + k], atol=1e-6)
