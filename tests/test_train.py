@@ -131,3 +131,10 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, strategy, capsys):
     # all-reduce moves weights by ~lr = 3e-3.
     for key in one:
         assert torch.allclose(one[key], two[key], atol=5e-5, rtol=1e-4), (key, (one[key] - two[key]).abs().max())
+
+
+def test_early_stopping_without_validation_data_is_refused(tmp_path, capsys):
+    args = train_args(tmp_path, recipe={"data": {"validation_fraction": 0.0},
+                                        "train": {"eval_every": 1, "early_stopping": {"patience": 1}}})
+    assert main(args) == 1
+    assert "early_stopping needs validation data" in capsys.readouterr().err

@@ -294,6 +294,9 @@ class Trainer:
         self.micro_per_step = t.grad_accum_steps
         self.global_micro = t.micro_batch_size * self.info.world_size
         self.total_steps, self.steps_per_epoch = step_counts(len(setup.train_set), t, self.info.world_size)
+        if t.early_stopping is not None and setup.val_set is None:
+            raise ConfigError("recipe train.early_stopping needs validation data (validation_fraction > 0 or "
+                              "`validation` sources)")
         if t.early_stopping is not None:  # refuse a misspelt metric before training, not at the first evaluation
             known = validation_metric_names(setup.model.n_heads)
             if t.early_stopping.metric not in known:
