@@ -200,6 +200,13 @@ def record_logs(trainer: Trainer) -> list[tuple[int, dict]]:
     return logged
 
 
+def steps_logging(trainer: Trainer, metric: str) -> list[int]:
+    """Run the trainer to the end; the steps at which it logged `metric`."""
+    logs = record_logs(trainer)
+    trainer.run()
+    return [step for step, metrics in logs if metric in metrics]
+
+
 def count_forwards(module: torch.nn.Module) -> list[int]:
     calls: list[int] = []
     module.register_forward_pre_hook(lambda *_: calls.append(1))
@@ -493,10 +500,7 @@ def check_log_model(kit: Kit) -> None:
 def check_log_every(kit: Kit) -> None:
     """`logging.log_every` is the number of steps between training-metric logs (and the last step is logged)."""
     def logged_steps(every):
-        trainer = kit.trainer(config={"logging": {"log_every": every}}, name=f"every{every}")
-        logs = record_logs(trainer)
-        trainer.run()
-        return [step for step, metrics in logs if "train/loss" in metrics]
+        return steps_logging(kit.trainer(config={"logging": {"log_every": every}}, name=f"every{every}"), "train/loss")
 
     assert logged_steps(1) == [1, 2, 3, 4] and logged_steps(3) == [3, 4]
 
@@ -791,10 +795,7 @@ def check_num_epochs(kit: Kit) -> None:
 def check_eval_every(kit: Kit) -> None:
     """`train.eval_every` is the number of steps between validations (default: once, at the end)."""
     def validated_at(every):
-        trainer = kit.trainer(recipe={"train": {"eval_every": every}}, name=f"eval{every}")
-        logs = record_logs(trainer)
-        trainer.run()
-        return [step for step, metrics in logs if "val/loss" in metrics]
+        return steps_logging(kit.trainer(recipe={"train": {"eval_every": every}}, name=f"eval{every}"), "val/loss")
 
     assert validated_at(None) == [4] and validated_at(2) == [2, 4] and validated_at(1) == [1, 2, 3, 4]
 

@@ -89,7 +89,7 @@ def train_command(args: argparse.Namespace) -> int:
     import torch
 
     from . import distributed as dist_utils
-    from .train import Trainer, find_resume, labels_for, prepare, step_counts
+    from .train import Trainer, find_resume, labels_for, per_head_sums, prepare, step_counts
 
     config = load_config(args.config)
     recipe = load_recipe(args.recipe)
@@ -115,7 +115,8 @@ def train_command(args: argparse.Namespace) -> int:
             with torch.no_grad():
                 out = setup.model(batch["input_ids"], batch["attention_mask"], labels=labels,
                                   chunk_size=recipe.loss.chunk_size)
-            head_ce = (out.ce.sum(dim=(0, 1)) / (labels != -100).sum(dim=(0, 1)).clamp_min(1)).tolist()
+            sums = per_head_sums(out.ce, out.correct, labels).view(3, -1)
+            head_ce = (sums[0] / sums[2].clamp_min(1)).tolist()
             if info.is_main:
                 print(_plan(setup, steps, run_dir, float(out.loss), head_ce))
                 print("dry run: configuration, data, tokenizer and model are valid; nothing was trained or written")
@@ -133,22 +134,17 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def score_reference_command(args: argparse.Namespace) -> int:
-    from contextlib import nullcontext
-
-    import torch
-
     from . import distributed as dist_utils
     from .reference_cache import fingerprint, write_cache
-    from .train import prepare, resolve_model_path, score_reference_set
+    from .train import autocast_for, prepare, resolve_model_path, score_reference_set
 
     config = load_config(args.config)
     recipe = load_recipe(args.recipe)
     if recipe.algorithm != "rho1" or config.reference_cache is None:
         raise ConfigError("score-reference needs a recipe with algorithm: rho1 and a config with reference_cache")
-    info = dist_utils.resolve_device(config.compute.device)
-    setup = prepare(config, recipe, dist_utils.DistInfo(0, 1, 0, info), score_reference=True)
-    precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.compute.precision)
-    autocast = torch.autocast(info.type, dtype=precision) if precision is not None else nullcontext()
+    device = dist_utils.resolve_device(config.compute.device)
+    setup = prepare(config, recipe, dist_utils.DistInfo(0, 1, 0, device), score_reference=True)
+    autocast = autocast_for(device, config.compute.precision)
     started = time.monotonic()
     ref = score_reference_set(setup, recipe.train.micro_batch_size, autocast)
     key = fingerprint(setup.train_set, setup.tokenizer, resolve_model_path(config.reference_model.path))

@@ -23,7 +23,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from . import distributed as dist_utils
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_model
+from .checkpoint import STATE_FILE, list_checkpoints, load_checkpoint, save_checkpoint, save_model
 from .config import Config, ConfigError, ModelSource, Recipe, ReferenceSource, flatten
 from .data import (
     SequenceSet,
@@ -60,6 +60,17 @@ def resolve_model_path(spec: str) -> str:
     if not path.exists():
         raise ConfigError(f"model path {spec}: {path} does not exist")
     return str(path)
+
+
+def secret(value) -> str | None:
+    """The text of an optional SecretStr; an empty one (e.g. an unset `${HF_TOKEN:-}`) is None."""
+    return (value.get_secret_value() or None) if value is not None else None
+
+
+def autocast_for(device: torch.device, precision: str):
+    """The forward's autocast context for `compute.precision` (fp32: none)."""
+    dtype = _AUTOCAST.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def load_tokenizer_from(spec: str, token: str | None = None):
@@ -105,7 +116,7 @@ def _build_model(source: ModelSource, recipe: Recipe, tokenizer) -> MTPModel:
             raise ConfigError(f"{path}: a wmtp model with {model.n_heads} {model.mtp_config.head_type} heads, "
                               f"the recipe asks for {shape.n_heads} {shape.head_type} heads")
         return model
-    token = (source.hf_token.get_secret_value() or None) if source.hf_token else None
+    token = secret(source.hf_token)
     base = load_causal_lm(path, dtype=dtype, token=token)
     return MTPModel.from_base(base, n_heads=shape.n_heads, head_type=shape.head_type)
 
@@ -130,7 +141,7 @@ def load_reference(source: ReferenceSource | None, tokenizer, device: torch.devi
     (only the check when its CEs come from the cache)."""
     if source is None:
         raise ConfigError("algorithm rho1 needs config `reference_model` with a `path` (hub id, directory or GGUF)")
-    token = (source.hf_token.get_secret_value() or None) if source.hf_token else None
+    token = secret(source.hf_token)
     reference_tokenizer = load_tokenizer_from(source.tokenizer or source.path, token)
     try:
         check_tokenizers_compatible(tokenizer, reference_tokenizer)
@@ -163,7 +174,7 @@ def prepare(config: Config, recipe: Recipe, info: DistInfo, *, tokenizer_dir: Pa
         texts = [ex.prompt + ex.completion for ex in train_examples]
         tokenizer = train_bpe_tokenizer(texts, source.train_tokenizer.vocab_size, source.train_tokenizer.min_frequency)
     else:
-        token = (source.hf_token.get_secret_value() or None) if source.hf_token else None
+        token = secret(source.hf_token)
         tokenizer = load_tokenizer_from(source.tokenizer or source.path, token)
     torch.manual_seed(config.compute.seed)
     model = build_model(source, recipe, tokenizer).to(info.device)
@@ -207,6 +218,12 @@ def labels_for(batch: dict[str, torch.Tensor], n_heads: int, mask_prompt: bool) 
     """Per-head labels of a batch of sequences (prompt tokens excluded as targets when mask_prompt)."""
     return mtp_labels(batch["input_ids"], n_heads, attention_mask=batch["attention_mask"],
                       document_ids=batch["document_ids"], prompt_mask=batch["prompt_mask"] if mask_prompt else None)
+
+
+def per_head_sums(ce: torch.Tensor, correct: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[3n] float64: per-head CE sum, correct count and valid-pair count of a batch (ce, correct, labels: [B, S, n])."""
+    valid = labels != IGNORE_INDEX
+    return torch.cat([ce.sum(dim=(0, 1)), correct.sum(dim=(0, 1)), valid.sum(dim=(0, 1))]).double()
 
 
 def make_scheme(setup: RunSetup, model: torch.nn.Module, autocast) -> WeightingScheme:
@@ -327,15 +344,14 @@ class Trainer:
                 for path in config_files:
                     self.tracker.log_artifact(path, "configs")
         self.stop_signal: str | None = None
-        dtype = _AUTOCAST.get(self.config.compute.precision)
-        self.autocast = (torch.autocast(self.info.device.type, dtype=dtype) if dtype is not None else nullcontext())
+        self.autocast = autocast_for(self.info.device, self.config.compute.precision)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.config.compute.precision == "fp16")
         self.scheme = make_scheme(setup, self.wrapped, self.autocast)
 
     # data ---------------------------------------------------------------------------------------------------
-    def micro_batch(self, global_index: int, dataset: SequenceSet | None = None) -> dict[str, torch.Tensor]:
+    def micro_batch(self, global_index: int) -> dict[str, torch.Tensor]:
         """This rank's slice of global micro-batch `global_index` of the training order."""
-        dataset = dataset or self.s.train_set
+        dataset = self.s.train_set
         per_epoch = self.steps_per_epoch * self.micro_per_step
         epoch, within = divmod(global_index, per_epoch)
         order = epoch_order(len(dataset), self.recipe.data.shuffle_seed, epoch)
@@ -369,12 +385,10 @@ class Trainer:
             self.scaler.scale(out.loss * self.info.world_size).backward()
             valid = sb.labels != IGNORE_INDEX
             wv = torch.ones_like(sb.labels, dtype=torch.float32)[valid] if w is None else w[valid].float()
-            sums[:n] += out.ce.sum(dim=(0, 1)).double()
-            sums[n:2 * n] += out.correct.sum(dim=(0, 1)).double()
-            sums[2 * n:3 * n] += valid.sum(dim=(0, 1)).double()
+            sums[:3 * n] += per_head_sums(out.ce, out.correct, sb.labels)
             sums[3 * n:] += torch.stack([out.loss.detach().double(), wv.sum().double(), wv.double().pow(2).sum(),
                                          (wv == 0).sum().double(), sb.attention_mask.sum().double(),
-                                         torch.tensor(float(valid.sum()), dtype=torch.float64)]).to(sums.device)
+                                         valid.sum().double()])
             if wv.numel():
                 w_min, w_max = min(w_min, float(wv.min())), max(w_max, float(wv.max()))
         self.scaler.unscale_(self.optimizer)
@@ -440,10 +454,7 @@ class Trainer:
             with self.autocast:
                 out = self.wrapped(batch["input_ids"], batch["attention_mask"], labels=labels,
                                    chunk_size=self.recipe.loss.chunk_size)
-            valid = labels != IGNORE_INDEX
-            sums[:n] += out.ce.sum(dim=(0, 1)).double()
-            sums[n:2 * n] += out.correct.sum(dim=(0, 1)).double()
-            sums[2 * n:] += valid.sum(dim=(0, 1)).double()
+            sums += per_head_sums(out.ce, out.correct, labels)
         dist_utils.all_reduce_sum(sums, self.info)
         ce, correct, count = sums[:n], sums[n:2 * n], sums[2 * n:].clamp_min(1)
         metrics = {"val/loss": float(ce.sum() / count.sum())}
@@ -554,6 +565,6 @@ def find_resume(resume: str | None, run_dir: Path) -> Path | None:
         found = list_checkpoints(run_dir)
         return found[-1] if found else None
     path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
-        raise ConfigError(f"--resume {resume}: not a checkpoint directory (no trainer_state.json)")
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(f"--resume {resume}: not a checkpoint directory (no {STATE_FILE})")
     return path
