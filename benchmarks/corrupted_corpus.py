@@ -1,0 +1,210 @@
+"""The controlled corrupted-corpus experiment: does a weighting scheme learn clean text better than plain MTP
+when a known fraction of the training documents is noise?
+
+Set-up (all offline, deterministic given --data-seed):
+- documents: the Python standard library cut into chunks of at most --doc-chars characters at blank lines;
+  each chunk goes by a hash of its name to one of three disjoint pools: reference (clean), train, validation.
+- a byte-level BPE tokenizer is trained on the clean reference pool only and shared by every run.
+- corruption: --corrupt-fraction of the training documents (chosen with --data-seed) get --token-noise of
+  their tokens replaced by tokens drawn uniformly from the vocabulary; the rest stay clean.
+- a next-token reference (n_heads 1) is trained on the clean reference pool only.
+- each variant (baseline-mtp, rho1-weighted, rho1-topk, ...) trains the same model on the corrupted training
+  set for the same number of steps, once per --seeds value (model init and batch order), and is evaluated on
+  the clean validation pool: val/loss (mean CE over all heads) and head 0's CE.
+
+    python benchmarks/corrupted_corpus.py --out runs/corrupted --seeds 0 1 2
+
+prints a table of mean ± std (sample std over seeds) and writes results.json in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import torch  # noqa: E402
+
+from wmtp.config import Config, Recipe  # noqa: E402
+from wmtp.data import stdlib_files, train_bpe_tokenizer  # noqa: E402
+from wmtp.distributed import DistInfo, resolve_device  # noqa: E402
+from wmtp.train import Trainer, prepare  # noqa: E402
+
+MODEL = {"hidden_size": 192, "num_layers": 4, "num_attention_heads": 6, "num_key_value_heads": 2,
+         "intermediate_size": 512, "max_position_embeddings": 1024, "tie_word_embeddings": True}
+
+# Recipe overrides per variant, on top of the shared training settings below.
+VARIANTS = {
+    "baseline-mtp": {"algorithm": "baseline-mtp"},
+    "rho1-weighted": {"algorithm": "rho1", "rho1": {"mode": "weighted"}},
+    "rho1-topk": {"algorithm": "rho1", "rho1": {"mode": "topk", "keep_fraction": 0.6}},
+}
+
+
+def pool_of(name: str) -> str:
+    bucket = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64
+    return "reference" if bucket < 0.45 else "train" if bucket < 0.9 else "validation"
+
+
+def chunks(text: str, max_chars: int) -> list[str]:
+    """Consecutive blank-line-separated blocks of `text`, joined up to `max_chars` (a longer block is cut)."""
+    out, current = [], ""
+    for block in re.split(r"\n\s*\n", text):
+        while len(block) > max_chars:
+            out.append(block[:max_chars])
+            block = block[max_chars:]
+        if current and len(current) + len(block) + 2 > max_chars:
+            out.append(current)
+            current = ""
+        current = f"{current}\n\n{block}" if current else block
+    if current.strip():
+        out.append(current)
+    return [c for c in out if len(c.strip()) > 40]
+
+
+def build_pools(args) -> dict[str, list[str]]:
+    pools: dict[str, list[str]] = {"reference": [], "train": [], "validation": []}
+    for path in stdlib_files():
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for i, chunk in enumerate(chunks(text, args.doc_chars)):
+            pools[pool_of(f"{path.name}/{i}")].append(chunk)
+    limits = {"reference": args.reference_docs, "train": args.train_docs, "validation": args.validation_docs}
+    return {name: docs[:limits[name]] for name, docs in pools.items()}
+
+
+def corrupt(docs: list[str], tokenizer, args) -> tuple[list[str], list[bool]]:
+    rng = random.Random(args.data_seed)
+    n_bad = round(args.corrupt_fraction * len(docs))
+    bad = set(rng.sample(range(len(docs)), n_bad))
+    vocab = len(tokenizer)
+    out = []
+    for i, doc in enumerate(docs):
+        if i not in bad:
+            out.append(doc)
+            continue
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        ids = [rng.randrange(2, vocab) if rng.random() < args.token_noise else t for t in ids]  # 0,1: specials
+        out.append(tokenizer.decode(ids))
+    return out, [i in bad for i in range(len(docs))]
+
+
+def write_jsonl(path: Path, docs: list[str]) -> None:
+    with path.open("w") as f:
+        for doc in docs:
+            f.write(json.dumps({"text": doc}) + "\n")
+
+
+def run(name: str, out: Path, config: dict, recipe: dict) -> dict:
+    cfg, rec = Config.model_validate(config), Recipe.model_validate(recipe)
+    info = DistInfo(0, 1, 0, resolve_device(cfg.compute.device))
+    setup = prepare(cfg, rec, info)
+    run_dir = out / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    result = Trainer(setup, run_dir, run_name=name).run()
+    print(f"{name}: val/loss {result['eval']['val/loss']:.4f}  ce_head0 {result['eval']['val/ce_head0']:.4f}  "
+          f"({time.monotonic() - started:.0f}s)", flush=True)
+    return {"eval": result["eval"], "final_model": result["final_model"], "seconds": time.monotonic() - started}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("runs/corrupted-corpus"))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--corrupt-fraction", type=float, default=0.5, help="fraction of training documents corrupted")
+    p.add_argument("--token-noise", type=float, default=0.5, help="fraction of a corrupted document's tokens replaced")
+    p.add_argument("--doc-chars", type=int, default=1500)
+    p.add_argument("--reference-docs", type=int, default=3000)
+    p.add_argument("--train-docs", type=int, default=3000)
+    p.add_argument("--validation-docs", type=int, default=300)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--reference-steps", type=int, default=300)
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    pools = build_pools(args)
+    tok_dir = out / "tokenizer"
+    tokenizer = train_bpe_tokenizer(pools["reference"], args.vocab, 2)
+    tokenizer.save_pretrained(str(tok_dir))
+    train_docs, is_bad = corrupt(pools["train"], tokenizer, args)
+    for name, docs in (("reference", pools["reference"]), ("train", train_docs), ("validation", pools["validation"])):
+        write_jsonl(out / f"{name}.jsonl", docs)
+    print(f"documents: reference {len(pools['reference'])} (clean), train {len(train_docs)} "
+          f"({sum(is_bad)} corrupted, {args.token_noise:.0%} of their tokens random), "
+          f"validation {len(pools['validation'])} (clean)", flush=True)
+
+    def config(seed: int, reference: Path | None = None) -> dict:
+        c = {"model": {"from_scratch": MODEL, "tokenizer": str(tok_dir)},
+             "datasets": {n: str(out / f"{n}.jsonl") for n in pools},
+             "output_dir": str(out), "compute": {"device": args.device, "precision": args.precision, "seed": seed},
+             "checkpoint": {"every_steps": 10_000, "keep_last": 1},
+             "mlflow": {"experiment": "corrupted-corpus", "tracking_uri": f"sqlite:///{out}/mlflow.db"},
+             "logging": {"log_every": 50, "progress": False}}
+        if reference is not None:
+            c["reference_model"] = {"path": str(reference)}
+        return c
+
+    def recipe(train: str, steps: int, n_heads: int, seed: int, **override) -> dict:
+        r = {"mtp": {"n_heads": n_heads, "head_type": "transformer"},
+             "data": {"train": [{"kind": "jsonl", "dataset": train}],
+                      "validation": [{"kind": "jsonl", "dataset": "validation"}],
+                      "max_length": args.max_length, "packing": True, "shuffle_seed": seed},
+             "optim": {"lr": args.lr, "weight_decay": 0.1, "grad_clip": 1.0},
+             "schedule": {"kind": "cosine", "warmup_steps": 10, "min_lr_ratio": 0.1},
+             "train": {"micro_batch_size": args.batch, "max_steps": steps, "eval_every": steps}}
+        r.update(override)
+        return r
+
+    started = time.monotonic()
+    reference = run("reference", out, config(0), recipe("reference", args.reference_steps, 1, 0))
+    results: dict[str, list[dict]] = {v: [] for v in args.variants}
+    for seed in args.seeds:
+        for variant in args.variants:
+            results[variant].append(run(f"{variant}-seed{seed}", out, config(seed, Path(reference["final_model"])),
+                                         recipe("train", args.steps, args.n_heads, seed, **VARIANTS[variant])))
+
+    def stats(variant: str, key: str) -> tuple[float, float]:
+        values = [r["eval"][key] for r in results[variant]]
+        return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
+
+    lines = [f"| variant | val/loss (all {args.n_heads} heads) | head-0 CE | seeds |", "|---|---|---|---|"]
+    for variant in args.variants:
+        (m, s), (m0, s0) = stats(variant, "val/loss"), stats(variant, "val/ce_head0")
+        lines.append(f"| {variant} | {m:.4f} ± {s:.4f} | {m0:.4f} ± {s0:.4f} | {len(results[variant])} |")
+    table = "\n".join(lines)
+    print(f"\nreference (clean, next-token): val CE {reference['eval']['val/ce_head0']:.4f}\n{table}")
+    print(f"total {time.monotonic() - started:.0f}s; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    summary = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+               "reference": reference, "results": results, "table": table, "torch": torch.__version__,
+               "argv": sys.argv}
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(out / "results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

