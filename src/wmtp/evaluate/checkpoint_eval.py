@@ -1,0 +1,192 @@
+"""`wmtp eval`, `wmtp execute` and `wmtp report`: evaluate a checkpoint end to end.
+
+Order (nothing runs model-written code before its generations are on disk):
+1. load the checkpoint (a saved model directory or a training checkpoint) and its tokenizer;
+2. generate completions for each benchmark and write generations.jsonl;
+3. only with --allow-code-execution: judge every sample in the sandbox (executions.jsonl), pass@k with CIs;
+4. head quality on the recipe's held-out data; self-speculative decoding statistics on benchmark prompts;
+5. results.json, report.md with plots, and an MLflow run with the metrics and these files.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from ..config import Config, ConfigError, Recipe
+from ..data import build_sequences, load_examples, pad_token_id, tokenize_examples
+from ..model import MTPModel
+from ..tracking import Tracker
+from .execution import execute, read_generations, summarize
+from .generation import Sampling, generate_samples
+from .heads import head_quality
+from .problems import load_problems
+from .report import find_results, write_json, write_reports
+from .sandbox import Limits, Sandbox
+
+
+def model_directory(checkpoint: Path) -> Path:
+    """A saved model directory (final/) or a training checkpoint (its model/ subdirectory)."""
+    for candidate in (checkpoint, checkpoint / "model"):
+        if (candidate / "config.json").is_file() and (candidate / "mtp_heads.safetensors").is_file():
+            return candidate
+    raise ConfigError(f"--checkpoint {checkpoint}: not a wmtp model directory or training checkpoint "
+                      "(expected config.json and mtp_heads.safetensors, here or in model/)")
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    tmp.replace(path)
+
+
+def sandbox_from(args) -> Sandbox:
+    limits = Limits(timeout_s=args.timeout, cpu_s=max(1, int(args.timeout)), memory_mb=args.memory_mb)
+    return Sandbox(limits, isolation=args.isolation, allow_unisolated=args.isolation == "none")
+
+
+def run_passk(records: list[dict], args, out: Path, generation: dict) -> dict:
+    started = time.monotonic()
+    results = execute(records, sandbox_from(args), workers=args.workers)
+    write_jsonl(out / "executions.jsonl", results)
+    summary = summarize(results, args.k, generation=generation, seed=args.seed)
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    return summary
+
+
+def evaluate_checkpoint(config: Config, recipe: Recipe, args) -> tuple[Path, dict]:
+    from ..distributed import resolve_device
+    from ..train import autocast_for
+
+    device = resolve_device(config.compute.device)
+    directory = model_directory(args.checkpoint)
+    model = MTPModel.from_pretrained(directory).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    tokenizer.padding_side = "left"
+    autocast = autocast_for(device, config.compute.precision)
+    run_dir = directory.parent.parent if directory.name == "model" else directory.parent
+    out = args.out or run_dir / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"checkpoint": str(directory), "device": str(device), "precision": config.compute.precision}
+
+    problems = []
+    for benchmark in args.benchmarks:
+        problems += load_problems(benchmark, config.datasets.get(benchmark), split=args.split, limit=args.limit)
+    if problems:
+        sampling = Sampling(n=args.n, temperature=args.temperature, top_p=args.top_p,
+                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+        started = time.monotonic()
+        with autocast:
+            records = generate_samples(model, tokenizer, problems, sampling, device=device, model_name=str(directory))
+        write_jsonl(out / "generations.jsonl", records)
+        generation = records[0]["generation"] | {"seconds": round(time.monotonic() - started, 1)}
+        results["generations"] = str(out / "generations.jsonl")
+        if args.allow_code_execution:
+            results["passk"] = run_passk(records, args, out, generation)
+        else:
+            results["passk"] = {"generation": generation, "ks": args.k, "benchmarks": {},
+                                "note": "not executed (no --allow-code-execution)"}
+    if not args.no_heads:
+        results["heads"] = held_out_head_quality(model, tokenizer, config, recipe, device, autocast, args)
+    if model.n_heads > 1 and problems and args.speculative_prompts > 0:
+        results["speculative"] = speculative_statistics(model, tokenizer, problems[:args.speculative_prompts],
+                                                        args.max_new_tokens, device, autocast)
+    write_json(out / "results.json", results)
+    files = write_reports(out, [out.name], [results], [run_dir])
+    log_to_mlflow(config, results, [out / "results.json", *files] + [p for p in (out / "generations.jsonl",
+                  out / "executions.jsonl") if p.is_file()], out.name, run_dir)
+    return out, results
+
+
+def held_out_head_quality(model, tokenizer, config: Config, recipe: Recipe, device, autocast, args) -> dict | None:
+    """Head quality on the recipe's validation data (its `validation` sources or its hold-out of train)."""
+    _, validation = load_examples(recipe.data, config.datasets)
+    if not validation:
+        return None
+    data = recipe.data
+    sequences = build_sequences(tokenize_examples(validation, tokenizer), data.max_length, packing=data.packing,
+                                pad_id=pad_token_id(tokenizer), seed=0)
+    report = head_quality(model, sequences, batch_size=recipe.train.micro_batch_size, mask_prompt=data.mask_prompt,
+                          chunk_size=recipe.loss.chunk_size, device=device, autocast=autocast,
+                          max_batches=args.head_batches)
+    report["examples"] = len(validation)
+    return report
+
+
+def speculative_statistics(model, tokenizer, problems, max_new_tokens: int, device, autocast) -> dict:
+    """Greedy self-speculative decoding on benchmark prompts: acceptance per head and mean accepted length."""
+    from .speculative import speculative_generate
+
+    proposed = accepted = None
+    tokens = forwards = 0
+    started = time.monotonic()
+    for problem in problems:
+        ids = torch.tensor([tokenizer(problem.prompt, add_special_tokens=False)["input_ids"]], device=device)
+        with autocast or nullcontext():
+            result = speculative_generate(model, ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+        proposed = result.proposed if proposed is None else [a + b for a, b in zip(proposed, result.proposed,
+                                                                                      strict=True)]
+        accepted = result.accepted if accepted is None else [a + b for a, b in zip(accepted, result.accepted,
+                                                                                      strict=True)]
+        tokens += len(result.tokens)
+        forwards += result.forward_passes
+    return {"prompts": len(problems), "tokens": tokens, "forward_passes": forwards,
+            "mean_accepted_length": tokens / forwards if forwards else None,
+            "acceptance_per_head": [a / p if p else None for a, p in zip(accepted, proposed, strict=True)],
+            "seconds": round(time.monotonic() - started, 1)}
+
+
+def flat_metrics(results: dict) -> dict[str, float]:
+    """The numbers of a results dict as MLflow metrics (missing values are left out, never defaulted)."""
+    metrics = {}
+    for benchmark, entry in results.get("passk", {}).get("benchmarks", {}).items():
+        for name, value in entry["pass@k"].items():
+            if value is not None:
+                metrics[f"eval/{benchmark}/{name}"] = value["mean"]
+    for head in (results.get("heads") or {}).get("heads", []):
+        for key in ("ce", "ppl", "acc"):
+            if head[key] is not None:
+                metrics[f"eval/{key}_head{head['head']}"] = head[key]
+    spec = results.get("speculative") or {}
+    if spec.get("mean_accepted_length") is not None:
+        metrics["eval/spec_mean_accepted_length"] = spec["mean_accepted_length"]
+    return metrics
+
+
+def log_to_mlflow(config: Config, results: dict, files: list[Path], name: str, run_dir: Path) -> None:
+    tracker = Tracker(config.mlflow, Path(config.output_dir), name, active=True,
+                      tags={"kind": "evaluation", "checkpoint": results.get("checkpoint", "")})
+    try:
+        tracker.log_metrics(flat_metrics(results), step=0)
+        for path in files:
+            tracker.log_artifact(path, "evaluation")
+    finally:
+        tracker.end("FINISHED")
+    results["mlflow_run_id"] = tracker.run_id
+
+
+def execute_generations(args) -> tuple[Path, dict]:
+    """`wmtp execute`: judge a generations file on its own (e.g. produced elsewhere)."""
+    records = read_generations(args.generations)
+    out = args.out or args.generations.parent
+    out.mkdir(parents=True, exist_ok=True)
+    generation = records[0].get("generation", {})
+    results = {"generations": str(args.generations), "passk": run_passk(records, args, out, generation)}
+    write_json(out / "results.json", results)
+    write_reports(out, [out.name], [results], [out])
+    return out, results
+
+
+def report_runs(runs: list[Path], out: Path) -> list[Path]:
+    """`wmtp report`: one side-by-side report of several evaluations."""
+    found = [find_results(run) for run in runs]
+    names = [directory.parent.name if directory.name.startswith("eval-") else directory.name
+             for directory, _ in found]
+    return write_reports(out, names, [results for _, results in found], [d for d, _ in found])

@@ -1,0 +1,153 @@
+"""Reports: results.json (machine-readable), report.md (human-readable) and plots, for one evaluation or side by
+side for several (`wmtp report RUN...`). A metric that was not computed is shown as "—", never as a number.
+
+An evaluation directory holds results.json (written by `wmtp eval` / `wmtp execute`). A training run directory
+is accepted too: its latest `eval-*` evaluation is used, and its weight histograms (`*_weight_histogram.json`)
+are plotted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MISSING = "—"
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomically: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return MISSING if value is None else format(value, spec)
+
+
+def _pass_cell(entry) -> str:
+    if entry is None:
+        return MISSING
+    low, high = entry["ci95"]
+    return f"{100 * entry['mean']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def find_results(run: Path) -> tuple[Path, dict]:
+    """The evaluation directory for `run` (itself, or a training run's latest eval-*) and its results."""
+    if (run / "results.json").is_file():
+        return run, json.loads((run / "results.json").read_text())
+    evals = sorted(p for p in run.glob("eval-*") if (p / "results.json").is_file())
+    if not evals:
+        raise FileNotFoundError(f"{run}: no results.json here and no eval-*/results.json below")
+    return evals[-1], json.loads((evals[-1] / "results.json").read_text())
+
+
+def _histograms(run: Path) -> dict[str, dict]:
+    found = {}
+    for directory in (run, run.parent):
+        for path in sorted(directory.glob("*_weight_histogram.json")):
+            found.setdefault(path.name.removesuffix("_weight_histogram.json"), json.loads(path.read_text()))
+    return found
+
+
+def markdown(names: list[str], results: list[dict]) -> str:
+    """A side-by-side report: pass@k (with 95% CIs and sampling settings) and head quality."""
+    lines = ["# wmtp evaluation report", ""]
+    for name, res in zip(names, results, strict=True):
+        src = res.get("checkpoint", "generations file")
+        gen = res.get("passk", {}).get("generation", {})
+        settings = ", ".join(f"{k} {gen[k]}" for k in ("n", "temperature", "top_p", "max_new_tokens") if k in gen)
+        lines.append(f"- **{name}**: {src}" + (f" ({settings})" if settings else ""))
+    lines.append("")
+    benchmarks = sorted({b for r in results for b in r.get("passk", {}).get("benchmarks", {})})
+    ks = sorted({k for r in results for k in r.get("passk", {}).get("ks", [])})
+    if benchmarks:
+        lines += ["## pass@k (%) with 95% bootstrap CI over problems", "",
+                  "| run | benchmark | problems | n | " + " | ".join(f"pass@{k}" for k in ks) + " |",
+                  "|---|---|---|---|" + "---|" * len(ks)]
+        for name, res in zip(names, results, strict=True):
+            for b in benchmarks:
+                entry = res.get("passk", {}).get("benchmarks", {}).get(b)
+                if entry is None:
+                    lines.append(f"| {name} | {b} | {MISSING} | {MISSING} | " + " | ".join([MISSING] * len(ks)) + " |")
+                    continue
+                cells = [_pass_cell(entry["pass@k"].get(f"pass@{k}")) for k in ks]
+                lines.append(f"| {name} | {b} | {entry['problems']} | {entry['n']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    n_heads = max((len(r["heads"]["heads"]) for r in results if r.get("heads")), default=0)
+    if n_heads:
+        lines += ["## Head quality on held-out text (CE / perplexity / top-1 accuracy)", "",
+                  "| run | " + " | ".join(f"head {h}" for h in range(n_heads)) + " |", "|---|" + "---|" * n_heads]
+        for name, res in zip(names, results, strict=True):
+            heads = (res.get("heads") or {}).get("heads", [])
+            cells = []
+            for h in range(n_heads):
+                s = heads[h] if h < len(heads) else {"ce": None, "ppl": None, "acc": None}
+                cells.append(MISSING if s["ce"] is None else
+                             f"{s['ce']:.3f} / {s['ppl']:.1f} / {100 * s['acc']:.1f}%")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for name, res in zip(names, results, strict=True):
+        spec = res.get("speculative")
+        if spec:
+            lines += [f"## Self-speculative decoding: {name}", "",
+                      f"mean accepted length {_fmt(spec.get('mean_accepted_length'), '.3f')}, acceptance per head "
+                      + ", ".join(_fmt(a, ".3f") for a in spec.get("acceptance_per_head", [])), ""]
+    return "\n".join(lines)
+
+
+def plots(out: Path, names: list[str], results: list[dict], runs: list[Path]) -> list[Path]:
+    """Per-head accuracy (bars), accuracy by position bucket, and Rho-1/critic weight distributions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    with_heads = [(n, r["heads"]) for n, r in zip(names, results, strict=True) if r.get("heads")]
+    if with_heads:
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+        width = 0.8 / len(with_heads)
+        for i, (name, heads) in enumerate(with_heads):
+            accs = [h["acc"] for h in heads["heads"]]
+            xs = [h + i * width for h, a in enumerate(accs) if a is not None]
+            ax.bar(xs, [a for a in accs if a is not None], width=width, label=name)
+            for h in range(len(heads["heads"])):
+                pts = [(b["positions"][0], b["heads"][h]["acc"]) for b in heads["buckets"]
+                       if b["heads"][h]["acc"] is not None]
+                if pts:
+                    bx.plot(*zip(*pts, strict=True), marker="o", label=f"{name} head {h}")
+        ax.set(xlabel="head (predicts token t+1+h)", ylabel="top-1 accuracy", title="Per-head accuracy")
+        bx.set(xlabel="position bucket start", ylabel="top-1 accuracy", title="Accuracy by position")
+        ax.legend(fontsize=7)
+        bx.legend(fontsize=6)
+        fig.tight_layout()
+        written.append(out / "head_accuracy.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    histograms = [(n, h) for n, run in zip(names, runs, strict=True) for h in _histograms(run).items()]
+    if histograms:
+        fig, axes = plt.subplots(1, len(histograms), figsize=(5 * len(histograms), 3.5), squeeze=False)
+        for ax, (name, (scheme, table)) in zip(axes[0], histograms, strict=True):
+            edges = table["bin_edges"]
+            for h, counts in enumerate(table["counts_per_head"]):
+                total = sum(counts) or 1
+                ax.step(edges[:-1], [c / total for c in counts], where="post", label=f"head {h}")
+            ax.set(xlabel="weight", ylabel="fraction of pairs", title=f"{name}: {scheme} weights")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(out / "weight_distributions.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def write_reports(out: Path, names: list[str], results: list[dict], runs: list[Path]) -> list[Path]:
+    """report.md and plots in `out` (created); returns the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = plots(out, names, results, runs)
+    text = markdown(names, results)
+    if files:
+        text += "\n## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in files) + "\n"
+    (out / "report.md").write_text(text)
+    return [out / "report.md", *files]
