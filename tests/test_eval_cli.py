@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_llama
 from tiny_run import files, train_args
+
 from wmtp.cli import main
 from wmtp.evaluate.generation import Sampling, generate_samples
 from wmtp.evaluate.problems import Problem

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_llama
+
 from wmtp.data import SequenceSet
 from wmtp.evaluate.heads import head_quality
 from wmtp.loss import IGNORE_INDEX, mtp_labels

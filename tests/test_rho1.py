@@ -1,7 +1,9 @@
+import contextlib
 import math
 
 import pytest
 import torch
+from conftest import tiny_gpt2, tiny_llama
 from tiny_run import train_args
 
 from wmtp import IGNORE_INDEX, mtp_labels
@@ -244,3 +246,21 @@ def test_two_ranks_select_like_one_process(tmp_path, mode):
     for k in range(2):
         assert torch.allclose(rank0[k], single[k], atol=1e-6)
         assert torch.allclose(rank1[k], single[2 + k], atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_chunked_reference_ce_equals_the_full_logits_path(make):
+    from wmtp.train import score_reference_batch
+    from wmtp.weighting.rho1 import reference_target_ce
+
+    reference = make(3)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 64, (3, 17), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    with torch.no_grad():
+        full = reference_target_ce(reference(input_ids=ids, attention_mask=mask).logits, ids, mask)
+        for chunk in (1, 5, 256):
+            chunked = score_reference_batch(reference, ids, mask, contextlib.nullcontext(), chunk)
+            torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
+    assert full[1, 13:].abs().sum() == 0 and full[:, 0].abs().sum() == 0

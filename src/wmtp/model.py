@@ -99,7 +99,7 @@ def _decoder_parts(base: PreTrainedModel) -> tuple[nn.Module, nn.ModuleList, nn.
     return inner, layers, norm
 
 
-def _check_plain_unembedding(config) -> None:
+def check_plain_unembedding(config) -> None:
     # The fast path computes logits as hidden @ U.T (+ bias); a model that rescales or caps its logits
     # would silently train on different logits.
     for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
@@ -133,7 +133,7 @@ class MTPModel(nn.Module):
         super().__init__()
         if len(heads) != config.n_heads - 1:
             raise ValueError(f"{config.n_heads} heads need {config.n_heads - 1} extra head modules, got {len(heads)}")
-        _check_plain_unembedding(base.config)
+        check_plain_unembedding(base.config)
         self.base = base
         self.heads = heads
         self.mtp_config = config

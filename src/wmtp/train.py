@@ -36,11 +36,11 @@ from .data import (
 )
 from .distributed import DistInfo
 from .loss import IGNORE_INDEX, loss_denominator, mtp_labels
-from .model import CONFIG_KEY, MTPModel, load_causal_lm
+from .model import CONFIG_KEY, MTPModel, check_plain_unembedding, load_causal_lm
 from .reference_cache import fingerprint, read_cache
 from .tracking import Progress, Tracker
 from .weighting import Rho1Weighting, StepBatch, UniformWeighting, WeightingScheme
-from .weighting.rho1 import check_tokenizers_compatible, reference_target_ce
+from .weighting.rho1 import check_tokenizers_compatible, reference_target_ce, reference_target_ce_chunked
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -246,18 +246,28 @@ def make_scheme(setup: RunSetup, model: torch.nn.Module, autocast) -> WeightingS
             return cache[batch.rows].to(batch.input_ids.device)
     else:
         def reference_ce(batch: StepBatch) -> torch.Tensor:
-            return score_reference_batch(setup.reference, batch.input_ids, batch.attention_mask, autocast)
+            return score_reference_batch(setup.reference, batch.input_ids, batch.attention_mask, autocast,
+                                         recipe.loss.chunk_size)
 
     return Rho1Weighting(recipe.rho1, model_ce, reference_ce, setup.info)
 
 
 @torch.no_grad()
 def score_reference_batch(reference: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                          autocast) -> torch.Tensor:
-    """The reference's CE of every target token of a batch: [B, S] (see `reference_target_ce`)."""
+                          autocast, chunk_size: int = 256) -> torch.Tensor:
+    """The reference's CE of every target token of a batch: [B, S] (see `reference_target_ce`). With a plain
+    unembedding the logits are computed `chunk_size` positions at a time, never [B, S, V] at once; a reference
+    that transforms its logits (soft-capping, scaling) goes through its own full forward."""
+    try:
+        check_plain_unembedding(reference.config)
+    except ValueError:
+        with autocast:
+            logits = reference(input_ids=input_ids, attention_mask=attention_mask).logits
+        return reference_target_ce(logits, input_ids, attention_mask)
     with autocast:
-        logits = reference(input_ids=input_ids, attention_mask=attention_mask).logits
-    return reference_target_ce(logits, input_ids, attention_mask)
+        hidden = reference.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return reference_target_ce_chunked(hidden, reference.get_output_embeddings(), input_ids, attention_mask,
+                                           chunk_size)
 
 
 def score_reference_set(setup: RunSetup, batch_size: int, autocast) -> torch.Tensor:
@@ -268,7 +278,7 @@ def score_reference_set(setup: RunSetup, batch_size: int, autocast) -> torch.Ten
         index = torch.arange(start, min(start + batch_size, len(train)))
         batch = {k: v.to(setup.info.device) for k, v in train.select(index).items()}
         out[index] = score_reference_batch(setup.reference, batch["input_ids"], batch["attention_mask"],
-                                           autocast).cpu()
+                                           autocast, setup.recipe.loss.chunk_size).cpu()
     return out
 
 

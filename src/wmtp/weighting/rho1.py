@@ -48,6 +48,28 @@ def reference_target_ce(ref_logits: torch.Tensor, input_ids: torch.Tensor,
     return out
 
 
+def reference_target_ce_chunked(hidden: torch.Tensor, unembedding: torch.nn.Linear, input_ids: torch.Tensor,
+                                attention_mask: torch.Tensor | None = None, chunk_size: int = 256) -> torch.Tensor:
+    """`reference_target_ce` from the reference's last hidden states [B, S, D] and its (plain) unembedding,
+    `chunk_size` positions at a time: peak memory ~ chunk_size x V instead of the [B, S, V] logits."""
+    batch, seq = input_ids.shape
+    out = torch.zeros(batch, seq, dtype=torch.float32, device=input_ids.device)
+    if seq < 2:
+        return out
+    flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = input_ids[:, 1:].reshape(-1)
+    ce = torch.empty(targets.shape[0], dtype=torch.float32, device=input_ids.device)
+    for start in range(0, targets.shape[0], chunk_size):
+        logits = unembedding(flat[start:start + chunk_size]).float()
+        ce[start:start + chunk_size] = F.cross_entropy(logits, targets[start:start + chunk_size], reduction="none")
+    ce = ce.view(batch, seq - 1)
+    if attention_mask is not None:
+        both_real = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+        ce = torch.where(both_real, ce, torch.zeros((), device=ce.device))
+    out[:, 1:] = ce
+    return out
+
+
 def excess_loss(model_ce: torch.Tensor, ref_target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Signed excess e[t, h] = ℓ[t, h] − ref[t+1+h] on valid pairs, 0 elsewhere. model_ce, labels: [B, S, n]."""
     ref_pairs = per_target_to_heads(ref_target, labels.shape[-1])
