@@ -66,6 +66,17 @@ def test_codecontests_runs_every_test_on_stdin_and_compares_output(sandbox, tmp_
     assert not wrong[0]["passed"] and wrong[0]["reason"] == "wrong output on test 1"
 
 
+def test_codecontests_reads_the_hub_parquet_schema(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    record = json.loads(codecontests_file(tmp_path).read_text())
+    pq.write_table(pa.Table.from_pylist([record]), tmp_path / "test.parquet")
+    (problem,) = load_problems("codecontests", str(tmp_path / "test.parquet"))
+    assert problem.task_id == "sum-two" and problem.tests["output"] == ["3\n", "6\n", "0\n"]
+    assert problem.reference.startswith("a, b = map(int")
+
+
 def test_summary_pass_at_k_per_problem_and_missing_k():
     results = [{"benchmark": "mbpp", "task_id": t, "sample": i, "passed": ok}
                for t, oks in (("a", [1, 0, 0, 0]), ("b", [1, 1, 1, 1]), ("c", [0, 0, 0, 0]))

@@ -44,9 +44,15 @@ class Example:
 
 
 def _read_records(path: Path) -> Iterator[tuple[str, dict]]:
-    """(`file:line` or `file: record i`, record) for a JSON list, JSONL or JSONL.gz file."""
+    """(`file:line` or `file: record i`, record) for a JSON list, JSONL, JSONL.gz or parquet file."""
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
+    if path.suffix == ".parquet":  # the Hugging Face hub's format (CodeContests ships as parquet shards)
+        import pyarrow.parquet as pq
+
+        for i, record in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}: record {i}", record
+        return
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as handle:
         if path.suffix == ".json":
@@ -94,10 +100,10 @@ def _dataset_path(spec: DataSource, datasets: dict[str, str]) -> Path:
 
 
 def _split_file(directory: Path, split: str) -> Path:
-    for name in (f"{split}.jsonl", f"{split}.json", f"{split}.jsonl.gz"):
+    for name in (f"{split}.jsonl", f"{split}.json", f"{split}.jsonl.gz", f"{split}.parquet"):
         if (directory / name).is_file():
             return directory / name
-    raise ConfigError(f"{directory}: no file for split `{split}` ({split}.json or {split}.jsonl)")
+    raise ConfigError(f"{directory}: no file for split `{split}` ({split}.json, .jsonl, .jsonl.gz or .parquet)")
 
 
 def _split_path(spec: DataSource, datasets: dict[str, str]) -> Path:
