@@ -24,6 +24,7 @@ import torch
 import transformers
 import yaml
 from conftest import tiny_llama
+from critic_key_checks import CRITIC_KEY_CHECKS, check_incorrect_solutions
 from pydantic import BaseModel, ValidationError
 from tiny_run import CONFIG, RECIPE, SNIPPETS, merge
 
@@ -1050,7 +1051,8 @@ KEY_CHECKS: dict[str, Callable[[Kit], None]] = {
        for where in ("train", "validation")
        for key, check in (("kind", check_source_kind), ("dataset", check_source_dataset),
                           ("split", check_source_split), ("limit", check_source_limit),
-                          ("text_field", check_source_text_field))},
+                          ("text_field", check_source_text_field),
+                          ("incorrect_solutions", check_incorrect_solutions))},
     "recipe.data.validation_fraction": check_validation_fraction,
     "recipe.data.max_length": check_max_length,
     "recipe.data.packing": check_packing,
@@ -1074,6 +1076,7 @@ KEY_CHECKS: dict[str, Callable[[Kit], None]] = {
     "recipe.train.early_stopping.mode": check_early_stopping_mode,
     "recipe.train.early_stopping.patience": check_early_stopping_patience,
     "recipe.train.early_stopping.min_delta": check_early_stopping_min_delta,
+    **CRITIC_KEY_CHECKS,
 }
 
 

@@ -30,6 +30,7 @@ from .distributed import DistInfo
 from .model import MTPModel
 
 STATE_FILE = "trainer_state.json"
+SCHEME_FILE = "scheme.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -66,10 +67,14 @@ def save_model(model: MTPModel, directory: Path, tokenizer, info: DistInfo) -> P
 
 
 def save_checkpoint(run_dir: Path, step: int, model: MTPModel, optimizer: torch.optim.Optimizer, scheduler,
-                    trainer_state: dict, tokenizer, info: DistInfo, keep_last: int) -> Path | None:
+                    trainer_state: dict, tokenizer, info: DistInfo, keep_last: int,
+                    scheme_tensors: dict[str, torch.Tensor] | None = None) -> Path | None:
     """Gather on every rank, write on rank 0 (into a temp dir, renamed when complete), prune old ones."""
     model_state = get_model_state_dict(model, options=_FULL)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=_FULL)
+    # Before the first step there is no optimizer state, and get_optimizer_state_dict would create it with a
+    # zero-lr step (advancing Adam's step count): save the empty state as it is, on every rank alike.
+    optim_state = (get_optimizer_state_dict(model, optimizer, options=_FULL) if optimizer.state else
+                   {"state": {}, "param_groups": optimizer.state_dict()["param_groups"]})
     if not info.is_main:
         return None
     root = run_dir / "checkpoints"
@@ -81,6 +86,8 @@ def save_checkpoint(run_dir: Path, step: int, model: MTPModel, optimizer: torch.
             for key, value in per_param.items():
                 tensors[f"{name}/{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
         save_file(tensors, tmp / OPTIMIZER_FILE)
+        if scheme_tensors:  # a weighting scheme's own trainable state (the critic's value head)
+            save_file(scheme_tensors, tmp / SCHEME_FILE)
         state = {**trainer_state, "step": step, "scheduler": scheduler.state_dict(),
                  "optimizer_param_groups": optim_state["param_groups"], "rng": rng_state()}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
@@ -105,8 +112,14 @@ def load_checkpoint(path: Path, model: MTPModel, optimizer: torch.optim.Optimize
     for key, value in tensors.items():
         name, _, field = key.rpartition("/")
         per_param.setdefault(name, {})[field] = value
-    set_optimizer_state_dict(model, optimizer, {"state": per_param, "param_groups": state["optimizer_param_groups"]},
-                             options=StateDictOptions(full_state_dict=True))
+    # A checkpoint from before the first step has no optimizer state. Loading one anyway would let
+    # torch.distributed.checkpoint materialise the state with a zero-lr step, which advances Adam's step count
+    # and changes its bias correction: keep the fresh optimizer instead.
+    if per_param:
+        set_optimizer_state_dict(model, optimizer, {"state": per_param,
+                                                    "param_groups": state["optimizer_param_groups"]},
+                                 options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
+    state["scheme_tensors"] = load_file(path / SCHEME_FILE) if (path / SCHEME_FILE).is_file() else {}
     return state

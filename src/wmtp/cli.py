@@ -156,7 +156,7 @@ def train_command(args: argparse.Namespace) -> int:
     else:
         run_dir = Path(config.output_dir) / (args.run_name or f"{args.recipe.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     resume = find_resume(args.resume, run_dir)
-    if resume is None and not args.dry_run and (run_dir / "checkpoints").exists():
+    if resume is None and not args.dry_run and ((run_dir / "checkpoints").exists() or (run_dir / "critic").exists()):
         raise ConfigError(f"{run_dir} already holds a run: pass --resume auto to continue it or another --run-name")
     info = dist_utils.init_distributed(config.compute.device)
     try:

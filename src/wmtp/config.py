@@ -150,10 +150,14 @@ class DataSource(Strict):
     split: str | None = Field(None, description="mbpp/hf split (train, validation, test)")
     limit: int | None = Field(None, ge=1, description="use at most this many records")
     text_field: str = Field("text", description="jsonl/hf: field holding plain text")
+    incorrect_solutions: bool = Field(
+        False, description="codecontests: also yield the incorrect Python solutions (meta label 0; correct ones have "
+        "label 1)")
 
     @model_validator(mode="after")
     def _keys_of_kind(self) -> DataSource:
-        applies = {"split": ("mbpp", "codecontests", "hf"), "text_field": ("jsonl", "hf")}
+        applies = {"split": ("mbpp", "codecontests", "hf"), "text_field": ("jsonl", "hf"),
+                   "incorrect_solutions": ("codecontests",)}
         for key, kinds in applies.items():
             if key in self.model_fields_set and self.kind not in kinds:
                 raise ValueError(f"`{key}` does not apply to kind {self.kind} (only {', '.join(kinds)})")
@@ -247,11 +251,101 @@ class Rho1(Strict):
         return self
 
 
+class Reward(Strict):
+    """Where a document's reward comes from (one number per training document, placed at its last token)."""
+
+    kind: Literal["verifiable", "labels", "reward_model", "function"]
+    check: Literal["tests", "parses"] = Field(
+        "tests", description="verifiable: `tests` runs the example's own tests in the evaluation sandbox (MBPP "
+        "test_list, HumanEval check, CodeContests tests) -> 1 if all pass else 0; `parses`: 1 if the document is "
+        "valid Python (compiled, never run)")
+    timeout_s: float = Field(10.0, gt=0, description="verifiable tests: wall-clock seconds per program")
+    model: str | None = Field(None, description="reward_model: a Hugging Face sequence-classification model "
+                              "(hub id or directory) scoring the decoded text with its own tokenizer")
+    positive_label: int = Field(
+        -1, description="reward_model with several labels: the reward is the probability of this label "
+        "(default the last); a one-logit model's reward is its logit")
+    batch_size: int = Field(8, ge=1, description="reward_model: texts per forward")
+    function: str | None = Field(
+        None, description="function: `module:function` called with the list of examples (wmtp.data.Example) and "
+        "returning one float per example")
+
+    @model_validator(mode="after")
+    def _keys_of_kind(self) -> Reward:
+        owners = {"check": ("verifiable",), "timeout_s": ("verifiable",), "model": ("reward_model",),
+                  "positive_label": ("reward_model",), "batch_size": ("reward_model",), "function": ("function",)}
+        for key in self.model_fields_set:
+            if key in owners and self.kind not in owners[key]:
+                raise ValueError(f"`{key}` does not apply to reward kind {self.kind} (only {', '.join(owners[key])})")
+        if self.kind == "reward_model" and not self.model:
+            raise ValueError("reward kind reward_model needs `model` (a sequence-classification model)")
+        if self.kind == "function" and (not self.function or ":" not in self.function):
+            raise ValueError("reward kind function needs `function: module:function`")
+        return self
+
+
+class Critic(Strict):
+    """Critic-WMTP stage 2: TD errors of a value head on the trunk turned into per-head weights."""
+
+    reward: Reward
+    gamma: float = Field(1.0, gt=0, le=1, description="discount per token")
+    lam: float = Field(0.95, ge=0, le=1, description="λ of TD(λ) value targets and of GAE")
+    target: Literal["mc", "td_lambda"] = Field(
+        "td_lambda", description="value targets: Monte-Carlo returns, or TD(λ) returns bootstrapped from the "
+        "current value head (both stages)")
+    advantage: Literal["td", "gae"] = Field(
+        "td", description="per-token signal: the one-step TD error δ, or the GAE(λ) advantage")
+    temperature: float = Field(1.0, gt=0, description="w = exp(z/T), z the per-head standardised signal")
+    eps: float = Field(0.05, ge=0, description="mean1_clip floor")
+    w_max: float = Field(3.0, gt=0, description="mean1_clip ceiling before the final renormalisation")
+    value_hidden: int = Field(256, ge=0, description="width of the value head's hidden layer (0: linear)")
+    value_head_path: str | None = Field(
+        None, description="a value head saved by stage 1 (value_head.safetensors or its run directory): "
+        "stage 1 is skipped")
+    aux_coef: float = Field(0.1, ge=0, description="c of the auxiliary value loss c·MSE in stage 2")
+    value_lr: float = Field(1e-4, gt=0, description="stage 2 learning rate of the value head's own group")
+    value_schedule: Schedule = Field(
+        default_factory=lambda: Schedule(kind="constant"), description="stage 2 schedule of the value head's lr")
+
+    @model_validator(mode="after")
+    def _eps(self) -> Critic:
+        if self.eps > self.w_max:
+            raise ValueError("eps must be <= w_max")
+        return self
+
+
+class Pretrain(Strict):
+    """Critic-WMTP stage 1: fit the value head with the trunk frozen."""
+
+    max_steps: int = Field(200, ge=1, description="value-head optimizer steps at most")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    eval_every: int = Field(20, ge=1, description="steps between held-out value-loss evaluations")
+    early_stopping: Literal["none", "loss", "loss_and_gradient"] = Field(
+        "loss", description="loss: stop after `patience` evaluations without a held-out value-loss improvement "
+        "> min_delta; loss_and_gradient: and only once the gradient norm is stable (coefficient of variation over "
+        "the last eval_every steps <= grad_cv_max), as in the seed")
+    patience: int = Field(3, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+    grad_cv_max: float = Field(0.5, gt=0, description="loss_and_gradient: stability threshold")
+
+    @model_validator(mode="after")
+    def _keys_of_mode(self) -> Pretrain:
+        if "grad_cv_max" in self.model_fields_set and self.early_stopping != "loss_and_gradient":
+            raise ValueError("`grad_cv_max` only applies to early_stopping: loss_and_gradient")
+        if self.early_stopping == "none" and self.model_fields_set & {"patience", "min_delta"}:
+            raise ValueError("`patience` and `min_delta` do not apply to early_stopping: none")
+        return self
+
+
 class Recipe(Strict):
-    algorithm: Literal["baseline-mtp", "rho1"] = Field(
+    algorithm: Literal["baseline-mtp", "rho1", "critic"] = Field(
         "baseline-mtp", description="baseline-mtp: uniform weights (Meta MTP; n_heads=1 is next-token training); "
-        "rho1: excess-loss weights against config.reference_model (needs the `rho1` section)")
+        "rho1: excess-loss weights against config.reference_model (needs the `rho1` section); "
+        "critic: value-function weights (needs the `critic` section; `pretrain` is its stage 1)")
     rho1: Rho1 | None = None
+    critic: Critic | None = None
+    pretrain: Pretrain | None = Field(None, description="critic stage 1 (default settings when absent)")
     mtp: MTPShape = MTPShape()
     loss: LossSettings = LossSettings()
     data: DataSettings
@@ -263,6 +357,12 @@ class Recipe(Strict):
     def _algorithm_section(self) -> Recipe:
         if (self.algorithm == "rho1") != (self.rho1 is not None):
             raise ValueError("the `rho1` section goes with algorithm: rho1, and algorithm rho1 needs it")
+        if (self.algorithm == "critic") != (self.critic is not None):
+            raise ValueError("the `critic` section goes with algorithm: critic, and algorithm critic needs it")
+        if self.pretrain is not None and self.algorithm != "critic":
+            raise ValueError("the `pretrain` section (critic stage 1) goes with algorithm: critic")
+        if self.pretrain is not None and self.critic.value_head_path is not None:
+            raise ValueError("`pretrain` is skipped when critic.value_head_path is given: remove one of them")
         return self
 
 

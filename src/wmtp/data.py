@@ -6,9 +6,11 @@ project trained on the problem statement only). Templates, per source:
 - mbpp: the problem text and its test asserts (one per line) inside a triple-quoted string, then the code
   (the problem and its asserts, as is standard for MBPP prompting).
 - humaneval: the task's `prompt` + `canonical_solution`.
-- codecontests: the description inside a triple-quoted string, then the first Python solution (records
-  without one are skipped).
-- jsonl: `prompt` + `completion`, or `text` (`text_field`) as completion with an empty prompt.
+- codecontests: the description inside a triple-quoted string, then the first Python solution, meta label 1
+  (none for records without one). With `incorrect_solutions`, also every incorrect Python solution of the record
+  after the same prompt, meta label 0 (the dataset-label reward of Critic-WMTP).
+- jsonl: `prompt` + `completion`, or `text` (`text_field`) as completion with an empty prompt; a `label`
+  field (a number) goes to meta["label"].
 - hf: like jsonl, from `datasets.load_dataset(dataset, split=split)` (needs the `datasets` package and a
   network or a local cache).
 - python-stdlib: the source files of the running Python's standard library (real code on every machine),
@@ -142,28 +144,46 @@ def _humaneval(spec: DataSource, datasets: dict[str, str]) -> Iterator[Example]:
                        "entry_point": _field(record, "entry_point", where)})
 
 
+def _python_solutions(record: dict, field_name: str, where: str) -> list[str]:
+    """The Python programs of a CodeContests `solutions` / `incorrect_solutions` field ({language, solution})."""
+    solutions = _field(record, field_name, where, dict)
+    languages = _field(solutions, "language", f"{where}: {field_name}", list)
+    codes = _field(solutions, "solution", f"{where}: {field_name}", list)
+    return [c for lang, c in zip(languages, codes, strict=False) if lang in _CODECONTESTS_PYTHON]
+
+
 def _codecontests(spec: DataSource, datasets: dict[str, str]) -> Iterator[Example]:
     path = _split_path(spec, datasets)
     for where, record in _read_records(path):
         description = _field(record, "description", where)
-        solutions = _field(record, "solutions", where, dict)
-        languages = _field(solutions, "language", f"{where}: solutions", list)
-        codes = _field(solutions, "solution", f"{where}: solutions", list)
-        python = [c for lang, c in zip(languages, codes, strict=False) if lang in _CODECONTESTS_PYTHON]
-        if not python:
-            continue
+        python = _python_solutions(record, "solutions", where)
+        incorrect = _python_solutions(record, "incorrect_solutions", where) if spec.incorrect_solutions else []
         name = record.get("name", where)
         meta = {"name": name, "incorrect_solutions": record.get("incorrect_solutions", {})}
         for key in ("public_tests", "private_tests", "generated_tests"):
             meta[key] = record.get(key, {"input": [], "output": []})
-        yield Example('"""\n' + description.strip() + '\n"""\n', python[0].rstrip() + "\n", "codecontests",
-                      f"codecontests/{name}", meta)
+        prompt = '"""\n' + description.strip() + '\n"""\n'
+        if python:
+            yield Example(prompt, python[0].rstrip() + "\n", "codecontests", f"codecontests/{name}",
+                          {**meta, "label": 1})
+        for i, code in enumerate(incorrect):
+            yield Example(prompt, code.rstrip() + "\n", "codecontests", f"codecontests/{name}/incorrect{i}",
+                          {**meta, "label": 0})
 
 
-def _text_record(record: dict, where: str, text_field: str, source: str, key: str) -> Example:
+def _text_record(record: dict, where: str, text_field: str, source: str, key: str, *,
+                 strict_label: bool = True) -> Example:
     if isinstance(record, dict) and "prompt" in record and "completion" in record:
-        return Example(_field(record, "prompt", where), _field(record, "completion", where), source, key)
-    return Example("", _field(record, text_field, where), source, key)
+        prompt, completion = _field(record, "prompt", where), _field(record, "completion", where)
+    else:
+        prompt, completion = "", _field(record, text_field, where)
+    # An optional per-document label, for the critic's dataset-label reward (a bool counts as 0/1). A hub
+    # dataset's `label` column is often a class name: only numbers are taken from it, never an error.
+    label = record.get("label") if isinstance(record, dict) else None
+    if strict_label and label is not None:
+        label = _field(record, "label", where, (int, float))
+    meta = {"label": label} if isinstance(label, int | float) else {}
+    return Example(prompt, completion, source, key, meta)
 
 
 def _jsonl(spec: DataSource, datasets: dict[str, str]) -> Iterator[Example]:
@@ -182,7 +202,7 @@ def _hf(spec: DataSource, datasets: dict[str, str]) -> Iterator[Example]:
     rows = hf_datasets.load_dataset(spec.dataset, split=spec.split or "train")
     for i, record in enumerate(rows):
         yield _text_record(dict(record), f"{spec.dataset}[{i}]", spec.text_field, f"hf:{spec.dataset}",
-                           f"{spec.dataset}/{i}")
+                           f"{spec.dataset}/{i}", strict_label=False)
 
 
 def stdlib_files() -> list[Path]:
@@ -242,12 +262,13 @@ def load_examples(settings: DataSettings, datasets: dict[str, str]) -> tuple[lis
 @dataclass
 class SequenceSet:
     """Fixed-length training sequences, all [N, L]: token ids, 1 on real tokens, the packed document of each
-    token, and True on prompt tokens."""
+    token, and True on prompt tokens. `doc_examples` [D]: the index (in the input list) of each document id."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     document_ids: torch.Tensor
     prompt_mask: torch.Tensor
+    doc_examples: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -306,7 +327,7 @@ def build_sequences(documents: list[tuple[list[int], int]], max_length: int, *, 
         attention_mask[r, :k] = 1
         document_ids[r, :k] = torch.tensor(doc_row)
         prompt_mask[r, :k] = torch.tensor(prompt_row)
-    return SequenceSet(input_ids, attention_mask, document_ids, prompt_mask)
+    return SequenceSet(input_ids, attention_mask, document_ids, prompt_mask, torch.tensor(order, dtype=torch.long))
 
 
 def pad_token_id(tokenizer) -> int:

@@ -24,7 +24,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from . import distributed as dist_utils
 from .checkpoint import STATE_FILE, list_checkpoints, load_checkpoint, save_checkpoint, save_model
-from .config import Config, ConfigError, ModelSource, Recipe, ReferenceSource, flatten
+from .config import Config, ConfigError, ModelSource, Pretrain, Recipe, ReferenceSource, flatten
+from .critic_math import TokenRewards, token_rewards
 from .data import (
     SequenceSet,
     build_sequences,
@@ -38,8 +39,10 @@ from .distributed import DistInfo
 from .loss import IGNORE_INDEX, loss_denominator, mtp_labels
 from .model import CONFIG_KEY, MTPModel, check_plain_unembedding, load_causal_lm
 from .reference_cache import fingerprint, read_cache
+from .rewards import make_reward
 from .tracking import Progress, Tracker
 from .weighting import Rho1Weighting, StepBatch, UniformWeighting, WeightingScheme
+from .weighting.critic import CriticWeighting
 from .weighting.rho1 import check_tokenizers_compatible, reference_target_ce, reference_target_ce_chunked
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -133,6 +136,8 @@ class RunSetup:
     n_train_examples: int
     n_val_examples: int
     reference: torch.nn.Module | None = None
+    train_rewards: TokenRewards | None = None  # critic: per-token rewards of train_set / val_set
+    val_rewards: TokenRewards | None = None
 
 
 def load_reference(source: ReferenceSource | None, tokenizer, device: torch.device,
@@ -188,12 +193,21 @@ def prepare(config: Config, recipe: Recipe, info: DistInfo, *, tokenizer_dir: Pa
 
     train_set = sequences(train_examples, data.shuffle_seed)
     val_set = sequences(val_examples, 0) if val_examples else None
+    train_rewards = val_rewards = None
+    if recipe.algorithm == "critic":
+        if config.compute.precision == "fp16":
+            raise ConfigError("algorithm critic supports compute.precision fp32 and bf16 (the value head has its "
+                              "own optimizer outside the fp16 gradient scaler)")
+        score = make_reward(recipe.critic.reward, device=info.device)
+        train_rewards = token_rewards(train_set, torch.tensor(score(train_examples))[train_set.doc_examples])
+        if val_set is not None:
+            val_rewards = token_rewards(val_set, torch.tensor(score(val_examples))[val_set.doc_examples])
     reference = None
     if recipe.algorithm == "rho1":
         cached = config.reference_cache is not None and not score_reference
         reference = load_reference(config.reference_model, tokenizer, info.device, load_weights=not cached)
     return RunSetup(config, recipe, info, tokenizer, model, train_set, val_set, len(train_examples),
-                    len(val_examples), reference)
+                    len(val_examples), reference, train_rewards, val_rewards)
 
 
 def step_counts(n_sequences: int, t, world_size: int) -> tuple[int, int]:
@@ -231,6 +245,11 @@ def make_scheme(setup: RunSetup, model: torch.nn.Module, autocast) -> WeightingS
     recipe = setup.recipe
     if recipe.algorithm == "baseline-mtp":
         return UniformWeighting()
+    if recipe.algorithm == "critic":
+        total_steps, _ = step_counts(len(setup.train_set), recipe.train, setup.info.world_size)
+        return CriticWeighting(recipe.critic, recipe.pretrain or Pretrain(), recipe, setup.model, model, autocast,
+                               setup.info, setup.train_rewards, setup.val_rewards,
+                               setup.model.config.hidden_size, total_steps, lr_lambda)
 
     @torch.no_grad()
     def model_ce(batch: StepBatch) -> torch.Tensor:
@@ -357,6 +376,8 @@ class Trainer:
         self.autocast = autocast_for(self.info.device, self.config.compute.precision)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.config.compute.precision == "fp16")
         self.scheme = make_scheme(setup, self.wrapped, self.autocast)
+        if resume is not None and "scheme" in state:
+            self.scheme.load_state(state["scheme_tensors"], state["scheme"])
 
     # data ---------------------------------------------------------------------------------------------------
     def micro_batch(self, global_index: int) -> dict[str, torch.Tensor]:
@@ -378,7 +399,8 @@ class Trainer:
         coef = self.recipe.mtp.head_coef
         reduction = self.recipe.loss.reduction
         batches = [self.micro_batch(self.step * self.micro_per_step + k) for k in range(self.micro_per_step)]
-        steps = [StepBatch(b["input_ids"], b["attention_mask"], self.labels_for(b), b["rows"]) for b in batches]
+        steps = [StepBatch(b["input_ids"], b["attention_mask"], self.labels_for(b), b["rows"], b["document_ids"])
+                 for b in batches]
         weights = self.scheme.step_weights(steps)
         denominator = sum(loss_denominator(sb.labels, w, head_coef=coef, reduction=reduction)
                           for sb, w in zip(steps, weights, strict=True))
@@ -392,7 +414,9 @@ class Trainer:
                 out = self.wrapped(sb.input_ids, sb.attention_mask, labels=sb.labels, weights=w, head_coef=coef,
                                    reduction=reduction, normalizer=denominator, chunk_size=self.recipe.loss.chunk_size,
                                    allow_negative=self.scheme.allow_negative)
-            self.scaler.scale(out.loss * self.info.world_size).backward()
+            aux = self.scheme.auxiliary_loss(k, sb, out)
+            loss = out.loss if aux is None else out.loss + aux
+            self.scaler.scale(loss * self.info.world_size).backward()
             valid = sb.labels != IGNORE_INDEX
             wv = torch.ones_like(sb.labels, dtype=torch.float32)[valid] if w is None else w[valid].float()
             sums[:3 * n] += per_head_sums(out.ce, out.correct, sb.labels)
@@ -408,6 +432,7 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.scheme.after_backward(self.recipe.optim.grad_clip)
         dist_utils.all_reduce_sum(sums, self.info)
         extremes = torch.tensor([-w_min, w_max], dtype=torch.float64, device=self.info.device)
         if self.info.distributed:
@@ -472,6 +497,7 @@ class Trainer:
             metrics[f"val/ce_head{h}"] = float(ce[h] / count[h])
             metrics[f"val/ppl_head{h}"] = math.exp(min(float(ce[h] / count[h]), 50.0))
             metrics[f"val/acc_head{h}"] = float(correct[h] / count[h])
+        metrics.update(self.scheme.evaluate(val, mb, self.recipe.train.eval_batches))
         return metrics
 
     def _early_stop(self, metrics: dict[str, float]) -> bool:
@@ -489,10 +515,12 @@ class Trainer:
 
     # checkpoints and signals --------------------------------------------------------------------------------
     def save(self) -> Path | None:
+        scheme_tensors, scheme_state = self.scheme.state()
         state = {"best": self.best, "bad_evals": self.bad_evals, "last_eval": self.last_eval,
-                 "mlflow_run_id": self.tracker.run_id, "micro_batches_done": self.step * self.micro_per_step}
+                 "mlflow_run_id": self.tracker.run_id, "micro_batches_done": self.step * self.micro_per_step,
+                 **({"scheme": scheme_state} if scheme_state else {})}
         return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, state,
-                               self.s.tokenizer, self.info, self.config.checkpoint.keep_last)
+                               self.s.tokenizer, self.info, self.config.checkpoint.keep_last, scheme_tensors)
 
     def _on_signal(self, signum, _frame) -> None:
         self.stop_signal = signal.Signals(signum).name
@@ -510,11 +538,14 @@ class Trainer:
         status, reason = "FINISHED", "completed"
         checkpoint = None
         try:
-            if self.step == 0 and self.s.val_set is not None:
+            self.scheme.before_training(self)
+            if self._stop_requested():  # during a scheme's own first stage (critic stage 1)
+                status, reason = "KILLED", f"stopped by {self.stop_signal or 'a signal on another rank'}"
+            if status == "FINISHED" and self.step == 0 and self.s.val_set is not None:
                 initial = self.evaluate()
                 self.tracker.log_metrics({f"{k}_initial": v for k, v in initial.items()}, step=0)
                 self.last_eval = {**self.last_eval, "initial_val_loss": initial["val/loss"]}
-            while self.step < self.total_steps:
+            while status == "FINISHED" and self.step < self.total_steps:
                 metrics = self.train_step()
                 self.step += 1
                 logged = self.step % self.config.logging.log_every == 0 or self.step == self.total_steps
@@ -552,6 +583,8 @@ class Trainer:
             final = None
             if status == "FINISHED":
                 final = save_model(self.model, self.run_dir / "final", self.s.tokenizer, self.info)
+                if final is not None:
+                    self.scheme.finish(final)
                 if final is not None and self.config.mlflow.log_model:
                     self.tracker.log_artifact(final, "model")
         except BaseException:

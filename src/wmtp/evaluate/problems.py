@@ -48,10 +48,10 @@ def load_problems(benchmark: str, dataset: str | None, *, split: str | None = No
     spec = DataSource(kind=benchmark, dataset=benchmark if dataset else None, limit=limit,
                       **({"split": split or "test"} if benchmark != "humaneval" else {}))
     examples = read_source(spec, {benchmark: dataset} if dataset else {})
-    return [_problem(benchmark, ex) for ex in examples]
+    return [problem_from_example(benchmark, ex) for ex in examples]
 
 
-def _problem(benchmark: str, ex: Example) -> Problem:
+def problem_from_example(benchmark: str, ex: Example) -> Problem:
     meta = ex.meta
     if benchmark == "mbpp":
         tests = {"test_list": meta["test_list"], "test_setup_code": meta.get("test_setup_code", "")}

@@ -1,0 +1,205 @@
+"""Critic-WMTP end to end on a synthetic task whose reward is decided by one marker word, plus the stage
+handoff, resume, a given value head, early stopping, and the weights' properties."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from wmtp.config import Config, ConfigError, Recipe
+from wmtp.critic_math import td_errors
+from wmtp.distributed import DistInfo
+from wmtp.loss import IGNORE_INDEX
+from wmtp.train import Trainer, labels_for, prepare
+from wmtp.weighting.base import StepBatch
+
+CPU = DistInfo(0, 1, 0, torch.device("cpu"))
+WORDS = ["alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta", "zeta", "lambda"]
+
+
+def corpus(path: Path, n: int = 400, seed: int = 0) -> Path:
+    """Documents of 6-14 words; every other one holds the word MARK somewhere after the first word. The label
+    (the reward) is 1 exactly when MARK is there."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(6, 14))]
+        if i % 2 == 0:
+            words.insert(rng.randint(1, len(words) - 1), "MARK")
+        lines.append(json.dumps({"text": " ".join(words), "label": int(i % 2 == 0)}) + "\n")
+    path.write_text("".join(lines))
+    return path
+
+
+def setup_for(tmp_path: Path, critic: dict | None = None, pretrain: dict | bool | None = None,
+              train: dict | None = None, optim_lr: float = 1e-5):
+    data = corpus(tmp_path / "marker.jsonl") if not (tmp_path / "marker.jsonl").exists() else tmp_path / "marker.jsonl"
+    config = Config.model_validate({
+        "model": {"from_scratch": {"hidden_size": 64, "num_layers": 2, "num_attention_heads": 4,
+                                   "num_key_value_heads": 2, "intermediate_size": 128,
+                                   "max_position_embeddings": 128},
+                  "train_tokenizer": {"vocab_size": 300, "min_frequency": 2}},
+        "datasets": {"marker": str(data)}, "output_dir": str(tmp_path / "runs"),
+        "compute": {"device": "cpu", "seed": 0}, "checkpoint": {"keep_last": 3},
+        "mlflow": {"enabled": False}, "logging": {"progress": False, "log_every": 1}})
+    recipe = Recipe.model_validate({
+        "algorithm": "critic",
+        "critic": {"reward": {"kind": "labels"}, "value_hidden": 64, **(critic or {})},
+        **({} if pretrain is False else {"pretrain": {"max_steps": 150, "lr": 3e-3, "eval_every": 50,
+                                                      "early_stopping": "none", **(pretrain or {})}}),
+        "mtp": {"n_heads": 3},
+        "data": {"train": [{"kind": "jsonl", "dataset": "marker"}], "validation_fraction": 0.1, "max_length": 32,
+                 "packing": False},
+        "optim": {"lr": optim_lr},  # 1e-5: stage 2 barely moves the trunk, the checks read stage 1's value function
+        "train": {"micro_batch_size": 16, "max_steps": 1, **(train or {})}})
+    return prepare(config, recipe, CPU)
+
+
+def marker_position(setup, row: int) -> int | None:
+    mark = setup.tokenizer(" MARK", add_special_tokens=False)["input_ids"][0]
+    ids = setup.val_set.input_ids[row].tolist()
+    return ids.index(mark) if mark in ids else None
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("critic")
+    setup = setup_for(tmp)
+    trainer = Trainer(setup, tmp / "runs" / "run", run_name="run")
+    result = trainer.run()
+    return setup, trainer, result, tmp
+
+
+def test_stage1_td_error_peaks_at_the_marker(trained):
+    setup, trainer, result, _ = trained
+    assert result["status"] == "FINISHED"
+    scheme, val = trainer.scheme, setup.val_set
+    with torch.no_grad():
+        values = scheme.head(scheme.trunk(val.input_ids, val.attention_mask))
+    delta, defined = td_errors(values, setup.val_rewards, val.attention_mask, val.document_ids, 1.0)
+    hits = total = 0
+    for r in range(len(val)):
+        j = marker_position(setup, r)
+        if j is not None:
+            total += 1
+            hits += int(torch.where(defined[r], delta[r], torch.tensor(-1e9)).argmax()) == j
+    assert total >= 10 and hits >= 0.9 * total, f"TD error peaks at the marker in {hits}/{total} documents"
+    assert result["eval"]["val/critic_explained_variance"] > 0.1
+
+
+def test_stage2_gives_the_marker_the_largest_weight_on_every_head_that_predicts_it(trained):
+    setup, trainer, _, _ = trained
+    val = setup.val_set
+    rows = torch.arange(len(val))
+    batch = val.select(rows)
+    labels = labels_for(batch, 3, False)
+    scheme = trainer.scheme
+    scheme.train_rewards = setup.val_rewards  # score the held-out rows
+    (weights,) = scheme.step_weights([StepBatch(batch["input_ids"], batch["attention_mask"], labels, rows,
+                                                batch["document_ids"])])
+    assert not weights.requires_grad and weights.grad_fn is None
+    assert (weights[labels == IGNORE_INDEX] == 0).all() and (weights[labels != IGNORE_INDEX] > 0).all()
+    for h in range(3):
+        head_w = weights[..., h][labels[..., h] != IGNORE_INDEX]
+        assert head_w.mean() == pytest.approx(1.0, abs=1e-4)  # mean1_clip over the step, per head
+        hits = total = 0
+        for r in range(len(val)):
+            j = marker_position(setup, r)
+            if j is not None and j - 1 - h >= 0:
+                total += 1
+                hits += int(weights[r, :, h].argmax()) == j - 1 - h  # head h at t predicts x[t+1+h]
+        assert total >= 10 and hits >= 0.9 * total, f"head {h}: marker has the largest weight in {hits}/{total}"
+
+
+def test_final_model_carries_the_value_head_and_it_can_skip_stage1(trained, tmp_path):
+    _, trainer, result, tmp = trained
+    final = Path(result["final_model"])
+    assert (final / "value_head.safetensors").is_file()
+    assert (tmp / "runs" / "run" / "critic" / "value_head.safetensors").is_file()
+    setup = setup_for(tmp_path, critic={"value_head_path": str(final)}, pretrain=False)
+    again = Trainer(setup, tmp_path / "runs" / "given", run_name="given")
+    start = {k: v.clone() for k, v in again.scheme.head.state_dict().items()}
+    given = load_file(final / "value_head.safetensors")
+    assert all(torch.equal(start[k], given[k]) for k in start)
+    assert again.run()["status"] == "FINISHED"
+    assert not (tmp_path / "runs" / "given" / "critic").exists()  # no stage 1
+
+
+def test_value_head_shape_mismatch_is_an_error(trained, tmp_path):
+    _, _, result, _ = trained
+    path = Path(result["final_model"]) / "value_head.safetensors"
+    from wmtp.weighting.critic import load_value_head
+
+    with pytest.raises(ConfigError, match="hidden size 64, the model's is 32"):
+        load_value_head(path, 32)
+
+
+def final_head(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final" / "value_head.safetensors")
+
+
+def test_resume_inside_stage1_and_across_the_stage_boundary_is_bit_identical(tmp_path):
+    pretrain = {"max_steps": 6, "eval_every": 2}
+    train = {"max_steps": 4}
+    whole = Trainer(setup_for(tmp_path, pretrain=pretrain, train=train), tmp_path / "runs" / "whole",
+                    run_name="whole")
+    assert whole.run()["status"] == "FINISHED"
+
+    # stopped by a signal after stage-1 step 3: stage 1 resumes from its own checkpoint (step 2)
+    run_dir = tmp_path / "runs" / "split"
+    first = Trainer(setup_for(tmp_path, pretrain=pretrain, train=train), run_dir, run_name="split")
+    calls = {"n": 0}
+
+    def stop_after_three():
+        calls["n"] += 1
+        return calls["n"] >= 3
+
+    first._stop_requested = stop_after_three
+    assert first.run()["status"] == "KILLED"
+    assert json.loads((run_dir / "critic" / "stage1" / "state.json").read_text())["step"] in (2, 3)
+    assert not (run_dir / "critic" / "value_head.safetensors").exists()
+    from wmtp.train import find_resume
+
+    second = Trainer(setup_for(tmp_path, pretrain=pretrain, train=train), run_dir, run_name="split",
+                     resume=find_resume("auto", run_dir))
+    calls["n"] = 0
+
+    def stop_in_stage2():  # stage 1 finishes (6 steps), then stage 2 stops after its second step
+        calls["n"] += 1
+        return second.scheme.stage1_done and second.step >= 2
+
+    second._stop_requested = stop_in_stage2
+    assert second.run()["status"] == "KILLED"
+    assert second.scheme.stage1_done and second.step == 2
+    third = Trainer(setup_for(tmp_path, pretrain=pretrain, train=train), run_dir, run_name="split",
+                    resume=find_resume("auto", run_dir))
+    assert third.step == 2 and third.scheme.stage1_done
+    assert third.run()["status"] == "FINISHED"
+    for key, value in final_head(tmp_path / "runs" / "whole").items():
+        assert torch.equal(value, final_head(run_dir)[key]), key
+
+
+@pytest.mark.parametrize(("mode", "extra", "stops_early"), [
+    ("loss", {"patience": 1, "min_delta": 1e9}, True),
+    ("loss_and_gradient", {"patience": 1, "min_delta": 1e9, "grad_cv_max": 1e-12}, False),
+    ("loss_and_gradient", {"patience": 1, "min_delta": 1e9, "grad_cv_max": 1e9}, True),
+    ("none", {}, False),
+])
+def test_stage1_early_stopping_modes(tmp_path, mode, extra, stops_early):
+    pretrain = {"max_steps": 12, "eval_every": 3, "early_stopping": mode, **extra}
+    trainer = Trainer(setup_for(tmp_path, pretrain=pretrain), tmp_path / "runs" / "es", run_name="es")
+    trainer.run()
+    steps = int(trainer.scheme.stage1_meta["steps"])
+    assert (steps < 12) == stops_early, (mode, steps)
+
+
+def test_stage1_needs_validation_data_for_early_stopping(tmp_path):
+    setup = setup_for(tmp_path, pretrain={"early_stopping": "loss"})
+    setup.val_set = None
+    with pytest.raises(ConfigError, match="pretrain.early_stopping needs validation data"):
+        Trainer(setup, tmp_path / "runs" / "x", run_name="x").run()
