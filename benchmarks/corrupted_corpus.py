@@ -2,17 +2,25 @@
 when a known fraction of the training documents is noise?
 
 Set-up (all offline, deterministic given --data-seed):
-- documents: the Python standard library cut into chunks of at most --doc-chars characters at blank lines;
-  each chunk goes by a hash of its name to one of three disjoint pools: reference (clean), train, validation.
+- documents: the Python standard library cut into chunks of about --doc-chars characters, at blank lines
+  (`--chunking blank-lines`, the Rho-1 run) or at top-level statements (`--chunking top-level`: every clean
+  chunk is valid Python on its own, which the critic's `parses` reward needs); each chunk goes by a hash of
+  its name to one of three disjoint pools: reference (clean), train, validation.
 - a byte-level BPE tokenizer is trained on the clean reference pool only and shared by every run.
 - corruption: --corrupt-fraction of the training documents (chosen with --data-seed) get --token-noise of
   their tokens replaced by tokens drawn uniformly from the vocabulary; the rest stay clean.
 - a next-token reference (n_heads 1) is trained on the clean reference pool only.
-- each variant (baseline-mtp, rho1-weighted, rho1-topk, ...) trains the same model on the corrupted training
+- critic-parses: Critic-WMTP whose verifiable reward is 1 when a document parses as Python, else 0 (stage 1:
+  --critic-pretrain-steps value-head steps on the frozen trunk; it needs no reference model).
+- each variant (baseline-mtp, rho1-weighted, rho1-topk, critic-parses) trains the same model on the corrupted
   set for the same number of steps, once per --seeds value (model init and batch order), and is evaluated on
   the clean validation pool: val/loss (mean CE over all heads) and head 0's CE.
 
     python benchmarks/corrupted_corpus.py --out runs/corrupted --seeds 0 1 2
+    python benchmarks/corrupted_corpus.py --out runs/corrupted-critic --chunking top-level \
+        --variants baseline-mtp critic-parses
+
+`--data-only` writes the corpus, the tokenizer and nothing else (the critic demo uses it).
 
 prints a table of mean ± std (sample std over seeds) and writes results.json in --out.
 """
@@ -20,6 +28,7 @@ prints a table of mean ± std (sample std over seeds) and writes results.json in
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import os
@@ -48,12 +57,34 @@ VARIANTS = {
     "baseline-mtp": {"algorithm": "baseline-mtp"},
     "rho1-weighted": {"algorithm": "rho1", "rho1": {"mode": "weighted"}},
     "rho1-topk": {"algorithm": "rho1", "rho1": {"mode": "topk", "keep_fraction": 0.6}},
+    "critic-parses": {"algorithm": "critic", "critic": {"reward": {"kind": "verifiable", "check": "parses"}}},
 }
 
 
 def pool_of(name: str) -> str:
     bucket = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64
     return "reference" if bucket < 0.45 else "train" if bucket < 0.9 else "validation"
+
+
+def top_level_chunks(text: str, max_chars: int) -> list[str]:
+    """Consecutive top-level statements of a module joined up to about `max_chars` (a longer statement stays
+    whole); every chunk is valid Python on its own. A file that does not parse gives nothing."""
+    try:
+        nodes = ast.parse(text).body
+    except (SyntaxError, ValueError):
+        return []
+    lines = text.splitlines(keepends=True)
+    out, current = [], ""
+    for node in nodes:
+        start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])]) - 1
+        piece = "".join(lines[start:node.end_lineno])
+        if current and len(current) + len(piece) > max_chars:
+            out.append(current)
+            current = ""
+        current += piece if not current else "\n" + piece
+    if current.strip():
+        out.append(current)
+    return [c for c in out if len(c.strip()) > 40 and len(c) <= 3 * max_chars]
 
 
 def chunks(text: str, max_chars: int) -> list[str]:
@@ -76,7 +107,8 @@ def build_pools(args) -> dict[str, list[str]]:
     pools: dict[str, list[str]] = {"reference": [], "train": [], "validation": []}
     for path in stdlib_files():
         text = path.read_text(encoding="utf-8", errors="replace")
-        for i, chunk in enumerate(chunks(text, args.doc_chars)):
+        cut = chunks if args.chunking == "blank-lines" else top_level_chunks
+        for i, chunk in enumerate(cut(text, args.doc_chars)):
             pools[pool_of(f"{path.name}/{i}")].append(chunk)
     limits = {"reference": args.reference_docs, "train": args.train_docs, "validation": args.validation_docs}
     return {name: docs[:limits[name]] for name, docs in pools.items()}
@@ -96,6 +128,14 @@ def corrupt(docs: list[str], tokenizer, args) -> tuple[list[str], list[bool]]:
         ids = [rng.randrange(2, vocab) if rng.random() < args.token_noise else t for t in ids]  # 0,1: specials
         out.append(tokenizer.decode(ids))
     return out, [i in bad for i in range(len(docs))]
+
+
+def ast_parses(text: str) -> bool:
+    try:
+        compile(text, "<doc>", "exec", dont_inherit=True)
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return False
+    return True
 
 
 def write_jsonl(path: Path, docs: list[str]) -> None:
@@ -126,6 +166,9 @@ def main(argv=None) -> int:
     p.add_argument("--corrupt-fraction", type=float, default=0.5, help="fraction of training documents corrupted")
     p.add_argument("--token-noise", type=float, default=0.5, help="fraction of a corrupted document's tokens replaced")
     p.add_argument("--doc-chars", type=int, default=1500)
+    p.add_argument("--chunking", choices=["blank-lines", "top-level"], default="blank-lines")
+    p.add_argument("--critic-pretrain-steps", type=int, default=100)
+    p.add_argument("--data-only", action="store_true", help="write the corpus and tokenizer, train nothing")
     p.add_argument("--reference-docs", type=int, default=3000)
     p.add_argument("--train-docs", type=int, default=3000)
     p.add_argument("--validation-docs", type=int, default=300)
@@ -155,6 +198,12 @@ def main(argv=None) -> int:
     print(f"documents: reference {len(pools['reference'])} (clean), train {len(train_docs)} "
           f"({sum(is_bad)} corrupted, {args.token_noise:.0%} of their tokens random), "
           f"validation {len(pools['validation'])} (clean)", flush=True)
+    parses = [ast_parses(doc) for doc in train_docs]
+    print(f"train documents that parse as Python: clean {sum(p for p, b in zip(parses, is_bad, strict=True) if not b)}"
+          f"/{len(is_bad) - sum(is_bad)}, corrupted {sum(p for p, b in zip(parses, is_bad, strict=True) if b)}"
+          f"/{sum(is_bad)}", flush=True)
+    if args.data_only:
+        return 0
 
     def config(seed: int, reference: Path | None = None) -> dict:
         c = {"model": {"from_scratch": MODEL, "tokenizer": str(tok_dir)},
@@ -176,14 +225,21 @@ def main(argv=None) -> int:
              "schedule": {"kind": "cosine", "warmup_steps": 10, "min_lr_ratio": 0.1},
              "train": {"micro_batch_size": args.batch, "max_steps": steps, "eval_every": steps}}
         r.update(override)
+        if r.get("algorithm") == "critic":
+            r["pretrain"] = {"max_steps": args.critic_pretrain_steps, "lr": 1e-3, "eval_every": 20,
+                             "early_stopping": "loss"}
         return r
 
     started = time.monotonic()
-    reference = run("reference", out, config(0), recipe("reference", args.reference_steps, 1, 0))
+    needs_reference = any(VARIANTS[v]["algorithm"] == "rho1" for v in args.variants)
+    reference = (run("reference", out, config(0), recipe("reference", args.reference_steps, 1, 0))
+                 if needs_reference else None)
     results: dict[str, list[dict]] = {v: [] for v in args.variants}
     for seed in args.seeds:
         for variant in args.variants:
-            results[variant].append(run(f"{variant}-seed{seed}", out, config(seed, Path(reference["final_model"])),
+            uses_reference = reference is not None and VARIANTS[variant]["algorithm"] == "rho1"
+            ref_path = Path(reference["final_model"]) if uses_reference else None
+            results[variant].append(run(f"{variant}-seed{seed}", out, config(seed, ref_path),
                                          recipe("train", args.steps, args.n_heads, seed, **VARIANTS[variant])))
 
     def stats(variant: str, key: str) -> tuple[float, float]:
@@ -195,7 +251,9 @@ def main(argv=None) -> int:
         (m, s), (m0, s0) = stats(variant, "val/loss"), stats(variant, "val/ce_head0")
         lines.append(f"| {variant} | {m:.4f} ± {s:.4f} | {m0:.4f} ± {s0:.4f} | {len(results[variant])} |")
     table = "\n".join(lines)
-    print(f"\nreference (clean, next-token): val CE {reference['eval']['val/ce_head0']:.4f}\n{table}")
+    if reference:
+        print(f"\nreference (clean, next-token): val CE {reference['eval']['val/ce_head0']:.4f}")
+    print(table)
     print(f"total {time.monotonic() - started:.0f}s; torch {torch.__version__}, {torch.get_num_threads()} threads")
     summary = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "reference": reference, "results": results, "table": table, "torch": torch.__version__,
