@@ -4,6 +4,7 @@ handoff, resume, a given value head, early stopping, and the weights' properties
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -203,3 +204,69 @@ def test_stage1_needs_validation_data_for_early_stopping(tmp_path):
     setup.val_set = None
     with pytest.raises(ConfigError, match="pretrain.early_stopping needs validation data"):
         Trainer(setup, tmp_path / "runs" / "x", run_name="x").run()
+
+
+def _critic_rank_weights(rank: int, world: int, port: int, signals: list, labels: list, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from wmtp.weighting.critic import critic_weights
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        info = DistInfo(rank, world, rank, torch.device("cpu"))
+        mine = slice(rank * 2, rank * 2 + 2)
+        w, metrics, _ = critic_weights([s[mine] for s in signals], [lab[mine] for lab in labels], temperature=0.7,
+                                       eps=0.05, w_max=3.0, info=info)
+        torch.save((w, metrics), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_standardise_and_clip_like_one_process(tmp_path):
+    """The per-head standardisation and mean1_clip run over the whole step on all ranks."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from wmtp.loss import mtp_labels
+    from wmtp.weighting.critic import critic_weights
+
+    g = torch.Generator().manual_seed(3)
+    labels = [mtp_labels(torch.randint(0, 9, (4, 10), generator=g), 3) for _ in range(2)]
+    signals = [torch.randn(lab.shape, generator=g) * (lab != IGNORE_INDEX) for lab in labels]
+    single, single_metrics, _ = critic_weights([s[:2] for s in signals] + [s[2:] for s in signals],
+                                               [lab[:2] for lab in labels] + [lab[2:] for lab in labels],
+                                               temperature=0.7, eps=0.05, w_max=3.0, info=CPU)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_critic_rank_weights, args=(2, port, signals, labels, str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    (rank0, metrics0), (rank1, _) = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for k in range(2):
+        assert torch.allclose(rank0[k], single[k], atol=1e-6)
+        assert torch.allclose(rank1[k], single[2 + k], atol=1e-6)
+    assert metrics0 == pytest.approx(single_metrics)
+
+
+def test_critic_weights_against_a_plain_computation():
+    """Per head over all valid pairs: z = (s − mean)/std, w = mean1_clip(exp(z/T)); invalid pairs get 0."""
+    from wmtp.loss import mean1_clip, mtp_labels
+    from wmtp.weighting.critic import critic_weights
+
+    g = torch.Generator().manual_seed(5)
+    labels = [mtp_labels(torch.randint(0, 9, (3, 12), generator=g), 2,
+                         attention_mask=(torch.arange(12) < 10).long().expand(3, 12)) for _ in range(2)]
+    signals = [torch.randn(lab.shape, generator=g) for lab in labels]
+    weights, metrics, _ = critic_weights(signals, labels, temperature=0.5, eps=0.1, w_max=2.0, info=CPU)
+    for h in range(2):
+        values = torch.cat([s[..., h][lab[..., h] != IGNORE_INDEX] for s, lab in zip(signals, labels, strict=True)])
+        z = (values - values.mean()) / values.std(unbiased=False)
+        expected = mean1_clip(torch.exp(z / 0.5), torch.ones_like(z, dtype=torch.bool), eps=0.1, w_max=2.0)
+        got = torch.cat([w[..., h][lab[..., h] != IGNORE_INDEX] for w, lab in zip(weights, labels, strict=True)])
+        torch.testing.assert_close(got, expected)
+        p = expected / expected.sum()
+        assert metrics[f"critic/weight_entropy_head{h}"] == pytest.approx(float(-(p * p.log()).sum() / math.log(
+            len(p))), rel=1e-5)
+    for w, lab in zip(weights, labels, strict=True):
+        assert (w[lab == IGNORE_INDEX] == 0).all()
