@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench clean demo demo-rho1
+.PHONY: install test lint bench clean demo demo-rho1 demo-critic
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,3 +35,10 @@ demo: $(STAMP)
 demo-rho1: $(STAMP)
 	HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/wmtp train --config configs/demo-config.yaml --recipe configs/demo-reference.yaml --run-name demo-reference --resume auto
 	HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/wmtp train --config configs/demo-rho1-config.yaml --recipe configs/demo-rho1.yaml
+
+# The offline Critic-WMTP workflow: write a corpus where half the documents are corrupted (and do not parse),
+# then train with the value-function weights of a `parses as Python` reward (stage 1, then stage 2).
+demo-critic: $(STAMP)
+	$(PY) benchmarks/corrupted_corpus.py --out $${WMTP_OUTPUT_DIR:-runs}/critic-demo-data --chunking top-level \
+		--train-docs 1000 --validation-docs 100 --reference-docs 1000 --data-only
+	HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/wmtp train --config configs/demo-critic-config.yaml --recipe configs/demo-critic.yaml
