@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from conftest import tiny_llama
 from tiny_run import files, train_args
 
 from wmtp.cli import main
+from wmtp.evaluate.checkpoint_eval import flat_metrics
 from wmtp.evaluate.generation import Sampling, generate_samples
 from wmtp.evaluate.problems import Problem
 from wmtp.model import MTPModel
@@ -62,6 +64,9 @@ def test_eval_with_execution_then_execute_and_report(trained, tmp_path, capsys):
     assert len((out / "executions.jsonl").read_text().splitlines()) == 12
     assert results["speculative"]["prompts"] == 2 and results["speculative"]["mean_accepted_length"] >= 1.0
     assert "pass@5 missing" in capsys.readouterr().out
+    metrics = flat_metrics(results)  # what goes to MLflow: names it accepts, missing values left out
+    assert metrics["eval/mbpp/pass_at_1"] == mbpp["pass@k"]["pass@1"]["mean"] and "eval/mbpp/pass_at_5" not in metrics
+    assert all(re.fullmatch(r"[\w\-. :/]+", name) for name in metrics)
     # the generations file alone is enough to score again
     again = tmp_path / "again"
     assert main(["execute", str(out / "generations.jsonl"), "--allow-code-execution", "--k", "1,2",

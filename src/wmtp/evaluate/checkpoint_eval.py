@@ -148,8 +148,8 @@ def flat_metrics(results: dict) -> dict[str, float]:
     metrics = {}
     for benchmark, entry in results.get("passk", {}).get("benchmarks", {}).items():
         for name, value in entry["pass@k"].items():
-            if value is not None:
-                metrics[f"eval/{benchmark}/{name}"] = value["mean"]
+            if value is not None:  # MLflow names allow no "@"
+                metrics[f"eval/{benchmark}/{name.replace('@', '_at_')}"] = value["mean"]
     for head in (results.get("heads") or {}).get("heads", []):
         for key in ("ce", "ppl", "acc"):
             if head[key] is not None:
