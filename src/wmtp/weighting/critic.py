@@ -125,8 +125,9 @@ class CriticWeighting(WeightingScheme):
             self.head, self.stage1_meta = load_value_head(settings.value_head_path, hidden_size)
             self.stage1_done = True
         else:
-            torch.manual_seed(0)  # the same value head on every rank
-            self.head = ValueHead(hidden_size, settings.value_hidden)
+            with torch.random.fork_rng(devices=[]):  # the same value head on every rank; global RNG untouched
+                torch.manual_seed(0)
+                self.head = ValueHead(hidden_size, settings.value_hidden)
         self.head.to(info.device)
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=settings.value_lr, weight_decay=0.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
