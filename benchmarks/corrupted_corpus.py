@@ -58,6 +58,9 @@ VARIANTS = {
     "rho1-weighted": {"algorithm": "rho1", "rho1": {"mode": "weighted"}},
     "rho1-topk": {"algorithm": "rho1", "rho1": {"mode": "topk", "keep_fraction": 0.6}},
     "critic-parses": {"algorithm": "critic", "critic": {"reward": {"kind": "verifiable", "check": "parses"}}},
+    # GAE with λ = 1 carries the end-of-document reward surprise back to every token of the document
+    "critic-parses-gae": {"algorithm": "critic", "critic": {"reward": {"kind": "verifiable", "check": "parses"},
+                                                            "advantage": "gae", "lam": 1.0}},
 }
 
 
