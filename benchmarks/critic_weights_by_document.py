@@ -82,6 +82,14 @@ def main(argv=None) -> int:
             ws.append(f"{float(weights[..., h][pairs].mean()):.3f}")
         print(f"| {name} | {int(pos.sum())} | {float(values[pos].mean()):.3f} | "
               f"{float(delta[defined & mask].mean()):+.4f} | " + " | ".join(ws) + " |")
+    end = per_target_to_heads(tr.terminal.float(), model.n_heads).bool()  # pairs whose target ends a document
+    for name, where in (("targets that end a document", end), ("all other targets", ~end)):
+        cells = []
+        for h in range(model.n_heads):
+            pairs = (labels[..., h] != IGNORE_INDEX) & where[..., h]
+            cells.append(f"{float(weights[..., h][pairs].mean()):.3f} (max {float(weights[..., h][pairs].max()):.1f})"
+                         if pairs.any() else "—")
+        print(f"| {name} | {int(((labels != IGNORE_INDEX) & where).sum())} pairs | | | " + " | ".join(cells) + " |")
     return 0
 
 
