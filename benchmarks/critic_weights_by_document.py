@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from wmtp.config import Critic  # noqa: E402
-from wmtp.critic_math import td_errors, token_rewards  # noqa: E402
+from wmtp.critic_math import gae, td_errors, token_rewards  # noqa: E402
 from wmtp.data import Example, build_sequences, tokenize_examples  # noqa: E402
 from wmtp.distributed import DistInfo  # noqa: E402
 from wmtp.loss import IGNORE_INDEX, mtp_labels, per_target_to_heads  # noqa: E402
@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     p.add_argument("--run", default="critic-parses-seed0")
     p.add_argument("--sequences", type=int, default=256)
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--advantage", choices=["td", "gae"], default="td", help="the run's critic.advantage")
+    p.add_argument("--lam", type=float, default=0.95, help="the run's critic.lam")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     final = args.experiment / args.run / "final"
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(str(final))
     head, meta = load_value_head(final, model.config.hidden_size)
     head.eval()
-    settings = Critic(reward={"kind": "verifiable", "check": "parses"})
+    settings = Critic(reward={"kind": "verifiable", "check": "parses"}, advantage=args.advantage, lam=args.lam)
     texts = [json.loads(line)["text"] for line in (args.experiment / "train.jsonl").read_text().splitlines()]
     examples = [Example("", t, "jsonl", f"train/{i}") for i, t in enumerate(texts)]
     clean = torch.tensor([parses(t) for t in texts], dtype=torch.float32)
@@ -65,7 +67,8 @@ def main(argv=None) -> int:
     with torch.no_grad():
         values = head(model(batch["input_ids"], batch["attention_mask"]).trunk_hidden)
     delta, defined = td_errors(values, tr, batch["attention_mask"], batch["document_ids"], settings.gamma)
-    (weights,), _, _ = critic_weights([per_target_to_heads(delta, model.n_heads)], [labels],
+    signal = delta if settings.advantage == "td" else gae(delta, defined, settings.gamma, settings.lam)
+    (weights,), _, _ = critic_weights([per_target_to_heads(signal, model.n_heads)], [labels],
                                       temperature=settings.temperature, eps=settings.eps, w_max=settings.w_max,
                                       info=DistInfo(0, 1, 0, torch.device("cpu")))
     doc_clean = tr.doc_reward.bool()  # per position: does its document parse
