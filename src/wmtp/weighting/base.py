@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..distributed import DistInfo, all_gather_concat
+
+HISTOGRAM_BINS = 40
+HISTOGRAM_MAX = 4.0
 
 
 @dataclass
@@ -61,3 +67,39 @@ class WeightingScheme:
 
     def finish(self, directory: Path) -> None:
         """Write the scheme's own files next to the final model."""
+
+
+# ------------------------------------------------------------------- per-head weights over a whole step
+def gather_head(signals: list[torch.Tensor], valid: list[torch.Tensor], head: int,
+                info: DistInfo) -> tuple[torch.Tensor, int, int]:
+    """All valid values of one head over the step's micro-batches and all ranks, in step order (rank-major);
+    with this rank's offset and count in that vector. signals, valid: [B, S, n] per micro-batch."""
+    local = torch.cat([s[..., head][v[..., head]] for s, v in zip(signals, valid, strict=True)])
+    gathered, offset = all_gather_concat(local, info)
+    return gathered, offset, local.numel()
+
+
+def scatter_head(weights: list[torch.Tensor], valid: list[torch.Tensor], head: int, values: torch.Tensor) -> None:
+    """Write this rank's values of one head (in step order) back into the micro-batches' [B, S, n] weights."""
+    start = 0
+    for w, v in zip(weights, valid, strict=True):
+        k = int(v[..., head].sum())
+        w[..., head][v[..., head]] = values[start:start + k]
+        start += k
+
+
+def weight_histogram(head_weights: torch.Tensor) -> torch.Tensor:
+    """Counts of one head's weights in HISTOGRAM_BINS bins over [0, HISTOGRAM_MAX] (above: not counted)."""
+    if head_weights.numel() == 0:
+        return torch.zeros(HISTOGRAM_BINS)
+    return torch.histc(head_weights.float(), bins=HISTOGRAM_BINS, min=0.0, max=HISTOGRAM_MAX).cpu()
+
+
+def histogram_artifact(name: str, histogram: torch.Tensor | None) -> dict[str, str]:
+    """`<name>_weight_histogram.json` (what `wmtp report` plots) from per-head counts summed over a run."""
+    if histogram is None:
+        return {}
+    edges = torch.linspace(0.0, HISTOGRAM_MAX, HISTOGRAM_BINS + 1).tolist()
+    return {f"{name}_weight_histogram.json": json.dumps({
+        "bin_edges": edges, "note": "weights above the last edge are counted in the last bin",
+        "counts_per_head": histogram.tolist()})}

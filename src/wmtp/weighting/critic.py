@@ -38,12 +38,10 @@ from ..critic_math import (
 )
 from ..distributed import DistInfo, all_gather_concat
 from ..loss import IGNORE_INDEX, mean1_clip, per_target_to_heads
-from .base import StepBatch, WeightingScheme
+from .base import StepBatch, WeightingScheme, gather_head, histogram_artifact, scatter_head, weight_histogram
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 STAGE1_DIR = "critic"
-HISTOGRAM_BINS = 40
-HISTOGRAM_MAX = 4.0
 
 
 class ValueHead(nn.Module):
@@ -283,12 +281,7 @@ class CriticWeighting(WeightingScheme):
         save_value_head(self.head, directory / VALUE_HEAD_FILE, {**self.stage1_meta, "stage": "2"})
 
     def artifacts(self) -> dict[str, str]:
-        if self.histogram is None:
-            return {}
-        edges = torch.linspace(0.0, HISTOGRAM_MAX, HISTOGRAM_BINS + 1).tolist()
-        return {"critic_weight_histogram.json": json.dumps({
-            "bin_edges": edges, "note": "weights above the last edge are counted in the last bin",
-            "counts_per_head": self.histogram.tolist()})}
+        return histogram_artifact("critic", self.histogram)
 
 
 def critic_weights(signals: list[torch.Tensor], labels: list[torch.Tensor], *, temperature: float, eps: float,
@@ -301,11 +294,10 @@ def critic_weights(signals: list[torch.Tensor], labels: list[torch.Tensor], *, t
     metrics: dict[str, float] = {}
     histograms = []
     for h in range(labels[0].shape[-1]):
-        local = torch.cat([s[..., h][v[..., h]] for s, v in zip(signals, valid, strict=True)])
-        values, offset = all_gather_concat(local, info)
+        values, offset, local_count = gather_head(signals, valid, h, info)
         count = values.numel()
         if count == 0:
-            histograms.append(torch.zeros(HISTOGRAM_BINS))
+            histograms.append(weight_histogram(values))
             continue
         mean, std = values.mean(), values.std(unbiased=False)
         z = (values - mean) / std if float(std) > 0 else torch.zeros_like(values)
@@ -318,13 +310,8 @@ def critic_weights(signals: list[torch.Tensor], labels: list[torch.Tensor], *, t
                         f"critic/weight_std_head{h}": float(head_w.std(unbiased=False)),
                         f"critic/weight_max_head{h}": float(head_w.max()),
                         f"critic/weight_entropy_head{h}": entropy})
-        histograms.append(torch.histc(head_w.float(), bins=HISTOGRAM_BINS, min=0.0, max=HISTOGRAM_MAX).cpu())
-        mine = head_w[offset:offset + local.numel()]
-        start = 0
-        for w, v in zip(weights, valid, strict=True):
-            k = int(v[..., h].sum())
-            w[..., h][v[..., h]] = mine[start:start + k]
-            start += k
+        histograms.append(weight_histogram(head_w))
+        scatter_head(weights, valid, h, head_w[offset:offset + local_count])
     return weights, metrics, torch.stack(histograms)
 
 

@@ -17,16 +17,15 @@ Tie rule for the selection modes: pairs are ranked by e, descending; equal value
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from ..distributed import DistInfo, all_gather_concat
+from ..distributed import DistInfo
 from ..loss import IGNORE_INDEX, mean1_clip, per_target_to_heads
-from .base import StepBatch, WeightingScheme
+from .base import StepBatch, WeightingScheme, gather_head, histogram_artifact, scatter_head, weight_histogram
 
 
 def reference_target_ce(ref_logits: torch.Tensor, input_ids: torch.Tensor,
@@ -76,15 +75,6 @@ def excess_loss(model_ce: torch.Tensor, ref_target: torch.Tensor, labels: torch.
     return torch.where(labels != IGNORE_INDEX, model_ce.float() - ref_pairs, torch.zeros((), device=labels.device))
 
 
-def _head_values(excess: list[torch.Tensor], valid: list[torch.Tensor], head: int, info: DistInfo) -> tuple[
-        torch.Tensor, int]:
-    """All valid excess values of one head over the step and the ranks, in step order; and where this rank's
-    values start in that vector."""
-    local = torch.cat([e[..., head][v[..., head]] for e, v in zip(excess, valid, strict=True)])
-    gathered, offset = all_gather_concat(local, info)
-    return gathered, offset
-
-
 def rho1_weights(excess: list[torch.Tensor], labels: list[torch.Tensor], *, mode: str, temperature: float,
                  eps: float, w_max: float, skip_fraction: float, keep_fraction: float, min_ce_diff: float | None,
                  train_head0_fully: bool, info: DistInfo) -> tuple[list[torch.Tensor], dict[str, float], torch.Tensor]:
@@ -96,9 +86,8 @@ def rho1_weights(excess: list[torch.Tensor], labels: list[torch.Tensor], *, mode
     metrics: dict[str, float] = {}
     histograms: list[torch.Tensor] = []
     for h in range(n_heads):
-        values, offset = _head_values(excess, valid, h, info)
+        values, offset, local_count = gather_head(excess, valid, h, info)
         count = values.numel()
-        local_count = sum(int(v[..., h].sum()) for v in valid)
         if count:
             mean, std = values.mean(), values.std(unbiased=False)
             metrics[f"rho1/excess_mean_head{h}"] = float(mean)
@@ -124,20 +113,10 @@ def rho1_weights(excess: list[torch.Tensor], labels: list[torch.Tensor], *, mode
             metrics[f"rho1/weight_mean_head{h}"] = float(head_w.mean())
             metrics[f"rho1/weight_std_head{h}"] = float(head_w.std(unbiased=False))
             metrics[f"rho1/weight_max_head{h}"] = float(head_w.max())
-            histograms.append(torch.histc(head_w.float(), bins=HISTOGRAM_BINS, min=0.0, max=HISTOGRAM_MAX))
-        else:
-            histograms.append(torch.zeros(HISTOGRAM_BINS))
-        mine = head_w[offset:offset + local_count]
-        start = 0
-        for w, v in zip(weights, valid, strict=True):
-            k = int(v[..., h].sum())
-            w[..., h][v[..., h]] = mine[start:start + k]
-            start += k
+        histograms.append(weight_histogram(head_w))
+        scatter_head(weights, valid, h, head_w[offset:offset + local_count])
     return weights, metrics, torch.stack(histograms).cpu()
 
-
-HISTOGRAM_BINS = 40
-HISTOGRAM_MAX = 4.0
 
 PROBE_STRINGS = ("def f(x):\n    return x + 1\n", "Hello, world!", "  \t\n", "import numpy as np", "ünïcødé 文字 🙂")
 
@@ -183,12 +162,7 @@ class Rho1Weighting(WeightingScheme):
         return weights
 
     def artifacts(self) -> dict[str, str]:
-        if self.histogram is None:
-            return {}
-        edges = torch.linspace(0.0, HISTOGRAM_MAX, HISTOGRAM_BINS + 1).tolist()
-        table = {"bin_edges": edges, "note": "weights above the last edge are counted in the last bin",
-                 "counts_per_head": self.histogram.tolist()}
-        return {"rho1_weight_histogram.json": json.dumps(table)}
+        return histogram_artifact("rho1", self.histogram)
 
     def metrics(self) -> dict[str, float]:
         return self._metrics
