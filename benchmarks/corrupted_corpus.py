@@ -47,6 +47,7 @@ import torch  # noqa: E402
 from wmtp.config import Config, Recipe  # noqa: E402
 from wmtp.data import stdlib_files, train_bpe_tokenizer  # noqa: E402
 from wmtp.distributed import DistInfo, resolve_device  # noqa: E402
+from wmtp.rewards import parses_as_python  # noqa: E402
 from wmtp.train import Trainer, prepare  # noqa: E402
 
 MODEL = {"hidden_size": 192, "num_layers": 4, "num_attention_heads": 6, "num_key_value_heads": 2,
@@ -133,13 +134,6 @@ def corrupt(docs: list[str], tokenizer, args) -> tuple[list[str], list[bool]]:
     return out, [i in bad for i in range(len(docs))]
 
 
-def ast_parses(text: str) -> bool:
-    try:
-        compile(text, "<doc>", "exec", dont_inherit=True)
-    except (SyntaxError, ValueError, MemoryError, RecursionError):
-        return False
-    return True
-
 
 def write_jsonl(path: Path, docs: list[str]) -> None:
     with path.open("w") as f:
@@ -201,7 +195,7 @@ def main(argv=None) -> int:
     print(f"documents: reference {len(pools['reference'])} (clean), train {len(train_docs)} "
           f"({sum(is_bad)} corrupted, {args.token_noise:.0%} of their tokens random), "
           f"validation {len(pools['validation'])} (clean)", flush=True)
-    parses = [ast_parses(doc) for doc in train_docs]
+    parses = [parses_as_python(doc) for doc in train_docs]
     print(f"train documents that parse as Python: clean {sum(p for p, b in zip(parses, is_bad, strict=True) if not b)}"
           f"/{len(is_bad) - sum(is_bad)}, corrupted {sum(p for p, b in zip(parses, is_bad, strict=True) if b)}"
           f"/{sum(is_bad)}", flush=True)

@@ -27,15 +27,8 @@ from wmtp.data import Example, build_sequences, tokenize_examples  # noqa: E402
 from wmtp.distributed import DistInfo  # noqa: E402
 from wmtp.loss import IGNORE_INDEX, mtp_labels, per_target_to_heads  # noqa: E402
 from wmtp.model import MTPModel  # noqa: E402
+from wmtp.rewards import parses_as_python  # noqa: E402
 from wmtp.weighting.critic import critic_weights, load_value_head  # noqa: E402
-
-
-def parses(text: str) -> bool:
-    try:
-        compile(text, "<doc>", "exec", dont_inherit=True)
-    except (SyntaxError, ValueError, MemoryError, RecursionError):
-        return False
-    return True
 
 
 def main(argv=None) -> int:
@@ -56,7 +49,7 @@ def main(argv=None) -> int:
     settings = Critic(reward={"kind": "verifiable", "check": "parses"}, advantage=args.advantage, lam=args.lam)
     texts = [json.loads(line)["text"] for line in (args.experiment / "train.jsonl").read_text().splitlines()]
     examples = [Example("", t, "jsonl", f"train/{i}") for i, t in enumerate(texts)]
-    clean = torch.tensor([parses(t) for t in texts], dtype=torch.float32)
+    clean = torch.tensor([parses_as_python(t) for t in texts], dtype=torch.float32)
     seqs = build_sequences(tokenize_examples(examples, tokenizer), args.max_length, packing=True,
                            pad_id=tokenizer.pad_token_id, seed=0)
     rows = torch.arange(min(args.sequences, len(seqs)))

@@ -82,10 +82,11 @@ def _test_record(example: Example) -> dict:
 
 def parses_reward(examples: list[Example]) -> list[float]:
     """verifiable/parses: 1.0 per example whose prompt + completion compiles as Python (it is never run), else 0.0."""
-    return [1.0 if _parses(ex.prompt + ex.completion, ex.key) else 0.0 for ex in examples]
+    return [1.0 if parses_as_python(ex.prompt + ex.completion, ex.key) else 0.0 for ex in examples]
 
 
-def _parses(source: str, name: str) -> bool:
+def parses_as_python(source: str, name: str = "<document>") -> bool:
+    """Whether `source` compiles as a Python module (it is never run)."""
     try:
         compile(source, name, "exec", dont_inherit=True)  # dont_inherit: this module's __future__ flags stay out
     except (SyntaxError, ValueError, MemoryError, RecursionError):
