@@ -45,7 +45,7 @@ class Example:
     meta: dict = field(default_factory=dict, compare=False)
 
 
-def _read_records(path: Path) -> Iterator[tuple[str, dict]]:
+def read_records(path: Path) -> Iterator[tuple[str, dict]]:
     """(`file:line` or `file: record i`, record) for a JSON list, JSONL, JSONL.gz or parquet file."""
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
@@ -116,7 +116,7 @@ def _split_path(spec: DataSource, datasets: dict[str, str]) -> Path:
 
 def _mbpp(spec: DataSource, datasets: dict[str, str]) -> Iterator[Example]:
     path = _split_path(spec, datasets)
-    for where, record in _read_records(path):
+    for where, record in read_records(path):
         text = _field(record, "text", where)
         code = _field(record, "code", where).replace("\r\n", "\n")
         tests = _field(record, "test_list", where, list)
@@ -136,7 +136,7 @@ def humaneval_file() -> Path:
 
 def _humaneval(spec: DataSource, datasets: dict[str, str]) -> Iterator[Example]:
     path = humaneval_file() if spec.dataset is None else _dataset_path(spec, datasets)
-    for where, record in _read_records(path):
+    for where, record in read_records(path):
         task = _field(record, "task_id", where)
         yield Example(_field(record, "prompt", where), _field(record, "canonical_solution", where),
                       "humaneval", f"humaneval/{task}",
@@ -154,7 +154,7 @@ def _python_solutions(record: dict, field_name: str, where: str) -> list[str]:
 
 def _codecontests(spec: DataSource, datasets: dict[str, str]) -> Iterator[Example]:
     path = _split_path(spec, datasets)
-    for where, record in _read_records(path):
+    for where, record in read_records(path):
         description = _field(record, "description", where)
         python = _python_solutions(record, "solutions", where)
         incorrect = _python_solutions(record, "incorrect_solutions", where) if spec.incorrect_solutions else []
@@ -188,7 +188,7 @@ def _text_record(record: dict, where: str, text_field: str, source: str, key: st
 
 def _jsonl(spec: DataSource, datasets: dict[str, str]) -> Iterator[Example]:
     path = _dataset_path(spec, datasets)
-    for i, (where, record) in enumerate(_read_records(path)):
+    for i, (where, record) in enumerate(read_records(path)):
         yield _text_record(record, where, spec.text_field, f"jsonl:{spec.dataset}", f"{spec.dataset}/{i}")
 
 

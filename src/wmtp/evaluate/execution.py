@@ -10,12 +10,12 @@ is optional and copied into the report.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..config import ConfigError
+from ..data import read_records
 from .passk import bootstrap_ci, pass_at_k
 from .problems import BENCHMARKS, humaneval_problem, judge
 from .sandbox import Sandbox
@@ -23,36 +23,26 @@ from .sandbox import Sandbox
 
 def read_generations(path: Path) -> list[dict]:
     """The records of a generations file, validated (a bad line is an error naming the file and the line)."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: generations file not found")
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{where}: invalid JSON: {exc.msg}") from None
-            if not isinstance(record, dict):
-                raise ConfigError(f"{where}: expected a JSON object")
-            for key, kind in (("benchmark", str), ("task_id", str), ("completion", str)):
-                if not isinstance(record.get(key), kind):
-                    raise ConfigError(f"{where}: key `{key}` must be a string")
-            if record["benchmark"] not in BENCHMARKS:
-                raise ConfigError(f"{where}: unknown benchmark `{record['benchmark']}` "
-                                  f"(choose from {', '.join(BENCHMARKS)})")
-            if record["benchmark"] == "humaneval" and ("tests" not in record or "prompt" not in record):
-                problem = humaneval_problem(record["task_id"])
-                record.setdefault("tests", problem.tests)
-                record.setdefault("prompt", problem.prompt)
-            if "tests" not in record:
-                raise ConfigError(f"{where}: key `tests` is required for {record['benchmark']}")
-            record.setdefault("prompt", "")
-            if not isinstance(record["prompt"], str):
-                raise ConfigError(f"{where}: key `prompt` must be a string")
-            records.append(record)
+    for where, record in read_records(path):
+        if not isinstance(record, dict):
+            raise ConfigError(f"{where}: expected a JSON object")
+        for key, kind in (("benchmark", str), ("task_id", str), ("completion", str)):
+            if not isinstance(record.get(key), kind):
+                raise ConfigError(f"{where}: key `{key}` must be a string")
+        if record["benchmark"] not in BENCHMARKS:
+            raise ConfigError(f"{where}: unknown benchmark `{record['benchmark']}` "
+                              f"(choose from {', '.join(BENCHMARKS)})")
+        if record["benchmark"] == "humaneval" and ("tests" not in record or "prompt" not in record):
+            problem = humaneval_problem(record["task_id"])
+            record.setdefault("tests", problem.tests)
+            record.setdefault("prompt", problem.prompt)
+        if "tests" not in record:
+            raise ConfigError(f"{where}: key `tests` is required for {record['benchmark']}")
+        record.setdefault("prompt", "")
+        if not isinstance(record["prompt"], str):
+            raise ConfigError(f"{where}: key `prompt` must be a string")
+        records.append(record)
     if not records:
         raise ConfigError(f"{path}: no samples")
     return records

