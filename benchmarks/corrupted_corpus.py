@@ -47,6 +47,7 @@ import torch  # noqa: E402
 from wmtp.config import Config, Recipe  # noqa: E402
 from wmtp.data import stdlib_files, train_bpe_tokenizer  # noqa: E402
 from wmtp.distributed import DistInfo, resolve_device  # noqa: E402
+from wmtp.evaluate.report import write_json  # noqa: E402
 from wmtp.rewards import parses_as_python  # noqa: E402
 from wmtp.train import Trainer, prepare  # noqa: E402
 
@@ -255,9 +256,7 @@ def main(argv=None) -> int:
     summary = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "reference": reference, "results": results, "table": table, "torch": torch.__version__,
                "argv": sys.argv}
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out / "results.json")
+    write_json(out / "results.json", summary)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Atomic writes: build a directory next to its target, rename it into place only when it is complete."""
+"""Atomic writes: build a file or directory next to its target, rename it into place only when it is complete."""
 
 from __future__ import annotations
 
@@ -22,4 +22,18 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path of `target` to write; on success it replaces `target`, on error it is
+    removed. A reader sees the old file or the whole new one, never half of it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from ..atomic import atomic_file
 from ..config import Config, ConfigError, Recipe
 from ..data import build_sequences, load_examples, pad_token_id, tokenize_examples
 from ..model import MTPModel
@@ -40,11 +41,9 @@ def model_directory(checkpoint: Path) -> Path:
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
-    tmp.replace(path)
 
 
 def sandbox_from(args) -> Sandbox:

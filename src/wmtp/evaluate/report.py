@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..atomic import atomic_file
+
 MISSING = "—"
 
 
 def write_json(path: Path, data: dict) -> None:
     """Atomically: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2))
 
 
 def _fmt(value, spec: str = ".4f") -> str:

@@ -1,8 +1,8 @@
 """Critic-WMTP (REFERENCE.md §4, Critic): a value head on the trunk decides which tokens matter.
 
 Stage 1 (`pretrain`): the trunk is frozen; the value head fits Monte-Carlo or TD(λ) targets by MSE over valid
-positions, with its own optimizer, held-out early stopping, checkpoints (`critic/stage1.pt`-style safetensors)
-and a final `critic/value_head.safetensors`. Skipped when `critic.value_head_path` is given.
+positions, with its own optimizer, held-out early stopping, checkpoints (`critic/stage1/`) and a final
+`critic/value_head.safetensors`. Skipped when `critic.value_head_path` is given.
 
 Stage 2 (training): per step, a no-grad pass gives V on every micro-batch; the TD error δ (or the GAE
 advantage) of each target token is mapped to heads by the one convention (w[t, h] ← signal[t+1+h]),
@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .. import distributed as dist_utils
-from ..atomic import atomic_directory
+from ..atomic import atomic_directory, atomic_file
 from ..config import ConfigError
 from ..critic_math import (
     TokenRewards,
@@ -62,10 +62,20 @@ class ValueHead(nn.Module):
 
 def save_value_head(head: ValueHead, path: Path, metadata: dict[str, str]) -> None:
     """safetensors with the shape and how it was trained in the metadata; written atomically."""
-    tmp = path.with_name(path.name + ".tmp")
     meta = {"hidden_size": str(head.hidden_size), "width": str(head.width), **metadata}
-    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, tmp, metadata=meta)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, tmp, metadata=meta)
+
+
+def sum_gradients(module: nn.Module, info: DistInfo, *, average: bool = False) -> None:
+    """Sum (or average) a replicated module's gradients over the ranks: the value head lives outside DDP/FSDP."""
+    if not info.distributed:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist_utils.all_reduce_sum(p.grad, info)
+            if average:
+                p.grad /= info.world_size
 
 
 def value_head_file(spec: str | Path) -> Path:
@@ -188,11 +198,7 @@ class CriticWeighting(WeightingScheme):
     def after_backward(self, grad_clip: float | None) -> None:
         """Average the value head's gradients over ranks (it is not inside DDP/FSDP), clip, step its own
         optimizer and schedule."""
-        if self.info.distributed:
-            for p in self.head.parameters():
-                if p.grad is not None:
-                    dist_utils.all_reduce_sum(p.grad, self.info)
-                    p.grad /= self.info.world_size
+        sum_gradients(self.head, self.info, average=True)
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.head.parameters(), grad_clip)
         self.optimizer.step()
@@ -322,19 +328,23 @@ def gradient_cv(norms: list[float]) -> float:
     return statistics.pstdev(norms) / statistics.mean(norms)
 
 
-def write_stage1_state(directory: Path, head: ValueHead, optimizer, state: dict) -> None:
-    """Stage-1 checkpoint: a directory replaced atomically (head + optimizer as safetensors, state as JSON)."""
+def write_stage1_state(directory: Path, head: ValueHead, optimizer, state: dict,
+                       best: dict[str, torch.Tensor]) -> None:
+    """Stage-1 checkpoint: one directory replaced atomically (head, best head so far and optimizer as
+    safetensors, state as JSON)."""
     with atomic_directory(directory) as tmp:
         tensors = {f"head/{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+        best_tensors = {f"best/{k}": v.detach().cpu().contiguous() for k, v in best.items()}
         optim, groups = _optimizer_tensors(optimizer, "optim")
-        save_file({**tensors, **optim}, tmp / "state.safetensors")
+        save_file({**tensors, **best_tensors, **optim}, tmp / "state.safetensors")
         (tmp / "state.json").write_text(json.dumps({**state, "param_groups": groups}))
 
 
-def read_stage1_state(directory: Path, head: ValueHead, optimizer) -> dict:
+def read_stage1_state(directory: Path, head: ValueHead, optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore head and optimizer from a stage-1 checkpoint; returns its state and the best head so far."""
     with safe_open(str(directory / "state.safetensors"), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     state = json.loads((directory / "state.json").read_text())
     head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head/")})
     _load_optimizer(optimizer, tensors, state["param_groups"], "optim")
-    return state
+    return state, {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}

@@ -16,7 +16,15 @@ import torch
 from .. import distributed as dist_utils
 from ..config import ConfigError
 from ..data import epoch_order
-from .critic import STAGE1_DIR, VALUE_HEAD_FILE, gradient_cv, read_stage1_state, save_value_head, write_stage1_state
+from .critic import (
+    STAGE1_DIR,
+    VALUE_HEAD_FILE,
+    gradient_cv,
+    read_stage1_state,
+    save_value_head,
+    sum_gradients,
+    write_stage1_state,
+)
 
 
 def pretrain_value_head(scheme, trainer) -> dict[str, str]:
@@ -36,13 +44,9 @@ def pretrain_value_head(scheme, trainer) -> dict[str, str]:
     state = {"step": 0, "best": None, "bad_evals": 0, "best_step": 0}
     best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
     if (directory / "stage1" / "state.json").is_file():
-        state = read_stage1_state(directory / "stage1", head, optimizer)
+        state, best = read_stage1_state(directory / "stage1", head, optimizer)
         head.to(info.device)
-        best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
-        if (directory / "stage1" / "best.safetensors").is_file():
-            from safetensors.torch import load_file
-
-            best_state = {k: v.to(info.device) for k, v in load_file(directory / "stage1" / "best.safetensors").items()}
+        best_state = {k: v.to(info.device) for k, v in best.items()}
     norms: list[float] = []
     status = "completed"
     reason = f"max_steps {p.max_steps}"
@@ -61,10 +65,7 @@ def pretrain_value_head(scheme, trainer) -> dict[str, str]:
         loss = torch.where(mask, (values - target) ** 2, torch.zeros((), device=values.device)).sum() / count
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if info.distributed:
-            for param in head.parameters():
-                if param.grad is not None:
-                    dist_utils.all_reduce_sum(param.grad, info)
+        sum_gradients(head, info)  # the loss is already normalised by the count over all ranks
         grads = [param.grad.norm() for param in head.parameters() if param.grad is not None]
         norms.append(float(torch.stack(grads).norm()))
         optimizer.step()
@@ -93,12 +94,12 @@ def pretrain_value_head(scheme, trainer) -> dict[str, str]:
                                               f"improve for {p.patience} evaluations")
             norms = []
             if info.is_main:
-                _checkpoint(directory, head, optimizer, state, best_state)
+                write_stage1_state(directory / "stage1", head, optimizer, state, best_state)
             if stop:
                 break
         if trainer._stop_requested():
             if info.is_main:
-                _checkpoint(directory, head, optimizer, state, best_state)
+                write_stage1_state(directory / "stage1", head, optimizer, state, best_state)
             status, reason = "stopped", "stopped by a signal"
             break
     if status == "completed":
@@ -115,11 +116,3 @@ def pretrain_value_head(scheme, trainer) -> dict[str, str]:
         return meta
     return {"status": status, "reason": reason, "steps": str(state["step"])}
 
-
-def _checkpoint(directory, head, optimizer, state, best_state) -> None:
-    from safetensors.torch import save_file
-
-    write_stage1_state(directory / "stage1", head, optimizer, state)
-    tmp = directory / "stage1" / "best.safetensors.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in best_state.items()}, tmp)
-    tmp.replace(directory / "stage1" / "best.safetensors")
