@@ -330,6 +330,12 @@ def build_sequences(documents: list[tuple[list[int], int]], max_length: int, *, 
     return SequenceSet(input_ids, attention_mask, document_ids, prompt_mask, torch.tensor(order, dtype=torch.long))
 
 
+def recipe_sequences(examples: list[Example], tokenizer, settings: DataSettings, seed: int) -> SequenceSet:
+    """The sequences a recipe's data settings make of `examples` (tokenised, packed or truncated, padded)."""
+    return build_sequences(tokenize_examples(examples, tokenizer), settings.max_length, packing=settings.packing,
+                           pad_id=pad_token_id(tokenizer), seed=seed)
+
+
 def pad_token_id(tokenizer) -> int:
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if candidate is not None:

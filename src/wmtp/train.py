@@ -28,11 +28,9 @@ from .config import Config, ConfigError, ModelSource, Pretrain, Recipe, Referenc
 from .critic_math import TokenRewards, token_rewards
 from .data import (
     SequenceSet,
-    build_sequences,
     epoch_order,
     load_examples,
-    pad_token_id,
-    tokenize_examples,
+    recipe_sequences,
     train_bpe_tokenizer,
 )
 from .distributed import DistInfo
@@ -184,15 +182,8 @@ def prepare(config: Config, recipe: Recipe, info: DistInfo, *, tokenizer_dir: Pa
     torch.manual_seed(config.compute.seed)
     model = build_model(source, recipe, tokenizer).to(info.device)
     check_tokenizer_fits(tokenizer, model, "model")
-    data = recipe.data
-    pad = pad_token_id(tokenizer)
-
-    def sequences(examples, seed):
-        return build_sequences(tokenize_examples(examples, tokenizer), data.max_length, packing=data.packing,
-                               pad_id=pad, seed=seed)
-
-    train_set = sequences(train_examples, data.shuffle_seed)
-    val_set = sequences(val_examples, 0) if val_examples else None
+    train_set = recipe_sequences(train_examples, tokenizer, recipe.data, recipe.data.shuffle_seed)
+    val_set = recipe_sequences(val_examples, tokenizer, recipe.data, 0) if val_examples else None
     train_rewards = val_rewards = None
     if recipe.algorithm == "critic":
         if config.compute.precision == "fp16":

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 
 from ..atomic import atomic_file
 from ..config import Config, ConfigError, Recipe
-from ..data import build_sequences, load_examples, pad_token_id, tokenize_examples
+from ..data import load_examples, recipe_sequences
 from ..model import MTPModel
 from ..tracking import Tracker
 from .execution import execute, read_generations, summarize
@@ -109,10 +109,9 @@ def held_out_head_quality(model, tokenizer, config: Config, recipe: Recipe, devi
     _, validation = load_examples(recipe.data, config.datasets)
     if not validation:
         return None
-    data = recipe.data
-    sequences = build_sequences(tokenize_examples(validation, tokenizer), data.max_length, packing=data.packing,
-                                pad_id=pad_token_id(tokenizer), seed=0)
-    report = head_quality(model, sequences, batch_size=recipe.train.micro_batch_size, mask_prompt=data.mask_prompt,
+    sequences = recipe_sequences(validation, tokenizer, recipe.data, 0)  # as the trainer builds its validation set
+    report = head_quality(model, sequences, batch_size=recipe.train.micro_batch_size,
+                          mask_prompt=recipe.data.mask_prompt,
                           chunk_size=recipe.loss.chunk_size, device=device, autocast=autocast,
                           max_batches=args.head_batches)
     report["examples"] = len(validation)
