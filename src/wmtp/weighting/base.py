@@ -101,5 +101,5 @@ def histogram_artifact(name: str, histogram: torch.Tensor | None) -> dict[str, s
         return {}
     edges = torch.linspace(0.0, HISTOGRAM_MAX, HISTOGRAM_BINS + 1).tolist()
     return {f"{name}_weight_histogram.json": json.dumps({
-        "bin_edges": edges, "note": "weights above the last edge are counted in the last bin",
+        "bin_edges": edges, "note": "weights above the last edge are not counted (torch.histc ignores them)",
         "counts_per_head": histogram.tolist()})}
