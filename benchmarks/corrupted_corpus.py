@@ -49,7 +49,8 @@ from wmtp.data import stdlib_files, train_bpe_tokenizer  # noqa: E402
 from wmtp.distributed import DistInfo, resolve_device  # noqa: E402
 from wmtp.evaluate.report import write_json  # noqa: E402
 from wmtp.rewards import parses_as_python  # noqa: E402
-from wmtp.train import Trainer, prepare  # noqa: E402
+from wmtp.setup import prepare  # noqa: E402
+from wmtp.train import Trainer  # noqa: E402
 
 MODEL = {"hidden_size": 192, "num_layers": 4, "num_attention_heads": 6, "num_key_value_heads": 2,
          "intermediate_size": 512, "max_position_embeddings": 1024, "tie_word_embeddings": True}

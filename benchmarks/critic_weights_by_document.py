@@ -21,14 +21,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from wmtp.config import Critic  # noqa: E402
 from wmtp.critic_math import gae, td_errors, token_rewards  # noqa: E402
 from wmtp.data import Example, build_sequences, tokenize_examples  # noqa: E402
 from wmtp.distributed import DistInfo  # noqa: E402
 from wmtp.loss import IGNORE_INDEX, mtp_labels, per_target_to_heads  # noqa: E402
 from wmtp.model import MTPModel  # noqa: E402
 from wmtp.rewards import parses_as_python  # noqa: E402
-from wmtp.weighting.critic import critic_weights, load_value_head  # noqa: E402
+from wmtp.weighting.critic import CriticSettings, critic_weights  # noqa: E402
+from wmtp.weighting.critic_value import load_value_head  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(str(final))
     head, meta = load_value_head(final, model.config.hidden_size)
     head.eval()
-    settings = Critic(reward={"kind": "verifiable", "check": "parses"}, advantage=args.advantage, lam=args.lam)
+    settings = CriticSettings(reward={"kind": "verifiable", "check": "parses"}, advantage=args.advantage, lam=args.lam)
     texts = [json.loads(line)["text"] for line in (args.experiment / "train.jsonl").read_text().splitlines()]
     examples = [Example("", t, "jsonl", f"train/{i}") for i, t in enumerate(texts)]
     clean = torch.tensor([parses_as_python(t) for t in texts], dtype=torch.float32)

@@ -39,7 +39,8 @@ from wmtp.config import load_config, load_recipe
 from wmtp.data import load_examples, pad_token_id
 from wmtp.distributed import DistInfo
 from wmtp.evaluate.speculative import SpeculativeResult, speculative_generate
-from wmtp.train import Trainer, prepare
+from wmtp.setup import prepare
+from wmtp.train import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,13 +12,12 @@ from safetensors.torch import load_file
 from test_critic import setup_for
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
-from wmtp.config import DataSource, Reward
+from wmtp.config import DataSource
 from wmtp.data import Example, read_source, train_bpe_tokenizer
-from wmtp.rewards import make_reward
-from wmtp.train import Trainer, labels_for
-from wmtp.weighting.base import StepBatch
+from wmtp.rewards import RewardSettings, make_reward
+from wmtp.train import Trainer
 
-MBPP = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mbpp"
+MBPP = Path(__file__).resolve().parents[1] / "data" / "mbpp"
 SHORT = {"max_steps": 4, "eval_every": 2, "early_stopping": "none"}
 
 
@@ -37,11 +36,8 @@ def run(kit, name: str, **kwargs) -> Trainer:
 
 def step_weights(t: Trainer) -> torch.Tensor:
     """The scheme's weights on the first training micro-batch, after stage 1."""
-    t.scheme.before_training(t)
-    b = t.micro_batch(0)
-    labels = labels_for(b, t.model.n_heads, False)
-    (w,) = t.scheme.step_weights([StepBatch(b["input_ids"], b["attention_mask"], labels, b["rows"],
-                                            b["document_ids"])])
+    t.scheme.before_training(t.hooks())
+    (w,) = t.scheme.step_weights(t.step_batches()[:1])
     return w
 
 
@@ -70,24 +66,25 @@ def check_reward_kind(kit) -> None:
     labels = setup_for(kit.tmp, pretrain=False)
     function = setup_for(kit.tmp, critic={"reward": {"kind": "function", "function": "constant_reward:reward"}},
                          pretrain=False)
-    assert set(labels.train_rewards.reward[labels.train_rewards.terminal].tolist()) == {0.0, 1.0}
-    assert set(function.train_rewards.reward[function.train_rewards.terminal].tolist()) == {0.25}
+    for setup, expected in ((labels, {0.0, 1.0}), (function, {0.25})):
+        rewards = setup.scheme.value.train_rewards
+        assert set(rewards.reward[rewards.terminal].tolist()) == expected
 
 
 def check_reward_check(kit) -> None:
     """`reward.check`: `tests` runs the MBPP asserts (a wrong function scores 0), `parses` only compiles it (1)."""
     wrong = [Example(ex.prompt, ex.completion.replace("return ", "return None and "), ex.source, ex.key, ex.meta)
              for ex in mbpp_examples(2)]
-    assert make_reward(Reward(kind="verifiable", check="tests"))(wrong) == [0.0, 0.0]
-    assert make_reward(Reward(kind="verifiable", check="parses"))(wrong) == [1.0, 1.0]
+    assert make_reward(RewardSettings(kind="verifiable", check="tests"))(wrong) == [0.0, 0.0]
+    assert make_reward(RewardSettings(kind="verifiable", check="parses"))(wrong) == [1.0, 1.0]
 
 
 def check_reward_timeout_s(kit) -> None:
     """`reward.timeout_s` bounds each program: a correct but slow solution passes only with a long enough limit."""
     (ex,) = mbpp_examples(1)
     slow = [Example(ex.prompt, "import time\ntime.sleep(1.5)\n" + ex.completion, ex.source, ex.key, ex.meta)]
-    assert make_reward(Reward(kind="verifiable", timeout_s=0.5))(slow) == [0.0]
-    assert make_reward(Reward(kind="verifiable", timeout_s=20))(slow) == [1.0]
+    assert make_reward(RewardSettings(kind="verifiable", timeout_s=0.5))(slow) == [0.0]
+    assert make_reward(RewardSettings(kind="verifiable", timeout_s=20))(slow) == [1.0]
 
 
 def classifier(kit, name: str, seed: int, labels: int) -> str:
@@ -107,16 +104,16 @@ TEXTS = [Example("", "def f(x):\n    return x + 1\n", "jsonl:t", "t/0"), Example
 
 def check_reward_model(kit) -> None:
     """`reward.model` names the classifier: two different models score the same texts differently."""
-    a = make_reward(Reward(kind="reward_model", model=classifier(kit, "rm_a", 0, 1)))(TEXTS)
-    b = make_reward(Reward(kind="reward_model", model=classifier(kit, "rm_b", 1, 1)))(TEXTS)
+    a = make_reward(RewardSettings(kind="reward_model", model=classifier(kit, "rm_a", 0, 1)))(TEXTS)
+    b = make_reward(RewardSettings(kind="reward_model", model=classifier(kit, "rm_b", 1, 1)))(TEXTS)
     assert a != b
 
 
 def check_reward_positive_label(kit) -> None:
     """`reward.positive_label` picks which label's probability is the reward."""
     model = classifier(kit, "rm_two", 0, 2)
-    first = make_reward(Reward(kind="reward_model", model=model, positive_label=0))(TEXTS)
-    last = make_reward(Reward(kind="reward_model", model=model, positive_label=1))(TEXTS)
+    first = make_reward(RewardSettings(kind="reward_model", model=model, positive_label=0))(TEXTS)
+    last = make_reward(RewardSettings(kind="reward_model", model=model, positive_label=1))(TEXTS)
     assert [round(x + y, 5) for x, y in zip(first, last, strict=True)] == [1.0, 1.0] and first != last
 
 
@@ -125,7 +122,7 @@ def check_reward_batch_size(kit) -> None:
     model = classifier(kit, "rm_a", 0, 1)
     calls = []
     for size in (1, 2):
-        score = make_reward(Reward(kind="reward_model", model=model, batch_size=size))
+        score = make_reward(RewardSettings(kind="reward_model", model=model, batch_size=size))
         forward = score.model.forward
         kit.monkeypatch.setattr(score.model, "forward",
                                 lambda *a, _f=forward, _size=size, **k: calls.append(_size) or _f(*a, **k))
@@ -138,8 +135,8 @@ def check_reward_function(kit) -> None:
     (kit.tmp / "two_rewards.py").write_text("def low(examples):\n    return [0.0] * len(examples)\n"
                                             "def length(examples):\n    return [len(e.completion) for e in examples]\n")
     kit.monkeypatch.syspath_prepend(str(kit.tmp))
-    assert make_reward(Reward(kind="function", function="two_rewards:low"))(TEXTS) == [0.0, 0.0]
-    lengths = make_reward(Reward(kind="function", function="two_rewards:length"))(TEXTS)
+    assert make_reward(RewardSettings(kind="function", function="two_rewards:low"))(TEXTS) == [0.0, 0.0]
+    lengths = make_reward(RewardSettings(kind="function", function="two_rewards:length"))(TEXTS)
     assert lengths == [float(len(e.completion)) for e in TEXTS]
 
 

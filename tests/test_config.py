@@ -68,8 +68,16 @@ def test_invalid_yaml_names_line(tmp_path):
 def test_missing_env_var_names_key(tmp_path, monkeypatch):
     monkeypatch.delenv("WMTP_NOT_SET", raising=False)
     path = write(tmp_path, "c.yaml", "model:\n  path: ${WMTP_NOT_SET}\n")
-    with pytest.raises(ConfigError, match=r"c\.yaml\.model\.path: environment variable WMTP_NOT_SET is not set"):
+    with pytest.raises(ConfigError, match=r"c\.yaml: model\.path: environment variable WMTP_NOT_SET is not set"):
         load_config(path)
+
+
+def test_unset_env_var_message_is_file_then_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("WMTP_TEST_UNSET_VAR", raising=False)
+    path = write(tmp_path, "cfg.yaml", "model:\n  path: ${WMTP_TEST_UNSET_VAR}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: model.path: environment variable WMTP_TEST_UNSET_VAR is not set")
 
 
 def test_env_substitution_and_default(tmp_path, monkeypatch):

@@ -14,9 +14,11 @@ from safetensors.torch import load_file
 
 from wmtp.config import Config, ConfigError, Recipe
 from wmtp.critic_math import td_errors
+from wmtp.data import labels_for
 from wmtp.distributed import DistInfo
 from wmtp.loss import IGNORE_INDEX
-from wmtp.train import Trainer, labels_for, prepare
+from wmtp.setup import prepare
+from wmtp.train import Trainer
 from wmtp.weighting.base import StepBatch
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
@@ -38,7 +40,7 @@ def corpus(path: Path, n: int = 400, seed: int = 0) -> Path:
 
 
 def setup_for(tmp_path: Path, critic: dict | None = None, pretrain: dict | bool | None = None,
-              train: dict | None = None, optim_lr: float = 1e-5):
+              train: dict | None = None, optim_lr: float = 1e-5, validation_fraction: float = 0.1):
     data = corpus(tmp_path / "marker.jsonl") if not (tmp_path / "marker.jsonl").exists() else tmp_path / "marker.jsonl"
     config = Config.model_validate({
         "model": {"from_scratch": {"hidden_size": 64, "num_layers": 2, "num_attention_heads": 4,
@@ -54,7 +56,8 @@ def setup_for(tmp_path: Path, critic: dict | None = None, pretrain: dict | bool 
         **({} if pretrain is False else {"pretrain": {"max_steps": 150, "lr": 3e-3, "eval_every": 50,
                                                       "early_stopping": "none", **(pretrain or {})}}),
         "mtp": {"n_heads": 3},
-        "data": {"train": [{"kind": "jsonl", "dataset": "marker"}], "validation_fraction": 0.1, "max_length": 32,
+        "data": {"train": [{"kind": "jsonl", "dataset": "marker"}], "validation_fraction": validation_fraction,
+                 "max_length": 32,
                  "packing": False},
         "optim": {"lr": optim_lr},  # 1e-5: stage 2 barely moves the trunk, the checks read stage 1's value function
         "train": {"micro_batch_size": 16, "max_steps": 1, **(train or {})}})
@@ -81,8 +84,8 @@ def test_stage1_td_error_peaks_at_the_marker(trained):
     assert result["status"] == "FINISHED"
     scheme, val = trainer.scheme, setup.val_set
     with torch.no_grad():
-        values = scheme.head(scheme.trunk(val.input_ids, val.attention_mask))
-    delta, defined = td_errors(values, setup.val_rewards, val.attention_mask, val.document_ids, 1.0)
+        values = scheme.head(scheme.value.trunk(val.input_ids, val.attention_mask))
+    delta, defined = td_errors(values, scheme.value.val_rewards, val.attention_mask, val.document_ids, 1.0)
     hits = total = 0
     for r in range(len(val)):
         j = marker_position(setup, r)
@@ -100,7 +103,7 @@ def test_stage2_gives_the_marker_the_largest_weight_on_every_head_that_predicts_
     batch = val.select(rows)
     labels = labels_for(batch, 3, False)
     scheme = trainer.scheme
-    scheme.train_rewards = setup.val_rewards  # score the held-out rows
+    scheme.value.train_rewards = scheme.value.val_rewards  # score the held-out rows
     (weights,) = scheme.step_weights([StepBatch(batch["input_ids"], batch["attention_mask"], labels, rows,
                                                 batch["document_ids"])])
     assert not weights.requires_grad and weights.grad_fn is None
@@ -134,7 +137,7 @@ def test_final_model_carries_the_value_head_and_it_can_skip_stage1(trained, tmp_
 def test_value_head_shape_mismatch_is_an_error(trained, tmp_path):
     _, _, result, _ = trained
     path = Path(result["final_model"]) / "value_head.safetensors"
-    from wmtp.weighting.critic import load_value_head
+    from wmtp.weighting.critic_value import load_value_head
 
     with pytest.raises(ConfigError, match="hidden size 64, the model's is 32"):
         load_value_head(path, 32)
@@ -160,7 +163,7 @@ def test_resume_inside_stage1_and_across_the_stage_boundary_is_bit_identical(tmp
         calls["n"] += 1
         return calls["n"] >= 3
 
-    first._stop_requested = stop_after_three
+    first.stop_requested = stop_after_three
     assert first.run()["status"] == "KILLED"
     assert json.loads((run_dir / "critic" / "stage1" / "state.json").read_text())["step"] in (2, 3)
     assert not (run_dir / "critic" / "value_head.safetensors").exists()
@@ -174,7 +177,7 @@ def test_resume_inside_stage1_and_across_the_stage_boundary_is_bit_identical(tmp
         calls["n"] += 1
         return second.scheme.stage1_done and second.step >= 2
 
-    second._stop_requested = stop_in_stage2
+    second.stop_requested = stop_in_stage2
     assert second.run()["status"] == "KILLED"
     assert second.scheme.stage1_done and second.step == 2
     third = Trainer(setup_for(tmp_path, pretrain=pretrain, train=train), run_dir, run_name="split",
@@ -200,10 +203,9 @@ def test_stage1_early_stopping_modes(tmp_path, mode, extra, stops_early):
 
 
 def test_stage1_needs_validation_data_for_early_stopping(tmp_path):
-    setup = setup_for(tmp_path, pretrain={"early_stopping": "loss"})
-    setup.val_set = None
+    # a set-up check, so --dry-run reports it
     with pytest.raises(ConfigError, match="pretrain.early_stopping needs validation data"):
-        Trainer(setup, tmp_path / "runs" / "x", run_name="x").run()
+        setup_for(tmp_path, pretrain={"early_stopping": "loss"}, validation_fraction=0.0)
 
 
 def _critic_rank_weights(rank: int, world: int, port: int, signals: list, labels: list, out_dir: str) -> None:

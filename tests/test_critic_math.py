@@ -1,4 +1,4 @@
-"""The critic's targets and TD errors against plain per-document loops (REFERENCE.md §4, Critic)."""
+"""The critic's targets and TD errors against plain per-document loops (docs/method.md §5.3)."""
 
 from __future__ import annotations
 

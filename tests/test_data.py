@@ -1,14 +1,24 @@
 import json
+import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
 from wmtp.config import ConfigError, DataSettings, DataSource
-from wmtp.data import build_sequences, held_out, load_examples, read_source, tokenize_examples, train_bpe_tokenizer
+from wmtp.data import (
+    BUNDLED_MBPP,
+    build_sequences,
+    held_out,
+    load_examples,
+    read_source,
+    tokenize_examples,
+    train_bpe_tokenizer,
+)
 from wmtp.loss import IGNORE_INDEX, mtp_labels
 
-MBPP = str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mbpp")
+MBPP = str(Path(__file__).resolve().parents[1] / "data" / "mbpp")
 
 
 def test_mbpp_real_splits_prompt_plus_solution():
@@ -69,6 +79,49 @@ def test_malformed_mbpp_json_names_record(tmp_path):
     (tmp_path / "train.json").write_text(json.dumps([{"text": "t", "code": "c", "test_list": []}, {"text": "t"}]))
     with pytest.raises(ConfigError, match=r"train\.json: record 1: missing key `code`"):
         read_source(DataSource(kind="mbpp", dataset="m"), {"m": str(tmp_path)})
+
+
+def test_mbpp_without_dataset_reads_the_bundled_copy():
+    assert BUNDLED_MBPP == Path(MBPP) and BUNDLED_MBPP.is_dir()
+    sizes = {split: len(read_source(DataSource(kind="mbpp", split=split), {}))
+             for split in ("train", "validation", "test")}
+    assert sizes == {"train": 374, "validation": 90, "test": 500}  # 964: MBPP's 974 less its 10-task prompt split
+    bundled = read_source(DataSource(kind="mbpp", split="test"), {})
+    assert bundled == read_source(DataSource(kind="mbpp", dataset="mbpp", split="test"), {"mbpp": MBPP})
+    assert bundled[0].meta["task_id"] == 11 and bundled[0].source == "mbpp:test"
+    # `dataset: mbpp` with no `datasets.mbpp` in the config also reads the bundled copy
+    assert read_source(DataSource(kind="mbpp", dataset="mbpp", split="test"), {}) == bundled
+
+
+def test_mbpp_not_bundled_says_what_to_set(monkeypatch, tmp_path):
+    monkeypatch.setattr("wmtp.data.BUNDLED_MBPP", tmp_path / "no-data" / "mbpp")
+    with pytest.raises(ConfigError, match="MBPP is not bundled with this installation.*`datasets.mbpp`"):
+        read_source(DataSource(kind="mbpp"), {})
+
+
+def test_mbpp_hub_id_that_cannot_load_names_the_id(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=r"datasets\.mbpp: `nobody/no-such-mbpp` is not an existing path"):
+        read_source(DataSource(kind="mbpp", dataset="mbpp", split="test"), {"mbpp": "nobody/no-such-mbpp"})
+
+
+def test_mbpp_hub_id_gives_the_same_examples_as_the_files(monkeypatch):
+    """A stand-in `datasets` package serves the bundled records, as the hub's MBPP has the same fields."""
+    calls = []
+
+    def load_dataset(hub_id, split):
+        calls.append((hub_id, split))
+        if hub_id != "google-research-datasets/mbpp":
+            raise FileNotFoundError(f"Dataset '{hub_id}' doesn't exist on the Hub")
+        return json.loads((BUNDLED_MBPP / f"{split}.json").read_text())
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    hub = read_source(DataSource(kind="mbpp", dataset="mbpp", split="validation"),
+                      {"mbpp": "google-research-datasets/mbpp"})
+    assert calls == [("google-research-datasets/mbpp", "validation")]
+    assert hub == read_source(DataSource(kind="mbpp", split="validation"), {})
+    with pytest.raises(ConfigError, match=r"datasets\.m: `someone/else` .* failed: Dataset 'someone/else' doesn't"):
+        read_source(DataSource(kind="mbpp", dataset="m"), {"m": "someone/else"})
 
 
 def test_unknown_dataset_name_and_missing_path(tmp_path):

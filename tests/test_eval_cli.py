@@ -14,10 +14,10 @@ from tiny_run import files, train_args
 from wmtp.cli import main
 from wmtp.evaluate.checkpoint_eval import flat_metrics
 from wmtp.evaluate.generation import Sampling, generate_samples
-from wmtp.evaluate.problems import Problem
+from wmtp.execution.problems import Problem
 from wmtp.model import MTPModel
 
-MBPP = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mbpp"
+MBPP = Path(__file__).resolve().parents[1] / "data" / "mbpp"
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from wmtp.config import ConfigError
-from wmtp.evaluate.execution import execute, read_generations, summarize
-from wmtp.evaluate.problems import STOP, load_problems, truncate_at_stop
-from wmtp.evaluate.sandbox import Limits, Sandbox, available_isolation
+from wmtp.evaluate.passk import summarize
+from wmtp.execution.problems import STOP, load_problems, truncate_at_stop
+from wmtp.execution.samples import execute, read_generations
+from wmtp.execution.sandbox import Limits, Sandbox, available_isolation
 
-MBPP = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mbpp"
+MBPP = Path(__file__).resolve().parents[1] / "data" / "mbpp"
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import tiny_llama
 
 from wmtp.data import SequenceSet
-from wmtp.evaluate.heads import head_quality
+from wmtp.head_quality import head_quality
 from wmtp.loss import IGNORE_INDEX, mtp_labels
 from wmtp.model import MTPModel
 

@@ -3,7 +3,7 @@
 `leaf_keys()` lists every leaf key of the `Config` and `Recipe` schemas (`config.compute.seed`,
 `recipe.data.train[].kind`, ...). `KEY_CHECKS` maps each of them to a check that sets the key to two values
 and observes a difference, so a new key without a check fails `test_every_key_has_a_check`. Checks call the
-function the trainer calls with that key where they can (`lr_lambda`, `make_optimizer`, `step_counts`,
+function the trainer calls with that key where they can (`lr_lambda`, `make_optimizer`, `plan_steps`,
 `build_model`, `prepare`, `load_examples`); keys that act inside the loop use a few steps of a real `Trainer`,
 and `output_dir` and `compute.device` go through the CLI.
 """
@@ -25,31 +25,27 @@ import transformers
 import yaml
 from conftest import tiny_llama
 from critic_key_checks import CRITIC_KEY_CHECKS, check_incorrect_solutions
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from tiny_run import CONFIG, RECIPE, SNIPPETS, merge
 
 import wmtp.model
 from wmtp.cli import main
 from wmtp.config import Config, ConfigError, DataSettings, ModelSource, Recipe, ScratchModel, Tracking, Training
-from wmtp.data import load_examples, train_bpe_tokenizer
+from wmtp.data import labels_for, load_examples, plan_steps, train_bpe_tokenizer
 from wmtp.distributed import DistInfo, resolve_device
 from wmtp.model import ResidualHead
+from wmtp.optim import lr_lambda, make_optimizer
 from wmtp.reference_cache import fingerprint, write_cache
+from wmtp.runtime import build_model
+from wmtp.setup import prepare
 from wmtp.tracking import tracking_uri
-from wmtp.train import (
-    Trainer,
-    build_model,
-    labels_for,
-    lr_lambda,
-    make_optimizer,
-    prepare,
-    score_reference_set,
-    step_counts,
-)
-from wmtp.weighting import StepBatch, UniformWeighting, WeightingScheme
-from wmtp.weighting.rho1 import Rho1Weighting
+from wmtp.train import Trainer
+from wmtp.weighting import SCHEMES, plugin
+from wmtp.weighting.base import WeightingScheme
+from wmtp.weighting.rho1 import Rho1Weighting, score_reference_set
+from wmtp.weighting.uniform import UniformWeighting
 
-MBPP = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mbpp"
+MBPP = Path(__file__).resolve().parents[1] / "data" / "mbpp"
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 SCRATCH = CONFIG["model"]["from_scratch"]  # hidden 32, 2 layers, 4 heads, 2 kv heads, mlp 64, 128 positions
 
@@ -73,8 +69,9 @@ def _nested(annotation) -> tuple[type[BaseModel] | None, bool]:
 
 def leaf_keys(schema: type[BaseModel] | None = None, prefix: str = "") -> set[str]:
     """Every leaf key path of the schemas: nested models recursed, list items as `[]`, dicts as one leaf."""
-    if schema is None:
-        return leaf_keys(Config, "config") | leaf_keys(Recipe, "recipe")
+    if schema is None:  # the recipe's own sections and those of every weighting scheme
+        schemes = set().union(*(leaf_keys(plugin(name).settings, "recipe") for name in SCHEMES))
+        return leaf_keys(Config, "config") | leaf_keys(Recipe, "recipe") | schemes
     keys: set[str] = set()
     for name, field in schema.model_fields.items():
         model, is_list = _nested(field.annotation)
@@ -248,7 +245,7 @@ def check_model_tokenizer(kit: Kit) -> None:
 
 def scratch_model(kit: Kit, **fields) -> wmtp.MTPModel:
     source = ModelSource(from_scratch=ScratchModel(**{**SCRATCH, **fields}), tokenizer="given")
-    return build_model(source, kit.recipe(), kit.shared.tokenizer)
+    return build_model(source, kit.recipe().mtp, kit.shared.tokenizer)
 
 
 def check_hidden_size(kit: Kit) -> None:
@@ -345,7 +342,7 @@ def check_hf_token(kit: Kit) -> None:
             return kit.shared.tokenizer
 
     kit.monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model_from_pretrained)
-    kit.monkeypatch.setattr("wmtp.train.AutoTokenizer", Tokenizers)
+    kit.monkeypatch.setattr("wmtp.runtime.AutoTokenizer", Tokenizers)
     kit.prepare(kit.config(model={"path": "org/gated-model"}))
     assert seen == [("tokenizer", None), ("model", None)]
     seen.clear()
@@ -521,8 +518,8 @@ def check_algorithm(kit: Kit) -> None:
     """`algorithm` picks the weighting scheme: uniform weights (baseline-mtp) or Rho-1 excess-loss weights."""
     assert type(kit.trainer().scheme) is UniformWeighting
     assert type(kit.rho1_trainer().scheme) is Rho1Weighting
-    with pytest.raises(ValidationError, match="algorithm"):
-        kit.recipe(algorithm="not-a-scheme")
+    with pytest.raises(ConfigError, match="algorithm: unknown `not-a-scheme`"):
+        kit.prepare(recipe=kit.recipe(algorithm="not-a-scheme"))
 
 
 def check_n_heads(kit: Kit) -> None:
@@ -656,7 +653,7 @@ def check_packing(kit: Kit) -> None:
     """`data.packing` packs documents into full rows, or puts each document in its own padded row."""
     packed = kit.prepare(recipe=kit.recipe(data={"packing": True, "max_length": 128}))
     padded = kit.prepare(recipe=kit.recipe(data={"packing": False, "max_length": 128}))
-    assert len(padded.train_set) == padded.n_train_examples > len(packed.train_set)
+    assert len(padded.train_set) == len(padded.data.train_examples) > len(packed.train_set)
     assert int(packed.train_set.document_ids[0].max()) > 0  # a packed row holds several documents
     assert bool(packed.train_set.attention_mask[:-1].all()) and not bool(padded.train_set.attention_mask.all())
     assert bool((padded.train_set.document_ids[:, 0] == torch.arange(len(padded.train_set))).all())
@@ -666,7 +663,7 @@ def check_mask_prompt(kit: Kit) -> None:
     """`data.mask_prompt` excludes prompt tokens as targets, in the trainer's labels."""
     def targets(mask):
         trainer = kit.trainer(recipe={"data": {"mask_prompt": mask}})
-        return int((trainer.labels_for(trainer.micro_batch(0)) != -100).sum())
+        return int((trainer.step_batches()[0].labels != -100).sum())
 
     assert 0 < targets(True) < targets(False)
 
@@ -675,15 +672,15 @@ def check_shuffle_seed(kit: Kit) -> None:
     """`data.shuffle_seed` sets the document order of the sequences and the order of the sequences per epoch."""
     seed0, seed1 = (kit.prepare(recipe=kit.recipe(data={"shuffle_seed": s})) for s in (0, 1))
     assert not torch.equal(seed0.train_set.input_ids, seed1.train_set.input_ids)
-    same_data = replace(seed0, recipe=seed1.recipe)
-    first = Trainer(seed0, kit.tmp / "a", run_name="a").micro_batch(0)["input_ids"]
-    second = Trainer(same_data, kit.tmp / "b", run_name="b").micro_batch(0)["input_ids"]
+    same_data = replace(seed0, plan=seed1.plan)
+    first = Trainer(seed0, kit.tmp / "a", run_name="a").step_batches()[0].input_ids
+    second = Trainer(same_data, kit.tmp / "b", run_name="b").step_batches()[0].input_ids
     assert not torch.equal(first, second)
 
 
 # ------------------------------------------------------------------------------------------- recipe.optim, schedule
 def optimizer(kit: Kit, **optim) -> torch.optim.Optimizer:
-    return make_optimizer(torch.nn.Linear(4, 4), kit.recipe(optim=optim))
+    return make_optimizer(torch.nn.Linear(4, 4), kit.recipe(optim=optim).optim)
 
 
 def check_lr(kit: Kit) -> None:
@@ -716,7 +713,7 @@ def check_grad_clip(kit: Kit) -> None:
         trainer = kit.trainer(recipe={"optim": {"grad_clip": clip}})
         for p in trainer.model.parameters():
             p.grad = torch.ones_like(p)
-        before = trainer._clip_gradients()
+        before = trainer.clip_gradients()
         after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.model.parameters()]))
         return before, float(after)
 
@@ -755,8 +752,14 @@ def check_min_lr_ratio(kit: Kit) -> None:
 
 
 # ------------------------------------------------------------------------------------------- recipe.train
+def step_counts(n_sequences: int, train: Training) -> tuple[int, int]:
+    """(total optimizer steps, steps per epoch) of the step plan."""
+    plan = plan_steps(n_sequences, train, DataSettings(train=[{"kind": "jsonl", "dataset": "d"}]), 256, world_size=1)
+    return plan.total_steps, plan.steps_per_epoch
+
+
 def steps(**train) -> tuple[int, int]:
-    return step_counts(100, Training(**{"max_steps": 1000, "micro_batch_size": 4, **train}), world_size=1)
+    return step_counts(100, Training(**{"max_steps": 1000, "micro_batch_size": 4, **train}))
 
 
 def check_micro_batch_size(kit: Kit) -> None:
@@ -764,7 +767,7 @@ def check_micro_batch_size(kit: Kit) -> None:
     assert steps(micro_batch_size=4)[1] == 25 and steps(micro_batch_size=8)[1] == 12
     for size in (4, 2):
         trainer = kit.trainer(recipe={"train": {"micro_batch_size": size}})
-        assert trainer.micro_batch(0)["input_ids"].shape[0] == size
+        assert trainer.step_batches()[0].input_ids.shape[0] == size
 
 
 def check_grad_accum_steps(kit: Kit) -> None:
@@ -782,13 +785,13 @@ def check_max_steps(kit: Kit) -> None:
     """`train.max_steps` is the number of optimizer steps (when fewer than num_epochs give)."""
     assert steps(max_steps=3)[0] == 3 and steps(max_steps=7)[0] == 7
     assert steps(max_steps=7, num_epochs=1)[0] == 7 and steps(max_steps=70, num_epochs=1)[0] == 25
-    assert kit.trainer(recipe={"train": {"max_steps": 2}}).total_steps == 2
+    assert kit.trainer(recipe={"train": {"max_steps": 2}}).plan.total_steps == 2
 
 
 def check_num_epochs(kit: Kit) -> None:
     """`train.num_epochs` is the training length in passes over the data."""
     def total(epochs):
-        return step_counts(100, Training(micro_batch_size=4, num_epochs=epochs), world_size=1)[0]
+        return step_counts(100, Training(micro_batch_size=4, num_epochs=epochs))[0]
 
     assert (total(1), total(2), total(0.5)) == (25, 50, 13)
 
@@ -817,7 +820,7 @@ def stops_at(kit: Kit, rule: dict, values: list[float], metric: str = "val/loss"
     trainer = kit.trainer(recipe={"train": {"eval_every": 1, "early_stopping": rule}})
     for i, value in enumerate(values, start=1):
         metrics = {"val/loss": 1.0, "val/acc_head0": 0.5, metric: value}
-        if trainer._early_stop(metrics):
+        if trainer.early_stopping.should_stop(metrics):
             return i
     return None
 
@@ -854,10 +857,8 @@ def check_early_stopping_min_delta(kit: Kit) -> None:
 # ------------------------------------------------------------------------------------------- Rho-1
 def first_step_weights(trainer: Trainer) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, valid) the trainer's scheme gives the first micro-batch, as a one-micro-batch step."""
-    b = trainer.micro_batch(0)
-    labels = trainer.labels_for(b)
-    weights = trainer.scheme.step_weights([StepBatch(b["input_ids"], b["attention_mask"], labels, b["rows"])])[0]
-    return weights, labels != -100
+    batch = trainer.step_batches()[0]
+    return trainer.scheme.step_weights([batch])[0], batch.labels != -100
 
 
 def rho1_weights(kit: Kit, **rho1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -938,7 +939,7 @@ def check_reference_path(kit: Kit) -> None:
         directory = kit.saved_llama(seed)
         trainer = kit.rho1_trainer(reference={"path": str(directory)})
         want = transformers.AutoModelForCausalLM.from_pretrained(directory).state_dict()
-        assert weights_equal(trainer.s.reference.state_dict(), want)
+        assert weights_equal(trainer.scheme.reference.state_dict(), want)
         weights.append(first_step_weights(trainer)[0])
     assert not torch.equal(*weights)
 
@@ -949,14 +950,14 @@ def check_reference_tokenizer(kit: Kit) -> None:
     with pytest.raises(ConfigError, match="reference_model: tokenizer has 400 tokens"):
         kit.rho1_trainer(reference={"path": str(directory)})
     trainer = kit.rho1_trainer(reference={"path": str(directory), "tokenizer": str(kit.shared.tok300)})
-    assert trainer.s.reference is not None
+    assert trainer.scheme.reference is not None
 
 
 def check_reference_dtype(kit: Kit) -> None:
     """`reference_model.dtype` is the dtype the reference is loaded in."""
     for dtype, want in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         trainer = kit.rho1_trainer(reference={"dtype": dtype})
-        assert {p.dtype for p in trainer.s.reference.parameters()} == {want}
+        assert {p.dtype for p in trainer.scheme.reference.parameters()} == {want}
 
 
 def check_reference_hf_token(kit: Kit) -> None:
@@ -974,7 +975,7 @@ def check_reference_hf_token(kit: Kit) -> None:
             return kit.shared.tokenizer
 
     kit.monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model_from_pretrained)
-    kit.monkeypatch.setattr("wmtp.train.AutoTokenizer", Tokenizers)
+    kit.monkeypatch.setattr("wmtp.runtime.AutoTokenizer", Tokenizers)
     kit.rho1_trainer(reference={"path": "org/gated-reference"})
     assert [token for path, token in seen if path == "org/gated-reference"] == [None, None]
     seen.clear()
@@ -986,13 +987,13 @@ def check_reference_cache(kit: Kit) -> None:
     """`reference_cache` replaces the reference's forward by the cached scores (the weights are not even loaded)."""
     online = kit.rho1_trainer()
     reference = online.s.config.reference_model.path
-    scores = score_reference_set(online.s, 4, online.autocast)
+    scores = score_reference_set(online.scheme.reference, online.s.train_set, 4, online.autocast, CPU.device)
     key = fingerprint(online.s.train_set, online.s.tokenizer, reference)
     true_cache, zero_cache = kit.tmp / "true.safetensors", kit.tmp / "zero.safetensors"
     write_cache(true_cache, scores, key)
     write_cache(zero_cache, torch.zeros_like(scores), key)
     true, zero = (kit.rho1_trainer(reference_cache=str(path)) for path in (true_cache, zero_cache))
-    assert online.s.reference is not None and true.s.reference is None
+    assert online.scheme.reference is not None and true.scheme.reference is None
     weights, valid = first_step_weights(online)
     assert torch.allclose(first_step_weights(true)[0], weights, atol=1e-5)
     assert not torch.allclose(first_step_weights(zero)[0], weights, atol=1e-3)

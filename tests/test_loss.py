@@ -8,7 +8,7 @@ from wmtp.loss import pair_coefficients
 
 
 def plain_loss(logits, labels, weights, lam, reduction):
-    """The formula of REFERENCE.md §3, one pair at a time."""
+    """The formula of docs/method.md §3, one pair at a time."""
     B, S, n, V = logits.shape
     num = 0.0
     den = 0.0

@@ -8,7 +8,7 @@ import pytest
 from wmtp.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-MBPP = str(ROOT.parent / "shared" / "data" / "mbpp")
+MBPP = str(ROOT / "data" / "mbpp")
 
 
 @pytest.mark.slow

@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
-from wmtp.config import ConfigError, DataSource, Reward
+from wmtp.config import ConfigError, DataSource
 from wmtp.data import Example, read_source, train_bpe_tokenizer
-from wmtp.rewards import make_reward
+from wmtp.rewards import RewardSettings, make_reward
 
-MBPP = str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mbpp")
+MBPP = str(Path(__file__).resolve().parents[1] / "data" / "mbpp")
 CORRECT = "a, b = map(int, input().split())\nprint(a + b)\n"
 
 
@@ -71,7 +71,7 @@ def test_jsonl_label_is_a_number_named_by_file_and_line(tmp_path):
 # ------------------------------------------------------------------------------------------------ verifiable
 @pytest.fixture(scope="module")
 def tests_reward():
-    return make_reward(Reward(kind="verifiable", check="tests", timeout_s=10))
+    return make_reward(RewardSettings(kind="verifiable", check="tests", timeout_s=10))
 
 
 def test_mbpp_and_humaneval_reference_code_scores_one_and_broken_code_zero(tests_reward):
@@ -96,7 +96,7 @@ def test_examples_without_tests_are_an_error_naming_the_example(tests_reward, tm
 
 
 def test_parses_compiles_prompt_plus_completion_without_running_it():
-    parses = make_reward(Reward(kind="verifiable", check="parses"))
+    parses = make_reward(RewardSettings(kind="verifiable", check="parses"))
     docstring = '"""\nAdd one.\n"""\n'
     examples = [Example(docstring, "def f(x):\n    return x + 1\n", "jsonl:d", "valid"),
                 Example(docstring, "raise SystemExit(1)\n", "jsonl:d", "exits-if-run"),
@@ -109,7 +109,7 @@ def test_parses_compiles_prompt_plus_completion_without_running_it():
 
 # ------------------------------------------------------------------------------------------------ labels
 def test_labels_come_from_codecontests_and_jsonl(tmp_path):
-    labels = make_reward(Reward(kind="labels"))
+    labels = make_reward(RewardSettings(kind="labels"))
     assert labels(codecontests(tmp_path, incorrect_solutions=True)) == [1.0, 0.0, 0.0]
     examples = jsonl(tmp_path, ['{"text": "a", "label": 1}', '{"text": "b", "label": 0.25}',
                                 '{"text": "c", "label": false}', '{"text": "d"}'])
@@ -151,7 +151,7 @@ def test_one_label_reward_model_scores_its_logit_batched_or_not(tmp_path, tokeni
     with torch.no_grad():
         direct = [model(input_ids=tokenizer(t, return_tensors="pt")["input_ids"]).logits[0, 0].item() for t in TEXTS]
     for batch_size in (1, 3):
-        scores = make_reward(Reward(kind="reward_model", model=path, batch_size=batch_size))(examples_of(TEXTS))
+        scores = make_reward(RewardSettings(kind="reward_model", model=path, batch_size=batch_size))(examples_of(TEXTS))
         assert scores == pytest.approx(direct, abs=1e-5)
     assert len(set(direct)) == len(TEXTS)
 
@@ -166,18 +166,18 @@ def test_two_label_reward_model_scores_the_positive_label_probability(tmp_path, 
         ids = [tokenizer(t, truncation=True, max_length=24, return_tensors="pt")["input_ids"] for t in TEXTS]
         assert ids[-1].shape[1] == 24
         direct = torch.cat([model(input_ids=i).logits.softmax(-1) for i in ids])  # [5, 2]
-    last = make_reward(Reward(kind="reward_model", model=path, batch_size=2))(examples_of(TEXTS))
-    first = make_reward(Reward(kind="reward_model", model=path, positive_label=0))(examples_of(TEXTS))
+    last = make_reward(RewardSettings(kind="reward_model", model=path, batch_size=2))(examples_of(TEXTS))
+    first = make_reward(RewardSettings(kind="reward_model", model=path, positive_label=0))(examples_of(TEXTS))
     assert last == pytest.approx(direct[:, 1].tolist(), abs=1e-5)
     assert first == pytest.approx(direct[:, 0].tolist(), abs=1e-5)
     assert last != pytest.approx(first, abs=1e-3)
     with pytest.raises(ConfigError, match=r"critic.reward.positive_label: 2 is not a label of .* \(2 labels\)"):
-        make_reward(Reward(kind="reward_model", model=path, positive_label=2))
+        make_reward(RewardSettings(kind="reward_model", model=path, positive_label=2))
 
 
 def test_missing_reward_model_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match="critic.reward.model: cannot load"):
-        make_reward(Reward(kind="reward_model", model=str(tmp_path / "missing")))
+        make_reward(RewardSettings(kind="reward_model", model=str(tmp_path / "missing")))
 
 
 # ------------------------------------------------------------------------------------------------ function
@@ -194,16 +194,17 @@ def test_user_function_is_called_with_the_examples(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     examples = [Example("", "abc", "jsonl:d", "d/0"), Example("q", "abcdef", "jsonl:d", "d/1")]
 
-    assert make_reward(Reward(kind="function", function="wmtp_test_reward_module:length"))(examples) == [3.0, 6.0]
+    length = make_reward(RewardSettings(kind="function", function="wmtp_test_reward_module:length"))
+    assert length(examples) == [3.0, 6.0]
     import wmtp_test_reward_module
 
     assert wmtp_test_reward_module.SEEN == ["d/0", "d/1"]
     with pytest.raises(ConfigError, match=r"`wmtp_test_reward_module:short` must return a sequence of one number "
                                           r"per example \(2\), got list of length 1"):
-        make_reward(Reward(kind="function", function="wmtp_test_reward_module:short"))(examples)
+        make_reward(RewardSettings(kind="function", function="wmtp_test_reward_module:short"))(examples)
     with pytest.raises(ConfigError, match="returned nan; rewards must be finite numbers"):
-        make_reward(Reward(kind="function", function="wmtp_test_reward_module:nan"))(examples)
+        make_reward(RewardSettings(kind="function", function="wmtp_test_reward_module:nan"))(examples)
     with pytest.raises(ConfigError, match="has no function `missing`"):
-        make_reward(Reward(kind="function", function="wmtp_test_reward_module:missing"))
+        make_reward(RewardSettings(kind="function", function="wmtp_test_reward_module:missing"))
     with pytest.raises(ConfigError, match="`no_such_module_xyz:f`: cannot import `no_such_module_xyz`"):
-        make_reward(Reward(kind="function", function="no_such_module_xyz:f"))
+        make_reward(RewardSettings(kind="function", function="no_such_module_xyz:f"))

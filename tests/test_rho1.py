@@ -8,15 +8,20 @@ from tiny_run import train_args
 
 from wmtp import IGNORE_INDEX, mtp_labels
 from wmtp.cli import main
-from wmtp.config import Rho1
 from wmtp.distributed import DistInfo
-from wmtp.weighting.rho1 import check_tokenizers_compatible, excess_loss, reference_target_ce, rho1_weights
+from wmtp.weighting.rho1 import (
+    Rho1Settings,
+    check_tokenizers_compatible,
+    excess_loss,
+    reference_target_ce,
+    rho1_weights,
+)
 
 ONE = DistInfo(0, 1, 0, torch.device("cpu"))
 
 
 def weights_for(excess, labels, **overrides):
-    s = Rho1(**{k: v for k, v in overrides.items() if k in Rho1.model_fields})
+    s = Rho1Settings(**{k: v for k, v in overrides.items() if k in Rho1Settings.model_fields})
     w, metrics, _ = rho1_weights(excess, labels, mode=s.mode, temperature=s.temperature, eps=s.eps, w_max=s.w_max,
                               skip_fraction=s.skip_fraction, keep_fraction=s.keep_fraction,
                               min_ce_diff=s.min_ce_diff, train_head0_fully=s.train_head0_fully, info=ONE)
@@ -137,7 +142,7 @@ def test_weighted_mode_statistics_and_clip():
 
 def test_mode_specific_keys_are_refused_for_other_modes():
     with pytest.raises(ValueError, match="keep_fraction` only applies to mode topk"):
-        Rho1(mode="token_skip", keep_fraction=0.5)
+        Rho1Settings(mode="token_skip", keep_fraction=0.5)
 
 
 def test_tokenizer_mismatch_is_a_clear_error():
@@ -213,7 +218,7 @@ def _rank_weights(rank: int, world: int, port: int, excess: list, labels: list, 
     try:
         info = DistInfo(rank, world, rank, torch.device("cpu"))
         mine = slice(rank * 2, rank * 2 + 2)  # each rank holds 2 of the 4 sequences of every micro-batch
-        s = Rho1(mode=mode)
+        s = Rho1Settings(mode=mode)
         w, _, _ = rho1_weights([e[mine] for e in excess], [lab[mine] for lab in labels], mode=s.mode,
                                temperature=s.temperature, eps=s.eps, w_max=s.w_max, skip_fraction=s.skip_fraction,
                                keep_fraction=s.keep_fraction, min_ce_diff=None, train_head0_fully=False, info=info)
@@ -250,8 +255,7 @@ def test_two_ranks_select_like_one_process(tmp_path, mode):
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
 def test_chunked_reference_ce_equals_the_full_logits_path(make):
-    from wmtp.train import score_reference_batch
-    from wmtp.weighting.rho1 import reference_target_ce
+    from wmtp.weighting.rho1 import reference_target_ce, score_reference_batch
 
     reference = make(3)
     g = torch.Generator().manual_seed(0)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from wmtp.evaluate.sandbox import Limits, Sandbox, SandboxError, available_isolation
+from wmtp.execution.sandbox import Limits, Sandbox, SandboxError, available_isolation
 
 ISOLATION = available_isolation()
 needs_isolation = pytest.mark.skipif(ISOLATION is None and not os.environ.get("CI"),

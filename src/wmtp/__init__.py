@@ -1,26 +1,30 @@
-"""wmtp: Weighted Multi-Token Prediction for language models."""
+"""wmtp: Weighted Multi-Token Prediction for language models.
 
-from .loss import (
-    IGNORE_INDEX,
-    fused_linear_mtp_ce,
-    loss_denominator,
-    mean1_clip,
-    mtp_labels,
-    per_target_to_heads,
-    weighted_mtp_loss,
-)
-from .model import MTPConfig, MTPModel, MTPOutput
+The names below load on first use (PEP 562), so `import wmtp.cli` (and `wmtp --help`) does not import torch.
+"""
 
-__all__ = [
-    "IGNORE_INDEX",
-    "MTPConfig",
-    "MTPModel",
-    "MTPOutput",
-    "fused_linear_mtp_ce",
-    "loss_denominator",
-    "mean1_clip",
-    "mtp_labels",
-    "per_target_to_heads",
-    "weighted_mtp_loss",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "IGNORE_INDEX": "loss",
+    "fused_linear_mtp_ce": "loss",
+    "loss_denominator": "loss",
+    "mean1_clip": "loss",
+    "mtp_labels": "loss",
+    "per_target_to_heads": "loss",
+    "weighted_mtp_loss": "loss",
+    "MTPConfig": "model",
+    "MTPModel": "model",
+    "MTPOutput": "model",
+}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,7 +6,8 @@ A checkpoint is a directory `step-00000100/` holding
 - `trainer_state.json`: step, data position, scheduler, optimizer hyper-parameters, early-stopping state,
   the MLflow run id, and the RNG states (as lists of bytes).
 Full (unsharded) state dicts are gathered from every rank and written by rank 0, so a checkpoint written
-under FSDP2 or DDP loads on one process and the other way round.
+under FSDP2 or DDP loads on one process and the other way round. A damaged file is an error naming it; what a
+save killed mid-write leaves behind is removed on the next save or resume.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -26,13 +27,23 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .atomic import atomic_directory
+from .config import ConfigError
 from .distributed import DistInfo
-from .model import MTPModel
+from .model import MTPModel, read_tensors
 
 STATE_FILE = "trainer_state.json"
 SCHEME_FILE = "scheme.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def remove_partial_checkpoints(run_dir: Path) -> None:
+    """Remove what a save killed mid-write left behind: the hidden temporary directories `atomic_directory`
+    fills before the rename (`checkpoints/.step-*`, `.final.*`). A complete checkpoint is never hidden."""
+    for pattern in ("checkpoints/.step-*", ".final.*"):
+        for leftover in run_dir.glob(pattern):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def checkpoint_name(step: int) -> str:
@@ -77,6 +88,7 @@ def save_checkpoint(run_dir: Path, step: int, model: MTPModel, optimizer: torch.
                    {"state": {}, "param_groups": optimizer.state_dict()["param_groups"]})
     if not info.is_main:
         return None
+    remove_partial_checkpoints(run_dir)
     root = run_dir / "checkpoints"
     target = root / checkpoint_name(step)
     with atomic_directory(target) as tmp:
@@ -101,13 +113,17 @@ def load_checkpoint(path: Path, model: MTPModel, optimizer: torch.optim.Optimize
     state_path = path / STATE_FILE
     if not state_path.is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint (no {STATE_FILE})")
-    state = json.loads(state_path.read_text())
+    try:
+        state = json.loads(state_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{state_path}: not valid JSON ({exc}); the checkpoint is damaged or was cut short, "
+                         "resume from an earlier one") from None
     saved = MTPModel.from_pretrained(path / "model")
     if saved.mtp_config != model.mtp_config:
         raise ValueError(f"{path}: checkpoint has {saved.mtp_config}, the recipe asks for {model.mtp_config}")
     set_model_state_dict(model, saved.state_dict(), options=StateDictOptions(full_state_dict=True))
     del saved
-    tensors = load_file(path / OPTIMIZER_FILE)
+    tensors = read_tensors(path / OPTIMIZER_FILE)
     per_param: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         name, _, field = key.rpartition("/")
@@ -121,5 +137,5 @@ def load_checkpoint(path: Path, model: MTPModel, optimizer: torch.optim.Optimize
                                  options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
-    state["scheme_tensors"] = load_file(path / SCHEME_FILE) if (path / SCHEME_FILE).is_file() else {}
+    state["scheme_tensors"] = read_tensors(path / SCHEME_FILE) if (path / SCHEME_FILE).is_file() else {}
     return state

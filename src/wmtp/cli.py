@@ -1,4 +1,7 @@
-"""The `wmtp` command. Errors are one line and exit code 1; `--verbose` adds the traceback."""
+"""The `wmtp` command. Errors are one line and exit code 1; `--verbose` adds the traceback.
+
+A light door: this module imports neither torch nor transformers, so `--help`, usage errors and config or recipe
+errors answer at once; each command imports what it needs when it runs."""
 
 from __future__ import annotations
 
@@ -10,6 +13,9 @@ import traceback
 from pathlib import Path
 
 from .config import ConfigError, dump_masked, load_config, load_recipe
+from .evaluate.settings import EvalSettings, ExecuteSettings, Sampling, Scoring
+from .execution import BENCHMARKS
+from .execution.sandbox import Limits
 from .tracking import tracking_uri
 
 
@@ -94,29 +100,6 @@ def _tags(text: str) -> dict[str, str]:
     return tags
 
 
-def _plan(setup, trainer_steps: tuple[int, int], run_dir: Path, loss: float, head_ce: list[float]) -> str:
-    model, recipe, info = setup.model, setup.recipe, setup.info
-    total = sum(p.numel() for p in model.parameters())
-    heads = sum(p.numel() for p in model.heads.parameters())
-    t = recipe.train
-    tokens = t.micro_batch_size * t.grad_accum_steps * info.world_size * recipe.data.max_length
-    steps, per_epoch = trainer_steps
-    return "\n".join([
-        f"model: {total / 1e6:.2f}M parameters ({heads / 1e6:.2f}M in {model.n_heads - 1} extra "
-        f"{model.mtp_config.head_type} heads), {model.n_heads} heads, vocabulary {model.unembedding.weight.shape[0]}",
-        f"data: {setup.n_train_examples} train / {setup.n_val_examples} validation examples -> "
-        f"{len(setup.train_set)} train / {len(setup.val_set) if setup.val_set else 0} validation sequences "
-        f"of {recipe.data.max_length} tokens",
-        f"steps: {steps} optimizer steps ({per_epoch} per epoch), {tokens} tokens per step "
-        f"({t.micro_batch_size} x {t.grad_accum_steps} accumulation x {info.world_size} processes)",
-        f"device: {info.device}, precision {setup.config.compute.precision}, world size {info.world_size}",
-        f"one forward on one batch: loss {loss:.4f}; CE per head " + " ".join(f"{c:.3f}" for c in head_ce),
-        f"outputs: {run_dir} (checkpoints/, final/); MLflow: "
-        + (tracking_uri(setup.config.mlflow, Path(setup.config.output_dir)) if setup.config.mlflow.enabled
-           else "disabled"),
-    ])
-
-
 def _summary(result: dict, run_dir: Path) -> str:
     lines = [f"run {run_dir}: {result['status'].lower()} at step {result['step']}/{result['total_steps']} "
              f"({result['reason']})"]
@@ -140,13 +123,11 @@ def _summary(result: dict, run_dir: Path) -> str:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    import torch
-
-    from . import distributed as dist_utils
-    from .train import Trainer, find_resume, labels_for, per_head_sums, prepare, step_counts
-
     config = load_config(args.config)
     recipe = load_recipe(args.recipe)
+    from .weighting import scheme_settings
+
+    scheme_settings(recipe)  # the scheme's own sections, checked before the heavy imports below
     if args.verbose:
         print(f"# config {args.config}\n{dump_masked(config)}# recipe {args.recipe}\n{dump_masked(recipe)}")
     if args.resume == "auto" and not args.run_name:
@@ -155,25 +136,25 @@ def train_command(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume).resolve().parent.parent
     else:
         run_dir = Path(config.output_dir) / (args.run_name or f"{args.recipe.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    from . import distributed as dist_utils
+    from .setup import describe_plan, dry_run_report, prepare
+    from .train import Trainer, find_resume
+
     resume = find_resume(args.resume, run_dir)
-    if resume is None and not args.dry_run and ((run_dir / "checkpoints").exists() or (run_dir / "critic").exists()):
+    if resume is None and not args.dry_run and run_dir.is_dir() and any(run_dir.iterdir()):
         raise ConfigError(f"{run_dir} already holds a run: pass --resume auto to continue it or another --run-name")
     info = dist_utils.init_distributed(config.compute.device)
     try:
         setup = prepare(config, recipe, info, tokenizer_dir=resume / "model" if resume else None)
         if args.dry_run:
-            steps = step_counts(len(setup.train_set), recipe.train, info.world_size)
-            batch = setup.train_set.select(torch.arange(min(recipe.train.micro_batch_size, len(setup.train_set))))
-            batch = {k: v.to(info.device) for k, v in batch.items()}
-            labels = labels_for(batch, setup.model.n_heads, recipe.data.mask_prompt)
-            with torch.no_grad():
-                out = setup.model(batch["input_ids"], batch["attention_mask"], labels=labels,
-                                  chunk_size=recipe.loss.chunk_size)
-            sums = per_head_sums(out.ce, out.correct, labels).view(3, -1)
-            head_ce = (sums[0] / sums[2].clamp_min(1)).tolist()
+            report = dry_run_report(setup)
             if info.is_main:
-                print(_plan(setup, steps, run_dir, float(out.loss), head_ce))
-                print("dry run: configuration, data, tokenizer and model are valid; nothing was trained or written")
+                tracking = (tracking_uri(config.mlflow, Path(config.output_dir)) if config.mlflow.enabled
+                            else "disabled")
+                print(describe_plan(setup, run_dir, report, tracking))
+                print("dry run: configuration, data, tokenizer, model and weighting are valid; nothing was trained "
+                      "or written")
             return 0
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -188,23 +169,28 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def score_reference_command(args: argparse.Namespace) -> int:
-    from . import distributed as dist_utils
-    from .reference_cache import fingerprint, write_cache
-    from .train import autocast_for, prepare, resolve_model_path, score_reference_set
-
     config = load_config(args.config)
     recipe = load_recipe(args.recipe)
-    if recipe.algorithm != "rho1" or config.reference_cache is None:
-        raise ConfigError("score-reference needs a recipe with algorithm: rho1 and a config with reference_cache")
-    device = dist_utils.resolve_device(config.compute.device)
-    setup = prepare(config, recipe, dist_utils.DistInfo(0, 1, 0, device), score_reference=True)
-    autocast = autocast_for(device, config.compute.precision)
+
+    from .distributed import resolve_device
+    from .reference_cache import write_cache
+    from .runtime import autocast_for
+    from .setup import load_run_data
+    from .weighting import scheme_settings
+    from .weighting.rho1 import load_reference, reference_cache_key, reference_cache_target, score_reference_set
+
+    target = reference_cache_target(config, recipe)
+    scheme_settings(recipe)
+    device = resolve_device(config.compute.device)
+    data = load_run_data(config, recipe)
+    reference = load_reference(config.reference_model, data.tokenizer, device)
     started = time.monotonic()
-    ref = score_reference_set(setup, recipe.train.micro_batch_size, autocast)
-    key = fingerprint(setup.train_set, setup.tokenizer, resolve_model_path(config.reference_model.path))
-    write_cache(Path(config.reference_cache), ref, key)
-    print(f"scored {len(setup.train_set)} sequences ({setup.train_set.n_tokens} tokens) in "
-          f"{time.monotonic() - started:.1f}s -> {config.reference_cache} (fingerprint {key[:12]})")
+    ref = score_reference_set(reference, data.train_set, recipe.train.micro_batch_size,
+                              autocast_for(device, config.compute.precision), device, recipe.loss.chunk_size)
+    key = reference_cache_key(data.train_set, data.tokenizer, config.reference_model)
+    write_cache(target, ref, key)
+    print(f"scored {len(data.train_set)} sequences ({data.train_set.n_tokens} tokens) in "
+          f"{time.monotonic() - started:.1f}s -> {target} (fingerprint {key[:12]})")
     return 0
 
 
@@ -226,14 +212,34 @@ def _passk_lines(results: dict) -> list[str]:
     return lines
 
 
+def _scoring(args: argparse.Namespace) -> Scoring:
+    limits = Limits(timeout_s=args.timeout, cpu_s=max(1, int(args.timeout)), memory_mb=args.memory_mb)
+    return Scoring(allow_code_execution=args.allow_code_execution, isolation=args.isolation, limits=limits,
+                   workers=args.workers, ks=tuple(args.k), seed=args.seed)
+
+
+def eval_settings(args: argparse.Namespace) -> EvalSettings:
+    """The typed settings of `wmtp eval` from its command line (usage errors are one line, before any import)."""
+    unknown = set(args.benchmarks) - set(BENCHMARKS)
+    if unknown:
+        raise ConfigError(f"--benchmarks: unknown {', '.join(sorted(unknown))} (choose from {', '.join(BENCHMARKS)})")
+    try:
+        sampling = Sampling(n=args.n, temperature=args.temperature, top_p=args.top_p,
+                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+    except ValueError as exc:
+        raise ConfigError(f"--n/--temperature/--top-p: {exc}") from None
+    return EvalSettings(checkpoint=args.checkpoint, benchmarks=tuple(args.benchmarks), split=args.split,
+                        limit=args.limit, sampling=sampling, scoring=_scoring(args), heads=not args.no_heads,
+                        head_batches=args.head_batches, speculative_prompts=args.speculative_prompts, out=args.out)
+
+
 def eval_command(args: argparse.Namespace) -> int:
+    settings = eval_settings(args)
+    config, recipe = load_config(args.config), load_recipe(args.recipe)
+
     from .evaluate.checkpoint_eval import evaluate_checkpoint
 
-    unknown = set(args.benchmarks) - {"mbpp", "humaneval", "codecontests"}
-    if unknown:
-        raise ConfigError(f"--benchmarks: unknown {', '.join(sorted(unknown))} (choose from mbpp, humaneval, "
-                          "codecontests)")
-    out, results = evaluate_checkpoint(load_config(args.config), load_recipe(args.recipe), args)
+    out, results = evaluate_checkpoint(config, recipe, settings)
     lines = _passk_lines(results)
     for head in (results.get("heads") or {}).get("heads", []):
         if head["ce"] is not None:
@@ -246,11 +252,13 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 def execute_command(args: argparse.Namespace) -> int:
-    from .evaluate.checkpoint_eval import execute_generations
-
     if not args.allow_code_execution:
         raise ConfigError("wmtp execute runs model-written programs: pass --allow-code-execution to allow it")
-    out, results = execute_generations(args)
+    settings = ExecuteSettings(generations=args.generations, scoring=_scoring(args), out=args.out)
+
+    from .evaluate.checkpoint_eval import execute_generations
+
+    out, results = execute_generations(settings)
     print("\n".join(_passk_lines(results) + [f"results: {out / 'results.json'}, report: {out / 'report.md'}"]))
     return 0
 

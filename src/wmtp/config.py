@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -104,6 +104,8 @@ class Logging(Strict):
 
 
 class Config(Strict):
+    _source: str = PrivateAttr("config")  # the file it came from, for error messages
+
     model: ModelSource
     reference_model: ReferenceSource | None = Field(
         None, description="Rho-1's frozen reference (same tokenizer as `model`); bfloat16 on GPUs via `dtype`")
@@ -116,6 +118,11 @@ class Config(Strict):
     checkpoint: Checkpointing = Checkpointing()
     mlflow: Tracking = Tracking()
     logging: Logging = Logging()
+
+    @property
+    def source(self) -> str:
+        """The file this config was read from ("config" when it was built in code)."""
+        return self._source
 
 
 # --------------------------------------------------------------------------------------------- recipe
@@ -225,127 +232,17 @@ class Training(Strict):
         return self
 
 
-class Rho1(Strict):
-    """Rho-1 (Lin et al., 2024): weights from the signed excess loss ℓ − ref, per head, over the whole step."""
-
-    mode: Literal["weighted", "token_skip", "topk"] = "weighted"
-    temperature: float = Field(0.7, gt=0, description="weighted: w = exp(z/T) (the seed's 0.7)")
-    eps: float = Field(0.05, ge=0, description="weighted: mean1_clip floor (the seed's 0.05)")
-    w_max: float = Field(3.0, gt=0, description="weighted: mean1_clip clip ceiling before the final renormalisation "
-                         "(the seed's 3.0); bounds each head's max/min weight ratio by w_max/eps")
-    skip_fraction: float = Field(0.3, ge=0, lt=1, description="token_skip: drop this bottom fraction per head")
-    keep_fraction: float = Field(0.6, gt=0, le=1, description="topk: keep this top fraction per head (paper: 0.6 at "
-                                 "1B, 0.7 at 7B)")
-    min_ce_diff: float | None = Field(None, description="pairs with excess below it are never selected/up-weighted")
-    train_head0_fully: bool = Field(False, description="head 0 keeps weight 1 on every valid pair")
-
-    @model_validator(mode="after")
-    def _keys_of_mode(self) -> Rho1:
-        owners = {"temperature": "weighted", "eps": "weighted", "w_max": "weighted",
-                  "skip_fraction": "token_skip", "keep_fraction": "topk"}
-        for key in self.model_fields_set:
-            if key in owners and owners[key] != self.mode:
-                raise ValueError(f"`{key}` only applies to mode {owners[key]}, not {self.mode}")
-        if self.eps > self.w_max:
-            raise ValueError("eps must be <= w_max")
-        return self
-
-
-class Reward(Strict):
-    """Where a document's reward comes from (one number per training document, placed at its last token)."""
-
-    kind: Literal["verifiable", "labels", "reward_model", "function"]
-    check: Literal["tests", "parses"] = Field(
-        "tests", description="verifiable: `tests` runs the example's own tests in the evaluation sandbox (MBPP "
-        "test_list, HumanEval check, CodeContests tests) -> 1 if all pass else 0; `parses`: 1 if the document is "
-        "valid Python (compiled, never run)")
-    timeout_s: float = Field(10.0, gt=0, description="verifiable tests: wall-clock seconds per program")
-    model: str | None = Field(None, description="reward_model: a Hugging Face sequence-classification model "
-                              "(hub id or directory) scoring the decoded text with its own tokenizer")
-    positive_label: int = Field(
-        -1, description="reward_model with several labels: the reward is the probability of this label "
-        "(default the last); a one-logit model's reward is its logit")
-    batch_size: int = Field(8, ge=1, description="reward_model: texts per forward")
-    function: str | None = Field(
-        None, description="function: `module:function` called with the list of examples (wmtp.data.Example) and "
-        "returning one float per example")
-
-    @model_validator(mode="after")
-    def _keys_of_kind(self) -> Reward:
-        owners = {"check": ("verifiable",), "timeout_s": ("verifiable",), "model": ("reward_model",),
-                  "positive_label": ("reward_model",), "batch_size": ("reward_model",), "function": ("function",)}
-        for key in self.model_fields_set:
-            if key in owners and self.kind not in owners[key]:
-                raise ValueError(f"`{key}` does not apply to reward kind {self.kind} (only {', '.join(owners[key])})")
-        if self.kind == "reward_model" and not self.model:
-            raise ValueError("reward kind reward_model needs `model` (a sequence-classification model)")
-        if self.kind == "function" and (not self.function or ":" not in self.function):
-            raise ValueError("reward kind function needs `function: module:function`")
-        return self
-
-
-class Critic(Strict):
-    """Critic-WMTP stage 2: TD errors of a value head on the trunk turned into per-head weights."""
-
-    reward: Reward
-    gamma: float = Field(1.0, gt=0, le=1, description="discount per token")
-    lam: float = Field(0.95, ge=0, le=1, description="λ of TD(λ) value targets and of GAE")
-    target: Literal["mc", "td_lambda"] = Field(
-        "td_lambda", description="value targets: Monte-Carlo returns, or TD(λ) returns bootstrapped from the "
-        "current value head (both stages)")
-    advantage: Literal["td", "gae"] = Field(
-        "td", description="per-token signal: the one-step TD error δ, or the GAE(λ) advantage")
-    temperature: float = Field(1.0, gt=0, description="w = exp(z/T), z the per-head standardised signal")
-    eps: float = Field(0.05, ge=0, description="mean1_clip floor")
-    w_max: float = Field(3.0, gt=0, description="mean1_clip ceiling before the final renormalisation")
-    value_hidden: int = Field(256, ge=0, description="width of the value head's hidden layer (0: linear)")
-    value_head_path: str | None = Field(
-        None, description="a value head saved by stage 1 (value_head.safetensors or its run directory): "
-        "stage 1 is skipped")
-    aux_coef: float = Field(0.1, ge=0, description="c of the auxiliary value loss c·MSE in stage 2")
-    value_lr: float = Field(1e-4, gt=0, description="stage 2 learning rate of the value head's own group")
-    value_schedule: Schedule = Field(
-        default_factory=lambda: Schedule(kind="constant"), description="stage 2 schedule of the value head's lr")
-
-    @model_validator(mode="after")
-    def _eps(self) -> Critic:
-        if self.eps > self.w_max:
-            raise ValueError("eps must be <= w_max")
-        return self
-
-
-class Pretrain(Strict):
-    """Critic-WMTP stage 1: fit the value head with the trunk frozen."""
-
-    max_steps: int = Field(200, ge=1, description="value-head optimizer steps at most")
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    eval_every: int = Field(20, ge=1, description="steps between held-out value-loss evaluations")
-    early_stopping: Literal["none", "loss", "loss_and_gradient"] = Field(
-        "loss", description="loss: stop after `patience` evaluations without a held-out value-loss improvement "
-        "> min_delta; loss_and_gradient: and only once the gradient norm is stable (coefficient of variation over "
-        "the last eval_every steps <= grad_cv_max), as in the seed")
-    patience: int = Field(3, ge=1)
-    min_delta: float = Field(0.0, ge=0)
-    grad_cv_max: float = Field(0.5, gt=0, description="loss_and_gradient: stability threshold")
-
-    @model_validator(mode="after")
-    def _keys_of_mode(self) -> Pretrain:
-        if "grad_cv_max" in self.model_fields_set and self.early_stopping != "loss_and_gradient":
-            raise ValueError("`grad_cv_max` only applies to early_stopping: loss_and_gradient")
-        if self.early_stopping == "none" and self.model_fields_set & {"patience", "min_delta"}:
-            raise ValueError("`patience` and `min_delta` do not apply to early_stopping: none")
-        return self
-
-
 class Recipe(Strict):
-    algorithm: Literal["baseline-mtp", "rho1", "critic"] = Field(
-        "baseline-mtp", description="baseline-mtp: uniform weights (Meta MTP; n_heads=1 is next-token training); "
-        "rho1: excess-loss weights against config.reference_model (needs the `rho1` section); "
-        "critic: value-function weights (needs the `critic` section; `pretrain` is its stage 1)")
-    rho1: Rho1 | None = None
-    critic: Critic | None = None
-    pretrain: Pretrain | None = Field(None, description="critic stage 1 (default settings when absent)")
+    """What to train. The weighting scheme's own sections (`rho1`, `critic`, `pretrain`, ...) are owned and
+    validated by the scheme (`wmtp.weighting`); here they are kept as given, so this file knows no scheme."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    _source: str = PrivateAttr("recipe")  # the file it came from, for error messages
+
+    algorithm: str = Field(
+        "baseline-mtp", description="the weighting scheme (wmtp.weighting.SCHEMES): baseline-mtp (uniform weights; "
+        "n_heads=1 is next-token training), rho1 (excess loss against config.reference_model), critic (value "
+        "function)")
     mtp: MTPShape = MTPShape()
     loss: LossSettings = LossSettings()
     data: DataSettings
@@ -353,30 +250,29 @@ class Recipe(Strict):
     schedule: Schedule = Schedule()
     train: Training
 
-    @model_validator(mode="after")
-    def _algorithm_section(self) -> Recipe:
-        if (self.algorithm == "rho1") != (self.rho1 is not None):
-            raise ValueError("the `rho1` section goes with algorithm: rho1, and algorithm rho1 needs it")
-        if (self.algorithm == "critic") != (self.critic is not None):
-            raise ValueError("the `critic` section goes with algorithm: critic, and algorithm critic needs it")
-        if self.pretrain is not None and self.algorithm != "critic":
-            raise ValueError("the `pretrain` section (critic stage 1) goes with algorithm: critic")
-        if self.pretrain is not None and self.critic.value_head_path is not None:
-            raise ValueError("`pretrain` is skipped when critic.value_head_path is given: remove one of them")
-        return self
+    @property
+    def sections(self) -> dict[str, Any]:
+        """The top-level sections this schema does not know: the weighting scheme's, as written."""
+        return dict(self.model_extra or {})
+
+    @property
+    def source(self) -> str:
+        """The file this recipe was read from ("recipe" when it was built in code)."""
+        return self._source
 
 
 # --------------------------------------------------------------------------------------------- loading
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def substitute_env(value: Any, where: str, env: dict[str, str] | None = None) -> Any:
-    """Replace `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree."""
+def substitute_env(value: Any, where: str, env: dict[str, str] | None = None, key: str = "") -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in every string of a parsed YAML tree. An unset variable without a
+    default is reported as `where: key: ...` (`where` the file, `key` the dotted key of `value` inside it)."""
     env = os.environ if env is None else env
     if isinstance(value, dict):
-        return {k: substitute_env(v, f"{where}.{k}" if where else str(k), env) for k, v in value.items()}
+        return {k: substitute_env(v, where, env, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [substitute_env(v, f"{where}[{i}]", env) for i, v in enumerate(value)]
+        return [substitute_env(v, where, env, f"{key}[{i}]") for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
 
@@ -386,19 +282,21 @@ def substitute_env(value: Any, where: str, env: dict[str, str] | None = None) ->
             return env[name]
         if default is not None:
             return default
-        raise ConfigError(f"{where}: environment variable {name} is not set (use ${{{name}:-default}} for a default)")
+        at = f"{where}: {key}" if key else where
+        raise ConfigError(f"{at}: environment variable {name} is not set (use ${{{name}:-default}} for a default)")
 
     return _VAR.sub(replace, value)
 
 
-def _describe(error: ValidationError, path: Path) -> str:
+def describe_error(error: ValidationError, path: Path | str) -> str:
+    """One line naming the file and the key of a validation error's first problem."""
     first = error.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":
         return f"{path}: {loc}: unknown key"
     if first["type"] == "missing":
         return f"{path}: {loc}: required key missing"
-    return f"{path}: {loc}: {first['msg']} (got {first.get('input')!r})"
+    return f"{path}: {loc}: {first['msg'].removeprefix('Value error, ')} (got {first.get('input')!r})"
 
 
 def load_yaml(path: str | os.PathLike, schema: type[BaseModel]) -> BaseModel:
@@ -418,15 +316,20 @@ def load_yaml(path: str | os.PathLike, schema: type[BaseModel]) -> BaseModel:
     try:
         return schema.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, path)) from None
+        raise ConfigError(describe_error(exc, path)) from None
 
 
 def load_config(path: str | os.PathLike) -> Config:
-    return load_yaml(path, Config)
+    config = load_yaml(path, Config)
+    config._source = str(path)
+    return config
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
-    return load_yaml(path, Recipe)
+    """The recipe's general sections are validated here; its scheme's sections by `wmtp.weighting.scheme_for`."""
+    recipe = load_yaml(path, Recipe)
+    recipe._source = str(path)
+    return recipe
 
 
 def flatten(model: BaseModel, prefix: str = "") -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""The critic's math on token sequences (REFERENCE.md §4, Critic): rewards placed at documents' last tokens,
+"""The critic's math on token sequences (docs/method.md §5.3): rewards placed at documents' last tokens,
 value targets (Monte-Carlo, TD(λ)), TD errors and GAE, all per packed row and never across documents.
 
 Conventions. A document is an episode. State s_t is the prefix x_{≤t}; V[t] = V(s_t). Generating x_j earns

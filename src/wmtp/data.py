@@ -4,7 +4,8 @@ Every source yields `Example(prompt, completion)`; the training text is prompt +
 project trained on the problem statement only). Templates, per source:
 
 - mbpp: the problem text and its test asserts (one per line) inside a triple-quoted string, then the code
-  (the problem and its asserts, as is standard for MBPP prompting).
+  (the problem and its asserts, as is standard for MBPP prompting). Without a `dataset`, the copy bundled in the
+  repository (`data/mbpp`); `datasets.mbpp` may also be a Hugging Face dataset id (needs the `datasets` package).
 - humaneval: the task's `prompt` + `canonical_solution`.
 - codecontests: the description inside a triple-quoted string, then the first Python solution, meta label 1
   (none for records without one). With `incorrect_solutions`, also every incorrect Python solution of the record
@@ -23,6 +24,8 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import math
+import re
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,10 +33,17 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, DataSettings, DataSource
+from .config import ConfigError, DataSettings, DataSource, Training
+from .loss import mtp_labels
 
 # deepmind/code_contests `language` enum: 1 = PYTHON (2), 3 = PYTHON3.
 _CODECONTESTS_PYTHON = (3, 1)
+
+# The MBPP copy in the repository (data/mbpp/README.md says where from); absent from a wheel install.
+BUNDLED_MBPP = Path(__file__).resolve().parents[2] / "data" / "mbpp"
+
+# A Hugging Face dataset id, `owner/name`.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
@@ -114,15 +124,55 @@ def _split_path(spec: DataSource, datasets: dict[str, str]) -> Path:
     return _split_file(path, spec.split or "train") if path.is_dir() else path
 
 
+def _mbpp_location(spec: DataSource, datasets: dict[str, str]) -> Path | str:
+    """Where an mbpp source's records are: the bundled copy (no `dataset`, or `dataset: mbpp` with no
+    `datasets.mbpp`), a configured file or directory, or a configured Hugging Face dataset id (a str)."""
+    if spec.dataset is None or (spec.dataset == "mbpp" and "mbpp" not in datasets):
+        if not BUNDLED_MBPP.is_dir():
+            raise ConfigError(f"data source mbpp: MBPP is not bundled with this installation ({BUNDLED_MBPP} does "
+                              "not exist); set `datasets.mbpp` to a directory of the original JSON files "
+                              "(train.json, validation.json, test.json) or a Hugging Face dataset id "
+                              "(google-research-datasets/mbpp)")
+        return BUNDLED_MBPP
+    value = datasets.get(spec.dataset)
+    if value is not None and not Path(value).exists() and _HUB_ID.fullmatch(value):
+        return value
+    return _dataset_path(spec, datasets)
+
+
+def _mbpp_hub_records(spec: DataSource, hub_id: str, split: str) -> Iterator[tuple[str, dict]]:
+    """(`id[split][i]`, record) of an MBPP split on the Hugging Face hub (or in its local cache)."""
+    key = f"datasets.{spec.dataset}"
+    try:
+        import datasets as hf_datasets
+    except ImportError:
+        raise ConfigError(f"{key}: `{hub_id}` is not an existing path, and loading it as a Hugging Face dataset "
+                          "needs the `datasets` package (pip install datasets)") from None
+    try:
+        rows = hf_datasets.load_dataset(hub_id, split=split)
+    except Exception as exc:  # the hub's errors have no common base: offline, unknown id, unknown split
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{key}: `{hub_id}` is not an existing path, and loading it as a Hugging Face dataset "
+                          f"(split {split}) failed: {detail}") from None
+    for i, record in enumerate(rows):
+        yield f"{hub_id}[{split}][{i}]", dict(record)
+
+
 def _mbpp(spec: DataSource, datasets: dict[str, str]) -> Iterator[Example]:
-    path = _split_path(spec, datasets)
-    for where, record in read_records(path):
+    location = _mbpp_location(spec, datasets)
+    if isinstance(location, str):
+        split = spec.split or "train"
+        records, source = _mbpp_hub_records(spec, location, split), f"mbpp:{split}"
+    else:
+        path = _split_file(location, spec.split or "train") if location.is_dir() else location
+        records, source = read_records(path), f"mbpp:{path.stem}"
+    for where, record in records:
         text = _field(record, "text", where)
         code = _field(record, "code", where).replace("\r\n", "\n")
         tests = _field(record, "test_list", where, list)
         task = record.get("task_id", where)
         prompt = '"""\n' + text.strip() + "\n" + "\n".join(tests) + '\n"""\n'
-        yield Example(prompt, code.rstrip() + "\n", f"mbpp:{path.stem}", f"mbpp/{task}",
+        yield Example(prompt, code.rstrip() + "\n", source, f"mbpp/{task}",
                       {"task_id": task, "test_list": tests, "test_setup_code": record.get("test_setup_code", "")})
 
 
@@ -282,6 +332,13 @@ class SequenceSet:
         return int(self.attention_mask.sum())
 
 
+def labels_for(batch: dict[str, torch.Tensor], n_heads: int, mask_prompt: bool) -> torch.Tensor:
+    """Per-head labels [B, S, n] of a batch of sequences (`SequenceSet.select`): prompt tokens are excluded as
+    targets when mask_prompt (docs/method.md §1)."""
+    return mtp_labels(batch["input_ids"], n_heads, attention_mask=batch["attention_mask"],
+                      document_ids=batch["document_ids"], prompt_mask=batch["prompt_mask"] if mask_prompt else None)
+
+
 def tokenize_examples(examples: list[Example], tokenizer) -> list[tuple[list[int], int]]:
     """(token ids, number of prompt tokens) per example: [bos] + prompt + completion + [eos]."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -362,3 +419,50 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, min_frequency: int):
     bpe.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=specials[0], eos_token=specials[0],
                                    pad_token=specials[1])
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How the training sequences are cut into optimizer steps, fixed in set-up: each step takes
+    `grad_accum_steps` global micro-batches of `micro_batch_size × world_size` sequences from a fixed order per
+    epoch (`epoch_order`); an incomplete last step of an epoch is dropped."""
+
+    micro_batch_size: int
+    grad_accum_steps: int
+    world_size: int
+    total_steps: int
+    steps_per_epoch: int
+    shuffle_seed: int
+    chunk_size: int  # valid pairs per CE chunk on the fast path (recipe loss.chunk_size)
+    eval_batches: int | None  # cap on validation micro-batches
+    mask_prompt: bool
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.micro_batch_size * self.world_size * self.grad_accum_steps
+
+    def micro_batch_rows(self, global_index: int, rank: int, n_sequences: int) -> torch.Tensor:
+        """The training-set rows of rank `rank`'s slice of global micro-batch `global_index`."""
+        per_epoch = self.steps_per_epoch * self.grad_accum_steps
+        epoch, within = divmod(global_index, per_epoch)
+        order = epoch_order(n_sequences, self.shuffle_seed, epoch)
+        start = within * self.micro_batch_size * self.world_size + rank * self.micro_batch_size
+        return order[start:start + self.micro_batch_size]
+
+
+def plan_steps(n_sequences: int, recipe_train: Training, recipe_data: DataSettings, chunk_size: int,
+               world_size: int) -> StepPlan:
+    """The step plan of a recipe's `train` settings over `n_sequences` training sequences: total steps are the
+    smaller of max_steps and num_epochs × steps per epoch."""
+    t = recipe_train
+    per_step = t.micro_batch_size * world_size * t.grad_accum_steps
+    per_epoch = n_sequences // per_step
+    if per_epoch == 0:
+        raise ConfigError(f"data: {n_sequences} training sequences, fewer than one optimizer step needs ({per_step}); "
+                          "lower micro_batch_size or grad_accum_steps, or add data")
+    candidates = [t.max_steps] if t.max_steps is not None else []
+    if t.num_epochs is not None:
+        candidates.append(max(1, math.ceil(t.num_epochs * per_epoch)))
+    return StepPlan(micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps, world_size=world_size,
+                    total_steps=min(candidates), steps_per_epoch=per_epoch, shuffle_seed=recipe_data.shuffle_seed,
+                    chunk_size=chunk_size, eval_batches=t.eval_batches, mask_prompt=recipe_data.mask_prompt)

@@ -1,8 +1,10 @@
-"""Head quality on held-out text: per-head cross-entropy, perplexity and top-1 accuracy, overall and by position.
+"""Head quality on held-out text: per-head cross-entropy, perplexity and top-1 accuracy, overall and by position
+(docs/method.md §6). One function serves training validation, `wmtp eval` and `--dry-run`.
 
 Perplexity is exp of the token-mean CE over all valid pairs of a head (not a mean of per-batch perplexities).
 A position bucket groups pairs by the position t of the predicting token (how much context it had); head h at t
-predicts x[t+1+h]. A bucket without valid pairs is reported as missing (None).
+predicts x[t+1+h]. A bucket without valid pairs is reported as missing (None). Uniform weights: runs with
+different schemes are compared on the same quantity.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from contextlib import nullcontext
 
 import torch
 
-from ..data import SequenceSet
-from ..loss import IGNORE_INDEX, mtp_labels
+from .data import SequenceSet, labels_for
+from .distributed import DistInfo, all_reduce_sum
+from .loss import IGNORE_INDEX
 
 DEFAULT_EDGES = (0, 16, 64, 256, 1024)
 
@@ -26,12 +29,19 @@ def _stats(ce: float, correct: float, count: float) -> dict:
 
 
 @torch.no_grad()
-def head_quality(model, sequences: SequenceSet, *, batch_size: int = 8, mask_prompt: bool = False,
-                 chunk_size: int = 256, edges: tuple[int, ...] = DEFAULT_EDGES, device: torch.device | None = None,
-                 autocast=None, max_batches: int | None = None) -> dict:
-    """{"heads": [per-head stats], "buckets": [{"positions": [lo, hi), "heads": [...]}, ...]} over `sequences`."""
+def head_quality(model, sequences: SequenceSet, *, n_heads: int | None = None, batch_size: int = 8,
+                 mask_prompt: bool = False, chunk_size: int = 256, edges: tuple[int, ...] = DEFAULT_EDGES,
+                 device: torch.device | None = None, autocast=None, max_batches: int | None = None,
+                 info: DistInfo | None = None) -> dict:
+    """{"loss", "heads": [per-head stats], "buckets": [{"positions": [lo, hi), "heads": [...]}, ...], "sequences"}
+    over the first `max_batches` batches of `sequences`.
+
+    `model` may be wrapped (DDP/FSDP2; give `n_heads` then). With `info` of several ranks, rank r takes batches
+    r, r + world, ... and the sums are all-reduced; every rank runs the same number of forwards (a rank without a
+    batch left runs one whose labels are all ignored), which FSDP2's collectives need."""
+    n = n_heads if n_heads is not None else model.n_heads
     device = device or next(model.parameters()).device
-    n = model.n_heads
+    rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
     length = sequences.input_ids.shape[1]
     bounds = [e for e in edges if e < length] + [length]
     bucket_of = torch.bucketize(torch.arange(length), torch.tensor(bounds[1:]), right=True).to(device)  # [S]
@@ -41,12 +51,14 @@ def head_quality(model, sequences: SequenceSet, *, batch_size: int = 8, mask_pro
     n_batches = math.ceil(len(sequences) / batch_size)
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
-    for b in range(n_batches):
-        index = torch.arange(b * batch_size, min((b + 1) * batch_size, len(sequences)))
+    for i in range(math.ceil(n_batches / world)):
+        b = i * world + rank
+        first = b * batch_size if b < n_batches else 0
+        index = torch.arange(first, min(first + batch_size, len(sequences)))
         batch = {k: v.to(device) for k, v in sequences.select(index).items()}
-        labels = mtp_labels(batch["input_ids"], n, attention_mask=batch["attention_mask"],
-                            document_ids=batch["document_ids"],
-                            prompt_mask=batch["prompt_mask"] if mask_prompt else None)
+        labels = labels_for(batch, n, mask_prompt)
+        if b >= n_batches:
+            labels = torch.full_like(labels, IGNORE_INDEX)
         with autocast or nullcontext():
             out = model(batch["input_ids"], batch["attention_mask"], labels=labels, chunk_size=chunk_size)
         valid = (labels != IGNORE_INDEX).double()  # [B, S, n]
@@ -54,9 +66,30 @@ def head_quality(model, sequences: SequenceSet, *, batch_size: int = 8, mask_pro
         for row, values in enumerate((out.ce.double() * valid, out.correct.double() * valid, valid)):
             sums[row].view(-1).index_add_(0, (index_b * n + torch.arange(n, device=device)).reshape(-1),
                                           values.reshape(-1))
+    if info is not None:
+        all_reduce_sum(sums, info)
     total = sums.sum(dim=1)  # [3, n]
     heads = [{"head": h, **_stats(*(float(total[r, h]) for r in range(3)))} for h in range(n)]
     buckets = [{"positions": [bounds[i], bounds[i + 1]],
                 "heads": [{"head": h, **_stats(*(float(sums[r, i, h]) for r in range(3)))} for h in range(n)]}
                for i in range(n_buckets)]
-    return {"heads": heads, "buckets": buckets, "sequences": min(len(sequences), n_batches * batch_size)}
+    pairs = float(total[2].sum())
+    return {"loss": float(total[0].sum()) / pairs if pairs else None, "heads": heads, "buckets": buckets,
+            "sequences": min(len(sequences), n_batches * batch_size)}
+
+
+def quality_metrics(report: dict, prefix: str = "val") -> dict[str, float]:
+    """`<prefix>/loss` (mean CE over all valid pairs of all heads) and per head `<prefix>/ce_head{h}`,
+    `ppl_head{h}`, `acc_head{h}` of a `head_quality` report; a head without pairs reports CE 0, as a sum would."""
+    metrics = {f"{prefix}/loss": report["loss"] or 0.0}
+    for head in report["heads"]:
+        h = head["head"]
+        metrics[f"{prefix}/ce_head{h}"] = head["ce"] or 0.0
+        metrics[f"{prefix}/ppl_head{h}"] = head["ppl"] or 1.0
+        metrics[f"{prefix}/acc_head{h}"] = head["acc"] or 0.0
+    return metrics
+
+
+def quality_metric_names(n_heads: int, prefix: str = "val") -> list[str]:
+    """The names `quality_metrics` reports (what early stopping may monitor, with the scheme's own)."""
+    return [f"{prefix}/loss"] + [f"{prefix}/{kind}_head{h}" for h in range(n_heads) for kind in ("ce", "ppl", "acc")]

@@ -1,4 +1,4 @@
-"""Per-head labels and the weighted multi-token prediction loss (REFERENCE.md §1 and §3).
+"""Per-head labels and the weighted multi-token prediction loss (docs/method.md §1 and §3).
 
 One indexing convention for the whole code base: head h at position t predicts x[t+1+h].
 
@@ -96,7 +96,7 @@ def _check_weights(weights: torch.Tensor | None, labels: torch.Tensor, reduction
     if weights.shape != labels.shape:
         raise ValueError(f"weights must have the shape of labels {tuple(labels.shape)}, got {tuple(weights.shape)}")
     if weights.requires_grad:
-        raise ValueError("weights carry gradient: importance weights must be detached (REFERENCE.md §3)")
+        raise ValueError("weights carry gradient: importance weights must be detached (docs/method.md §3)")
     valid = labels != IGNORE_INDEX
     if not bool(torch.isfinite(weights[valid]).all()):
         raise ValueError("weights are not finite on some valid (token, head) pair")
@@ -157,7 +157,7 @@ def weighted_mtp_loss(
     allow_negative: bool = False,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """The plain reference weighted MTP loss (REFERENCE.md §3).
+    """The plain reference weighted MTP loss (docs/method.md §3).
 
     logits: [B, S, n, V]; labels: [B, S, n] from `mtp_labels`; weights: [B, S, n], detached, or None for
     uniform; head_coef: λ_h, n values (default 1). The per-pair CE is computed in fp32.
@@ -179,7 +179,7 @@ def weighted_mtp_loss(
 
 
 def mean1_clip(weights: torch.Tensor, valid: torch.Tensor, eps: float = 0.05, w_max: float = 3.0) -> torch.Tensor:
-    """Weight post-processing `mean1_clip(ε, w_max)` over the valid pairs (REFERENCE.md §3).
+    """Weight post-processing `mean1_clip(ε, w_max)` over the valid pairs (docs/method.md §4).
 
     w ← w / mean_valid(w); w ← clip(w, ε, w_max); w ← w / mean_valid(w). Invalid pairs get 0.
     weights, valid: same shape. With no valid pair, all zeros.

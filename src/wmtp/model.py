@@ -1,6 +1,6 @@
 """The multi-token prediction model: a Hugging Face causal LM as trunk, n output heads, one unembedding.
 
-Head h at position t predicts x[t+1+h] (REFERENCE.md §1–§2). Head 0 is always the base model itself, so
+Head h at position t predicts x[t+1+h] (docs/method.md §1–§2). Head 0 is always the base model itself, so
 decoding with head 0 (`generate`) is ordinary decoding of the wrapped model, KV cache included.
 
 Head types:
@@ -27,11 +27,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .atomic import atomic_directory
+from .config import ConfigError
 from .loss import (
     IGNORE_INDEX,
     _check_weights,
@@ -109,6 +111,15 @@ def check_plain_unembedding(config) -> None:
                              "supports plain unembeddings only")
 
 
+def read_tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a missing, truncated or damaged file is an error naming it."""
+    try:
+        return load_file(path, device=device)
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"{path}: cannot read the tensors ({str(exc).splitlines()[0]}); the file is damaged or "
+                         "incomplete") from None
+
+
 def load_causal_lm(spec: str | os.PathLike, *, dtype: torch.dtype | None = None,
                    token: str | None = None) -> PreTrainedModel:
     """A causal LM from a hub id, a local directory, or a GGUF file (dequantised by transformers);
@@ -127,7 +138,7 @@ def load_causal_lm(spec: str | os.PathLike, *, dtype: torch.dtype | None = None,
 
 
 class MTPModel(nn.Module):
-    """A causal LM with n output heads sharing the final norm and the unembedding (REFERENCE.md §2)."""
+    """A causal LM with n output heads sharing the final norm and the unembedding (docs/method.md §2)."""
 
     def __init__(self, base: PreTrainedModel, heads: nn.ModuleList, config: MTPConfig) -> None:
         super().__init__()
@@ -289,9 +300,12 @@ class MTPModel(nn.Module):
             raise ValueError(f"{config_path}: wmtp format_version {settings.get('format_version')} is not "
                              f"supported (expected {FORMAT_VERSION})")
         config = MTPConfig(n_heads=settings["n_heads"], head_type=settings["head_type"])
-        base = load_causal_lm(directory, dtype=dtype)
+        try:
+            base = load_causal_lm(directory, dtype=dtype)
+        except (SafetensorError, OSError) as exc:  # a truncated or damaged weight file
+            raise ConfigError(f"{directory}: cannot read the model's weights ({str(exc).splitlines()[0]}); the "
+                             "files are damaged or incomplete") from None
         heads = cls._new_heads(base, config)
         if config.n_heads > 1:
-            state = load_file(directory / HEADS_FILE, device=str(base.device))
-            heads.load_state_dict(state, strict=True)
+            heads.load_state_dict(read_tensors(directory / HEADS_FILE, device=str(base.device)), strict=True)
         return cls(base, heads, config)

@@ -1,4 +1,4 @@
-"""Offline cache of Rho-1's reference CE (REFERENCE.md §4: it does not depend on the trained model).
+"""Offline cache of Rho-1's reference CE (docs/method.md §5.2: it does not depend on the trained model).
 
 `wmtp score-reference` scores every training sequence once and writes `ref[N, S]` (the reference's CE of
 each target token) to the config's `reference_cache` file, with a fingerprint of the training sequences,

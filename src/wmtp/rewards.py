@@ -1,4 +1,4 @@
-"""Rewards of Critic-WMTP (REFERENCE.md §4, Critic): one number per training document, from one source.
+"""Rewards of Critic-WMTP (docs/method.md §5.3): one number per training document, from one source.
 
 `make_reward(settings)` returns a function from a list of `wmtp.data.Example` to one float per example, in order;
 the critic places each document's reward at its last token (`critic_math.token_rewards`). Kinds (recipe
@@ -20,22 +20,58 @@ import importlib
 import math
 import numbers
 from collections.abc import Callable
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 
-from .config import ConfigError, Reward
+from .config import ConfigError, Strict
 from .data import Example
-from .evaluate.execution import execute
-from .evaluate.problems import BENCHMARKS, problem_from_example
-from .evaluate.sandbox import Limits, Sandbox
+from .execution.problems import BENCHMARKS, problem_from_example
+from .execution.samples import execute
+from .execution.sandbox import Limits, Sandbox
 
 RewardFn = Callable[[list[Example]], list[float]]
+
+
+class RewardSettings(Strict):
+    """Where a document's reward comes from (one number per training document, placed at its last token)."""
+
+    kind: Literal["verifiable", "labels", "reward_model", "function"]
+    check: Literal["tests", "parses"] = Field(
+        "tests", description="verifiable: `tests` runs the example's own tests in the evaluation sandbox (MBPP "
+        "test_list, HumanEval check, CodeContests tests) -> 1 if all pass else 0; `parses`: 1 if the document is "
+        "valid Python (compiled, never run)")
+    timeout_s: float = Field(10.0, gt=0, description="verifiable tests: wall-clock seconds per program")
+    model: str | None = Field(None, description="reward_model: a Hugging Face sequence-classification model "
+                              "(hub id or directory) scoring the decoded text with its own tokenizer")
+    positive_label: int = Field(
+        -1, description="reward_model with several labels: the reward is the probability of this label "
+        "(default the last); a one-logit model's reward is its logit")
+    batch_size: int = Field(8, ge=1, description="reward_model: texts per forward")
+    function: str | None = Field(
+        None, description="function: `module:function` called with the list of examples (wmtp.data.Example) and "
+        "returning one float per example")
+
+    @model_validator(mode="after")
+    def _keys_of_kind(self) -> RewardSettings:
+        owners = {"check": ("verifiable",), "timeout_s": ("verifiable",), "model": ("reward_model",),
+                  "positive_label": ("reward_model",), "batch_size": ("reward_model",), "function": ("function",)}
+        for key in self.model_fields_set:
+            if key in owners and self.kind not in owners[key]:
+                raise ValueError(f"`{key}` does not apply to reward kind {self.kind} (only {', '.join(owners[key])})")
+        if self.kind == "reward_model" and not self.model:
+            raise ValueError("reward kind reward_model needs `model` (a sequence-classification model)")
+        if self.kind == "function" and (not self.function or ":" not in self.function):
+            raise ValueError("reward kind function needs `function: module:function`")
+        return self
+
 
 # Programs judged at once: the evaluation's default (`execute`); each is single-threaded and short.
 TEST_WORKERS = 2
 
 
-def make_reward(settings: Reward, device: torch.device | str | None = None) -> RewardFn:
+def make_reward(settings: RewardSettings, device: torch.device | str | None = None) -> RewardFn:
     """The reward of `settings` (recipe `critic.reward`) as `rewards = fn(examples)`: examples [N] -> floats [N].
 
     `device` is where a reward model runs (default CPU); the other kinds do not use it. Everything that can be

@@ -21,14 +21,18 @@ from transformers import AutoTokenizer
 from ..atomic import atomic_file
 from ..config import Config, ConfigError, Recipe
 from ..data import load_examples, recipe_sequences
+from ..distributed import resolve_device
+from ..execution.problems import load_problems
+from ..execution.samples import execute, read_generations
+from ..execution.sandbox import Sandbox
+from ..head_quality import head_quality
 from ..model import MTPModel
+from ..runtime import autocast_for, quiet_library_progress
 from ..tracking import Tracker
-from .execution import execute, read_generations, summarize
-from .generation import Sampling, generate_samples
-from .heads import head_quality
-from .problems import load_problems
+from .generation import generate_samples
+from .passk import summarize
 from .report import find_results, write_json, write_reports
-from .sandbox import Limits, Sandbox
+from .settings import EvalSettings, ExecuteSettings, Scoring
 
 
 def model_directory(checkpoint: Path) -> Path:
@@ -46,57 +50,53 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def sandbox_from(args) -> Sandbox:
-    limits = Limits(timeout_s=args.timeout, cpu_s=max(1, int(args.timeout)), memory_mb=args.memory_mb)
-    return Sandbox(limits, isolation=args.isolation, allow_unisolated=args.isolation == "none")
-
-
-def run_passk(records: list[dict], args, out: Path, generation: dict) -> dict:
+def run_passk(records: list[dict], scoring: Scoring, out: Path, generation: dict) -> dict:
     started = time.monotonic()
-    results = execute(records, sandbox_from(args), workers=args.workers)
+    sandbox = Sandbox(scoring.limits, isolation=scoring.isolation, allow_unisolated=scoring.isolation == "none")
+    results = execute(records, sandbox, workers=scoring.workers)
     write_jsonl(out / "executions.jsonl", results)
-    summary = summarize(results, args.k, generation=generation, seed=args.seed)
+    summary = summarize(results, list(scoring.ks), generation=generation, seed=scoring.seed)
     summary["seconds"] = round(time.monotonic() - started, 1)
     return summary
 
 
-def evaluate_checkpoint(config: Config, recipe: Recipe, args) -> tuple[Path, dict]:
-    from ..distributed import resolve_device
-    from ..train import autocast_for
-
+def evaluate_checkpoint(config: Config, recipe: Recipe, settings: EvalSettings) -> tuple[Path, dict]:
+    if not config.logging.progress:
+        quiet_library_progress()
     device = resolve_device(config.compute.device)
-    directory = model_directory(args.checkpoint)
+    directory = model_directory(settings.checkpoint)
     model = MTPModel.from_pretrained(directory).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     tokenizer.padding_side = "left"
     autocast = autocast_for(device, config.compute.precision)
     run_dir = directory.parent.parent if directory.name == "model" else directory.parent
-    out = args.out or run_dir / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = settings.out or run_dir / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"checkpoint": str(directory), "device": str(device), "precision": config.compute.precision}
 
     problems = []
-    for benchmark in args.benchmarks:
-        problems += load_problems(benchmark, config.datasets.get(benchmark), split=args.split, limit=args.limit)
+    for benchmark in settings.benchmarks:
+        problems += load_problems(benchmark, config.datasets.get(benchmark), split=settings.split,
+                                  limit=settings.limit)
     if problems:
-        sampling = Sampling(n=args.n, temperature=args.temperature, top_p=args.top_p,
-                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+        sampling = settings.sampling
         started = time.monotonic()
         with autocast:
             records = generate_samples(model, tokenizer, problems, sampling, device=device, model_name=str(directory))
         write_jsonl(out / "generations.jsonl", records)
         generation = records[0]["generation"] | {"seconds": round(time.monotonic() - started, 1)}
         results["generations"] = str(out / "generations.jsonl")
-        if args.allow_code_execution:
-            results["passk"] = run_passk(records, args, out, generation)
+        if settings.scoring.allow_code_execution:
+            results["passk"] = run_passk(records, settings.scoring, out, generation)
         else:
-            results["passk"] = {"generation": generation, "ks": args.k, "benchmarks": {},
+            results["passk"] = {"generation": generation, "ks": list(settings.scoring.ks), "benchmarks": {},
                                 "note": "not executed (no --allow-code-execution)"}
-    if not args.no_heads:
-        results["heads"] = held_out_head_quality(model, tokenizer, config, recipe, device, autocast, args)
-    if model.n_heads > 1 and problems and args.speculative_prompts > 0:
-        results["speculative"] = speculative_statistics(model, tokenizer, problems[:args.speculative_prompts],
-                                                        args.max_new_tokens, device, autocast)
+    if settings.heads:
+        results["heads"] = held_out_head_quality(model, tokenizer, config, recipe, device, autocast,
+                                                 settings.head_batches)
+    if model.n_heads > 1 and problems and settings.speculative_prompts > 0:
+        results["speculative"] = speculative_statistics(model, tokenizer, problems[:settings.speculative_prompts],
+                                                        settings.sampling.max_new_tokens, device, autocast)
     write_json(out / "results.json", results)
     files = write_reports(out, [out.name], [results], [run_dir])
     log_to_mlflow(config, results, [out / "results.json", *files] + [p for p in (out / "generations.jsonl",
@@ -104,7 +104,8 @@ def evaluate_checkpoint(config: Config, recipe: Recipe, args) -> tuple[Path, dic
     return out, results
 
 
-def held_out_head_quality(model, tokenizer, config: Config, recipe: Recipe, device, autocast, args) -> dict | None:
+def held_out_head_quality(model, tokenizer, config: Config, recipe: Recipe, device, autocast,
+                          max_batches: int | None) -> dict | None:
     """Head quality on the recipe's validation data (its `validation` sources or its hold-out of train)."""
     _, validation = load_examples(recipe.data, config.datasets)
     if not validation:
@@ -113,7 +114,7 @@ def held_out_head_quality(model, tokenizer, config: Config, recipe: Recipe, devi
     report = head_quality(model, sequences, batch_size=recipe.train.micro_batch_size,
                           mask_prompt=recipe.data.mask_prompt,
                           chunk_size=recipe.loss.chunk_size, device=device, autocast=autocast,
-                          max_batches=args.head_batches)
+                          max_batches=max_batches)
     report["examples"] = len(validation)
     return report
 
@@ -170,13 +171,14 @@ def log_to_mlflow(config: Config, results: dict, files: list[Path], name: str, r
     results["mlflow_run_id"] = tracker.run_id
 
 
-def execute_generations(args) -> tuple[Path, dict]:
+def execute_generations(settings: ExecuteSettings) -> tuple[Path, dict]:
     """`wmtp execute`: judge a generations file on its own (e.g. produced elsewhere)."""
-    records = read_generations(args.generations)
-    out = args.out or args.generations.parent
+    records = read_generations(settings.generations)
+    out = settings.out or settings.generations.parent
     out.mkdir(parents=True, exist_ok=True)
     generation = records[0].get("generation", {})
-    results = {"generations": str(args.generations), "passk": run_passk(records, args, out, generation)}
+    results = {"generations": str(settings.generations),
+               "passk": run_passk(records, settings.scoring, out, generation)}
     write_json(out / "results.json", results)
     write_reports(out, [out.name], [results], [out])
     return out, results

@@ -6,30 +6,13 @@ completion is cut at the benchmark's first stop sequence. Deterministic given th
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .problems import STOP, Problem, truncate_at_stop
-
-
-@dataclass(frozen=True)
-class Sampling:
-    n: int = 1
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_new_tokens: int = 384
-    batch_size: int = 8
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError("n must be >= 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
-        if self.temperature == 0 and self.n > 1:
-            raise ValueError("greedy decoding (temperature 0) gives one sample per problem: use n 1 or a temperature")
+from ..execution.problems import STOP, Problem, truncate_at_stop
+from .settings import Sampling
 
 
 class _StopOnSequences(StoppingCriteria):

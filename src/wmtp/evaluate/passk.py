@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import defaultdict
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -33,3 +34,28 @@ def bootstrap_ci(per_problem: list[float], *, resamples: int = 2000, confidence:
     low = means[int(tail * (resamples - 1))]
     high = means[int(round((1.0 - tail) * (resamples - 1)))]
     return low, high
+
+
+def summarize(results: list[dict], ks: list[int], *, generation: dict | None = None, seed: int = 0) -> dict:
+    """Per benchmark: n per problem, pass@k (mean over problems) with a 95% bootstrap CI for each k ≤ n, and the
+    per-problem (n, c, pass@k). A k larger than a problem's n is reported as missing, never estimated."""
+    by_problem: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        by_problem[r["benchmark"]][r["task_id"]].append(bool(r["passed"]))
+    summary = {}
+    for benchmark, problems in by_problem.items():
+        ns = {len(v) for v in problems.values()}
+        per_problem = {task: {"n": len(v), "c": sum(v)} for task, v in problems.items()}
+        entry = {"problems": len(problems), "n": min(ns) if len(ns) == 1 else sorted(ns), "pass@k": {},
+                 "per_problem": per_problem}
+        for k in ks:
+            if k > min(ns):
+                entry["pass@k"][f"pass@{k}"] = None
+                continue
+            scores = [pass_at_k(p["n"], p["c"], k) for p in per_problem.values()]
+            for task, score in zip(per_problem, scores, strict=True):
+                per_problem[task][f"pass@{k}"] = score
+            low, high = bootstrap_ci(scores, seed=seed)
+            entry["pass@k"][f"pass@{k}"] = {"mean": sum(scores) / len(scores), "ci95": [low, high]}
+        summary[benchmark] = entry
+    return {"generation": generation or {}, "ks": ks, "benchmarks": summary}

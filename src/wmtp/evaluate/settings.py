@@ -1,0 +1,66 @@
+"""Typed settings of `wmtp eval` and `wmtp execute`, built by the CLI at the door (no argparse namespace travels
+further). Light: importing this module loads neither torch nor transformers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..execution.sandbox import Limits
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How completions are sampled: n per problem, temperature (0: greedy), top-p, length, batch and seed."""
+
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 384
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError("n must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.temperature == 0 and self.n > 1:
+            raise ValueError("greedy decoding (temperature 0) gives one sample per problem: use n 1 or a temperature")
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """Whether and how samples are executed (in the sandbox) and scored: the k of pass@k, the bootstrap seed."""
+
+    allow_code_execution: bool = False
+    isolation: str = "auto"  # auto, bwrap, unshare or none (none must be asked for explicitly)
+    limits: Limits = Limits()
+    workers: int = 2
+    ks: tuple[int, ...] = (1, 10)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """`wmtp eval`: which checkpoint, which benchmarks, how to sample, what else to measure, where to write."""
+
+    checkpoint: Path
+    benchmarks: tuple[str, ...] = ("mbpp", "humaneval")
+    split: str = "test"
+    limit: int | None = None
+    sampling: Sampling = Sampling()
+    scoring: Scoring = Scoring()
+    heads: bool = True
+    head_batches: int | None = None
+    speculative_prompts: int = 16
+    out: Path | None = None
+
+
+@dataclass(frozen=True)
+class ExecuteSettings:
+    """`wmtp execute`: a generations file to judge, and where to write the results (default: beside it)."""
+
+    generations: Path
+    scoring: Scoring = Scoring()
+    out: Path | None = None

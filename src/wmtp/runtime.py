@@ -1,0 +1,104 @@
+"""What training and evaluation both need to run a model: where models and tokenizers come from (hub ids,
+directories, GGUF files, files inside installed packages), the dtypes they load in, and the forward's autocast.
+
+It sits below `setup`, `train` and `evaluate`, and imports none of them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from .config import ConfigError, ModelSource, MTPShape
+from .model import CONFIG_KEY, MTPModel, load_causal_lm
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_model_path(spec: str) -> str:
+    """`pkg:<package>/<file>` → the file inside the installed package (found without importing it);
+    anything else is returned unchanged (a hub id, a directory or a GGUF path)."""
+    if not spec.startswith("pkg:"):
+        return spec
+    package, _, rel = spec[4:].partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise ConfigError(f"model path {spec}: package `{package}` is not installed")
+    path = Path(found.submodule_search_locations[0]) / rel
+    if not path.exists():
+        raise ConfigError(f"model path {spec}: {path} does not exist")
+    return str(path)
+
+
+def secret(value) -> str | None:
+    """The text of an optional SecretStr; an empty one (e.g. an unset `${HF_TOKEN:-}`) is None."""
+    return (value.get_secret_value() or None) if value is not None else None
+
+
+def autocast_for(device: torch.device, precision: str) -> AbstractContextManager:
+    """The forward's autocast context for `compute.precision` (fp32: none); re-entrant, so it can be reused."""
+    dtype = _AUTOCAST.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def quiet_library_progress() -> None:
+    """Silence the progress bars transformers and the hub draw while loading and saving ("Loading weights",
+    "Writing model shards"): with `logging.progress: false` the logs hold only wmtp's own lines."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+
+
+def load_tokenizer_from(spec: str, token: str | None = None):
+    path = Path(resolve_model_path(spec))
+    try:
+        if path.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(str(path), token=token)
+    except OSError as exc:
+        raise ConfigError(f"tokenizer {spec}: {str(exc).splitlines()[0]}") from exc
+
+
+def check_tokenizer_fits(tokenizer, model: MTPModel, what: str) -> None:
+    vocab = model.unembedding.weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise ConfigError(f"{what}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}")
+
+
+def build_model(source: ModelSource, shape: MTPShape, tokenizer) -> MTPModel:
+    """The MTP model of a config's `model` source with the recipe's head shape: from scratch (sized to the
+    tokenizer), a saved wmtp model (its heads must match), or any causal LM with new heads."""
+    try:
+        return _build_model(source, shape, tokenizer)
+    except OSError as exc:  # missing files, no network, unknown hub id: name what was asked for
+        raise ConfigError(f"model.path {source.path}: {str(exc).splitlines()[0]}") from exc
+
+
+def _build_model(source: ModelSource, shape: MTPShape, tokenizer) -> MTPModel:
+    if source.from_scratch is not None:
+        s = source.from_scratch
+        base = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
+            num_hidden_layers=s.num_layers, num_attention_heads=s.num_attention_heads,
+            num_key_value_heads=s.num_key_value_heads, max_position_embeddings=s.max_position_embeddings,
+            tie_word_embeddings=s.tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+        return MTPModel.from_base(base.to(DTYPES[source.dtype]), n_heads=shape.n_heads, head_type=shape.head_type)
+    path = resolve_model_path(source.path)
+    config_file = Path(path) / "config.json"
+    dtype = DTYPES[source.dtype]
+    if config_file.is_file() and CONFIG_KEY in config_file.read_text():
+        model = MTPModel.from_pretrained(path, dtype=dtype)
+        if (model.n_heads, model.mtp_config.head_type) != (shape.n_heads, shape.head_type):
+            raise ConfigError(f"{path}: a wmtp model with {model.n_heads} {model.mtp_config.head_type} heads, "
+                              f"the recipe asks for {shape.n_heads} {shape.head_type} heads")
+        return model
+    base = load_causal_lm(path, dtype=dtype, token=secret(source.hf_token))
+    return MTPModel.from_base(base, n_heads=shape.n_heads, head_type=shape.head_type)

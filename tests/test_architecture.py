@@ -1,0 +1,214 @@
+"""The house rules of docs/architecture.md, checked on the source: layers, no import circles, schemes only in
+weighting/, a light command door, and a repository that stands alone."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "wmtp"
+
+# The layers of docs/architecture.md: a module may import modules of its own layer or below, never above.
+LAYERS = {
+    "atomic": 0, "config": 0, "loss": 0,
+    "data": 1, "distributed": 1, "model": 1, "critic_math": 1, "tracking": 1, "optim": 1, "reference_cache": 1,
+    "execution": 1,
+    "runtime": 2, "head_quality": 2, "rewards": 2, "checkpoint": 2, "meta_checkpoint": 2,
+    "weighting": 3,
+    "setup": 4, "evaluate": 4,
+    "train": 5,
+    "cli": 6, "__main__": 6, "__init__": 6,
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" and len(parts) > 1 else parts)
+
+
+def layer(module: str) -> int:
+    return LAYERS[module.split(".")[0]]
+
+
+def runtime_imports(path: Path) -> set[str]:
+    """The wmtp modules `path` imports at run time (module level or inside functions; not `if TYPE_CHECKING`)."""
+    tree = ast.parse(path.read_text())
+    here = module_name(path).split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
+    skipped = {id(node) for n in ast.walk(tree) if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)
+               for child in n.body for node in ast.walk(child)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped or not isinstance(node, ast.ImportFrom | ast.Import):
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name.removeprefix("wmtp.") for a in node.names if a.name.startswith("wmtp.")}
+            continue
+        if node.level == 0:
+            if node.module and node.module.startswith("wmtp"):
+                base = node.module.removeprefix("wmtp").lstrip(".").split(".")
+            else:
+                continue
+        else:
+            base = (package[:len(package) - node.level + 1] if node.level > 1 else package) + \
+                   (node.module.split(".") if node.module else [])
+        base = [b for b in base if b]
+        for alias in node.names:  # `from . import x` may name a submodule
+            candidate = [*base, alias.name]
+            target = ".".join(candidate) if (PACKAGE.joinpath(*candidate).with_suffix(".py").is_file()
+                                             or PACKAGE.joinpath(*candidate).is_dir()) else ".".join(base)
+            if target:
+                found.add(target)
+    return found - {module_name(path)}
+
+
+GRAPH = {module_name(p): runtime_imports(p) for p in PACKAGE.rglob("*.py")}
+
+
+def test_the_import_graph_is_read():
+    assert {"weighting.base", "distributed", "loss"} <= GRAPH["weighting.rho1"]
+    assert "execution.samples" in GRAPH["rewards"] and "setup" in GRAPH["train"]
+
+
+@pytest.mark.parametrize("module", sorted(GRAPH))
+def test_no_module_imports_a_higher_layer(module):
+    above = {m for m in GRAPH[module] if layer(m) > layer(module)}
+    assert not above, f"{module} (layer {layer(module)}) imports {sorted(above)} from a higher layer"
+
+
+def test_no_import_circles():
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(GRAPH.get(node, ())):
+            if state.get(nxt) == 1:
+                pytest.fail("import circle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for module in sorted(GRAPH):
+        if module not in state:
+            visit(module)
+
+
+def test_execution_imports_nothing_from_training_or_evaluation():
+    for module, imports in GRAPH.items():
+        if module.startswith("execution"):
+            assert not {m for m in imports if m.split(".")[0] in ("train", "setup", "weighting", "evaluate",
+                                                                     "rewards", "cli")}, module
+
+
+def test_nothing_outside_weighting_branches_on_the_algorithm_name():
+    names = r"[\"'](baseline-mtp|rho1|critic)[\"']"
+    branch = re.compile(rf"algorithm\s*(==|!=|\bin\b|\bnot in\b)|\.(rho1|critic|pretrain)\b|[=!]=\s*{names}"
+                        rf"|{names}\s*(==|!=|\bin\b)|\bin\s*\(?{names}")
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if "weighting" in path.parts:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            code = line.split("#")[0]
+            if branch.search(code) and not code.lstrip().startswith(("from ", "import ")):
+                found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not found, "\n".join(found)
+
+
+def test_the_trainer_holds_no_model_loading_or_reference_scoring():
+    source = (PACKAGE / "train.py").read_text()
+    for word in ("from_pretrained", "load_causal_lm", "build_model", "AutoTokenizer", "reference"):
+        assert word not in source, word
+
+
+def run_python(code: str) -> str:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+LOADED = "import sys; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+
+
+def test_help_and_usage_errors_import_neither_torch_nor_transformers():
+    out = run_python("from wmtp.cli import main\n"
+                     "for argv in (['--help'], ['train', '--help'], ['eval', '--help'], ['train']):\n"
+                     "    try:\n        main(argv)\n    except SystemExit:\n        pass\n" + LOADED)
+    assert out.splitlines()[-1] == "[]"
+
+
+def test_config_errors_answer_without_torch(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  path: x\nnot_a_key: 1\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data:\n  train:\n    - kind: mbpp\ntrain:\n  max_steps: 1\n")
+    out = run_python(f"from wmtp.cli import main\nassert main(['train', '--config', {str(config)!r}, '--recipe', "
+                     f"{str(recipe)!r}]) == 1\n" + LOADED)
+    assert out.splitlines()[-1] == "[]"
+
+
+def test_a_scheme_section_error_names_the_file_and_key_without_transformers(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  path: x\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("algorithm: rho1\nrho1:\n  mode: topk\n  temperature: 2\n"
+                      "data:\n  train:\n    - kind: mbpp\ntrain:\n  max_steps: 1\n")
+    code = (f"from wmtp.cli import main\nassert main(['train', '--config', {str(config)!r}, '--recipe', "
+            f"{str(recipe)!r}]) == 1\n" + LOADED)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert f"{recipe}: rho1: `temperature` only applies to mode weighted" in result.stderr
+    assert "transformers" not in result.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize(("sections", "message"), [
+    ("algorithm: nope\n", "algorithm: unknown `nope` (choose from baseline-mtp, critic, rho1)"),
+    ("rho1:\n  mode: topk\n", "rho1: the `rho1` section goes with algorithm: rho1, not baseline-mtp"),
+    ("algorithm: critic\npretrain: {}\n", "critic: required key missing"),
+    ("extra_section: 1\n", "extra_section: unknown key"),
+])
+def test_scheme_sections_belong_to_their_scheme(tmp_path, sections, message):
+    from wmtp.config import ConfigError, load_recipe
+    from wmtp.weighting import scheme_settings
+
+    path = tmp_path / "r.yaml"
+    path.write_text(sections + "data:\n  train:\n    - kind: mbpp\ntrain:\n  max_steps: 1\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
+        scheme_settings(load_recipe(path))
+
+
+def test_every_recipe_in_configs_still_loads():
+    from wmtp.config import load_recipe
+    from wmtp.weighting import scheme_settings
+
+    recipes = [p for p in sorted((ROOT / "configs").glob("*.yaml")) if re.search(r"^train:", p.read_text(), re.M)]
+    assert len(recipes) >= 8
+    for path in recipes:
+        scheme_settings(load_recipe(path))
+
+
+def test_no_file_refers_to_a_path_outside_the_repository():
+    outside = re.compile(r"shared/|REFERENCE\.md")
+    tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT).stdout.split()
+    found = [name for name in tracked if name.endswith((".py", ".yaml", ".md", ".toml", "Makefile"))
+             and (ROOT / name).is_file() and outside.search((ROOT / name).read_text(errors="replace"))
+             and name != "tests/test_architecture.py"]
+    assert not found, found
+
+
+def test_method_sections_cited_in_the_code_exist():
+    method = (ROOT / "docs" / "method.md").read_text()
+    headings = set(re.findall(r"^#+ (§\d+(?:\.\d+)?)", method, flags=re.M))
+    cited = set()
+    for path in [*PACKAGE.rglob("*.py"), ROOT / "README.md"]:
+        for match in re.finditer(r"docs/method\.md (§\d+(?:\.\d+)?)(?:[–-](§?\d+))?", path.read_text()):
+            cited.add(match.group(1))
+    assert cited and cited <= headings, sorted(cited - headings)
