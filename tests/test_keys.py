@@ -10,6 +10,7 @@ and `output_dir` and `compute.device` go through the CLI.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import types
@@ -25,14 +26,14 @@ import transformers
 import yaml
 from conftest import tiny_llama
 from critic_key_checks import CRITIC_KEY_CHECKS, check_incorrect_solutions
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from tiny_run import CONFIG, RECIPE, SNIPPETS, merge
 
 import wmtp.model
 from wmtp.cli import main
 from wmtp.config import Config, ConfigError, DataSettings, ModelSource, Recipe, ScratchModel, Tracking, Training
 from wmtp.data import labels_for, load_examples, plan_steps, train_bpe_tokenizer
-from wmtp.distributed import DistInfo, resolve_device
+from wmtp.distributed import DistInfo, init_distributed, resolve_device
 from wmtp.model import ResidualHead
 from wmtp.optim import lr_lambda, make_optimizer
 from wmtp.reference_cache import fingerprint, write_cache
@@ -443,6 +444,31 @@ def check_keep_last(kit: Kit) -> None:
     three = kit.trainer(config={"checkpoint": {"every_steps": 1, "keep_last": 3}}, name="b")
     three.run()
     assert checkpoints(two) == [3, 4] and checkpoints(three) == [2, 3, 4]
+
+
+def check_max_shard_size(kit: Kit) -> None:
+    """`checkpoint.max_shard_size` is the largest safetensors file of the final model."""
+    def files(size):
+        trainer = kit.trainer(config={"checkpoint": {"max_shard_size": size}}, name=f"shard{size}")
+        trainer.run()
+        return sorted(p.name for p in (trainer.run_dir / "final").glob("model*.safetensors"))
+
+    assert files("5GB") == ["model.safetensors"]
+    many = files("20KB")
+    assert len(many) > 2 and many[0] == f"model-00001-of-{len(many):05d}.safetensors"
+    with pytest.raises(ValidationError, match="expected a size"):
+        kit.config(checkpoint={"max_shard_size": "lots"})
+
+
+def check_timeout_minutes(kit: Kit) -> None:
+    """`compute.timeout_minutes` is the process group's timeout for collectives."""
+    seen = []
+    kit.monkeypatch.setattr("torch.distributed.init_process_group", lambda *a, **k: seen.append(k["timeout"]))
+    kit.monkeypatch.setattr("torch.distributed.is_initialized", lambda: False)
+    kit.monkeypatch.setenv("WORLD_SIZE", "2")
+    for minutes in (30, 2.5):
+        init_distributed("cpu", kit.config(compute={"timeout_minutes": minutes}).compute.timeout_minutes)
+    assert seen == [datetime.timedelta(minutes=30), datetime.timedelta(minutes=2.5)]
 
 
 def tracked(kit: Kit, **mlflow) -> dict:
@@ -1028,6 +1054,8 @@ KEY_CHECKS: dict[str, Callable[[Kit], None]] = {
     "config.compute.threads": check_threads,
     "config.checkpoint.every_steps": check_every_steps,
     "config.checkpoint.keep_last": check_keep_last,
+    "config.checkpoint.max_shard_size": check_max_shard_size,
+    "config.compute.timeout_minutes": check_timeout_minutes,
     "config.mlflow.enabled": check_mlflow_enabled,
     "config.mlflow.tracking_uri": check_tracking_uri,
     "config.mlflow.experiment": check_experiment,

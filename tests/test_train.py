@@ -11,14 +11,19 @@ from safetensors.torch import load_file
 from tiny_run import files, train_args
 
 from wmtp import MTPModel
+from wmtp.checkpoint import load_checkpoint_model
 from wmtp.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return {**load_file(run_dir / "final" / "model.safetensors"), **{
-        f"heads.{k}": v for k, v in load_file(run_dir / "final" / "mtp_heads.safetensors").items()}}
+    """Every tensor of a run's final model: the base model's shards and the extra heads."""
+    final = run_dir / "final"
+    weights = {f"heads.{k}": v for k, v in load_file(final / "mtp_heads.safetensors").items()}
+    for shard in sorted(final.glob("model*.safetensors")):
+        weights.update(load_file(shard))
+    return weights
 
 
 def test_training_lowers_validation_loss_and_writes_outputs(tmp_path, capsys):
@@ -70,7 +75,7 @@ def test_resume_is_bit_identical(tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     # and a run that restarted from scratch instead would differ (the checkpoint carries real state)
-    start = MTPModel.from_pretrained(full / "checkpoints" / "step-00000003" / "model").state_dict()
+    start = load_checkpoint_model(full / "checkpoints" / "step-00000003").state_dict()
     assert not torch.equal(start["base.model.embed_tokens.weight"], a["model.embed_tokens.weight"])
 
 
@@ -98,7 +103,7 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
     assert "stopped by SIGTERM" in out
     checkpoints = sorted((tmp_path / "runs" / "sig" / "checkpoints").iterdir())
     assert len(checkpoints) == 1 and int(checkpoints[0].name.split("-")[1]) >= 3
-    MTPModel.from_pretrained(checkpoints[0] / "model")
+    load_checkpoint_model(checkpoints[0])
     assert not (tmp_path / "runs" / "sig" / "final").exists()
     assert not [p for p in checkpoints[0].parent.iterdir() if p.name.startswith(".")]
 

@@ -1,45 +1,54 @@
-"""Training checkpoints: everything a run needs to continue bit for bit, written atomically.
+"""Training checkpoints: sharded, written by every rank at once, complete or absent, and loadable at another world
+size.
 
-A checkpoint is a directory `step-00000100/` holding
-- `model/`: the model as `MTPModel.save_pretrained` writes it (safetensors, config, tokenizer);
-- `optimizer.safetensors`: every optimizer state tensor, keyed `<parameter name>/<state name>`;
-- `trainer_state.json`: step, data position, scheduler, optimizer hyper-parameters, early-stopping state,
-  the MLflow run id, and the RNG states (as lists of bytes).
-Full (unsharded) state dicts are gathered from every rank and written by rank 0, so a checkpoint written
-under FSDP2 or DDP loads on one process and the other way round. A damaged file is an error naming it; what a
-save killed mid-write leaves behind is removed on the next save or resume.
+A checkpoint is a directory `checkpoints/step-00000100/` holding
+- `state/`: the model and the optimizer in `torch.distributed.checkpoint` form: each rank writes its own shards
+  (a replicated tensor once), the coordinator writes `.metadata` after every rank's data;
+- `rng-rank<r>.json`: the RNG state of rank r;
+- `mtp.json` and `config.json`: the MTP shape and the base model's config (to rebuild the model around the state);
+- `tokenizer/`, and `scheme.safetensors` when the weighting scheme has trainable state (the critic's value head);
+- `trainer_state.json`, written last: step, data position, scheduler, early-stopping and scheme state, the MLflow
+  run id. The directory is filled under a hidden name and renamed only after that, so a save killed at any point
+  leaves no `step-*` directory; its leftovers are removed on the next save or resume.
+
+Loading reshards: a checkpoint saved by 2 ranks (DDP or FSDP2) resumes on 1 and the other way round, because each
+tensor is stored once under its name with its global shape. A damaged file is an error naming it.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
 
-from .atomic import atomic_directory
 from .config import ConfigError
 from .distributed import DistInfo
-from .model import MTPModel, read_tensors
+from .model import MTPConfig, MTPModel, read_tensors
 
 STATE_FILE = "trainer_state.json"
+SHARDS_DIR = "state"
 SCHEME_FILE = "scheme.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+MTP_FILE = "mtp.json"
+TOKENIZER_DIR = "tokenizer"
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:
-    """Remove what a save killed mid-write left behind: the hidden temporary directories `atomic_directory`
-    fills before the rename (`checkpoints/.step-*`, `.final.*`). A complete checkpoint is never hidden."""
+    """Remove what a save killed mid-write left behind: the hidden directories a save fills before its rename
+    (`checkpoints/.step-*`, `.final.*`). A complete checkpoint is never hidden."""
     for pattern in ("checkpoints/.step-*", ".final.*"):
         for leftover in run_dir.glob(pattern):
             if leftover.is_dir():
@@ -51,6 +60,7 @@ def checkpoint_name(step: int) -> str:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints, oldest first."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
@@ -71,71 +81,122 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def save_model(model: MTPModel, directory: Path, tokenizer, info: DistInfo) -> Path | None:
-    """Gather the full model on every rank (a no-op copy when not sharded) and write it from rank 0."""
-    state = get_model_state_dict(model, options=_FULL)
-    return model.save_pretrained(directory, tokenizer=tokenizer, state_dict=state) if info.is_main else None
+@contextmanager
+def _one_process_is_intended() -> Iterator[None]:
+    """DCP warns that it 'assumes the intent' of a single process when no process group exists; here it is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def save_model(model: MTPModel, directory: Path, tokenizer, info: DistInfo, max_shard_size: int) -> Path | None:
+    """The final model as a Hugging Face directory: every rank takes part in the tensor-by-tensor gathers, rank 0
+    writes (see `MTPModel.save_pretrained`)."""
+    return model.save_pretrained(directory, tokenizer=tokenizer, max_shard_size=max_shard_size, write=info.is_main)
 
 
 def save_checkpoint(run_dir: Path, step: int, model: MTPModel, optimizer: torch.optim.Optimizer, scheduler,
                     trainer_state: dict, tokenizer, info: DistInfo, keep_last: int,
                     scheme_tensors: dict[str, torch.Tensor] | None = None) -> Path | None:
-    """Gather on every rank, write on rank 0 (into a temp dir, renamed when complete), prune old ones."""
-    model_state = get_model_state_dict(model, options=_FULL)
-    # Before the first step there is no optimizer state, and get_optimizer_state_dict would create it with a
-    # zero-lr step (advancing Adam's step count): save the empty state as it is, on every rank alike.
-    optim_state = (get_optimizer_state_dict(model, optimizer, options=_FULL) if optimizer.state else
-                   {"state": {}, "param_groups": optimizer.state_dict()["param_groups"]})
-    if not info.is_main:
-        return None
-    remove_partial_checkpoints(run_dir)
+    """Every rank writes its shards and RNG state in parallel; rank 0 then writes the rest, `trainer_state.json`
+    last, renames the directory into place and prunes old checkpoints. Returns the path on rank 0."""
     root = run_dir / "checkpoints"
     target = root / checkpoint_name(step)
-    with atomic_directory(target) as tmp:
-        model.save_pretrained(tmp / "model", tokenizer=tokenizer, state_dict=model_state)
-        tensors = {}
-        for name, per_param in optim_state["state"].items():
-            for key, value in per_param.items():
-                tensors[f"{name}/{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
-        save_file(tensors, tmp / OPTIMIZER_FILE)
+    partial = root / f".{target.name}.partial"
+    if info.is_main:
+        remove_partial_checkpoints(run_dir)
+        partial.mkdir(parents=True)
+    _barrier(info)
+    state = {"model": get_model_state_dict(model)}
+    # Before the first step there is no optimizer state, and get_optimizer_state_dict would create it with a
+    # zero-lr step (advancing Adam's step count): such a checkpoint holds the model alone.
+    has_optimizer_state = bool(optimizer.state)
+    if has_optimizer_state:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    with _one_process_is_intended():
+        dcp.save(state, checkpoint_id=partial / SHARDS_DIR, no_dist=not info.distributed)
+    (partial / f"rng-rank{info.rank}.json").write_text(json.dumps(rng_state()))
+    _barrier(info)
+    if info.is_main:
+        (partial / MTP_FILE).write_text(json.dumps({"n_heads": model.n_heads, "head_type": model.mtp_config.head_type}))
+        model.config.to_json_file(partial / "config.json")
+        tokenizer.save_pretrained(partial / TOKENIZER_DIR)
         if scheme_tensors:  # a weighting scheme's own trainable state (the critic's value head)
-            save_file(scheme_tensors, tmp / SCHEME_FILE)
-        state = {**trainer_state, "step": step, "scheduler": scheduler.state_dict(),
-                 "optimizer_param_groups": optim_state["param_groups"], "rng": rng_state()}
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old)
-    return target
+            save_file(scheme_tensors, partial / SCHEME_FILE)
+        full = {**trainer_state, "step": step, "scheduler": scheduler.state_dict(),
+                "optimizer_param_groups": optimizer.state_dict()["param_groups"],
+                "has_optimizer_state": has_optimizer_state, "world_size": info.world_size}
+        (partial / STATE_FILE).write_text(json.dumps(full, indent=1))
+        if target.exists():
+            shutil.rmtree(target)
+        partial.rename(target)
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    _barrier(info)
+    return target if info.is_main else None
 
 
-def load_checkpoint(path: Path, model: MTPModel, optimizer: torch.optim.Optimizer, scheduler) -> dict:
-    """Restore model, optimizer, scheduler and RNG from `path` on every rank; returns the trainer state."""
+def read_trainer_state(path: Path) -> dict:
     state_path = path / STATE_FILE
     if not state_path.is_file():
-        raise FileNotFoundError(f"{path}: not a checkpoint (no {STATE_FILE})")
+        raise ConfigError(f"{path}: not a checkpoint (no {STATE_FILE})")
     try:
-        state = json.loads(state_path.read_text())
+        return json.loads(state_path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{state_path}: not valid JSON ({exc}); the checkpoint is damaged or was cut short, "
-                         "resume from an earlier one") from None
-    saved = MTPModel.from_pretrained(path / "model")
-    if saved.mtp_config != model.mtp_config:
-        raise ValueError(f"{path}: checkpoint has {saved.mtp_config}, the recipe asks for {model.mtp_config}")
-    set_model_state_dict(model, saved.state_dict(), options=StateDictOptions(full_state_dict=True))
-    del saved
-    tensors = read_tensors(path / OPTIMIZER_FILE)
-    per_param: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        name, _, field = key.rpartition("/")
-        per_param.setdefault(name, {})[field] = value
+                          "resume from an earlier one") from None
+
+
+def _load_shards(state: dict, path: Path, distributed: bool) -> None:
+    try:
+        with _one_process_is_intended():
+            dcp.load(state, checkpoint_id=path / SHARDS_DIR, no_dist=not distributed)
+    except Exception as exc:  # DCP wraps a damaged or missing shard in its own errors; name the directory
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{path / SHARDS_DIR}: cannot read the checkpoint's shards ({first}); the checkpoint is "
+                          "damaged or incomplete") from None
+
+
+def load_checkpoint(path: Path, model: MTPModel, optimizer: torch.optim.Optimizer, scheduler,
+                    info: DistInfo) -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNG from `path` (saved at any world size); returns the
+    trainer state, with the scheme's tensors under `scheme_tensors`."""
+    state = read_trainer_state(path)
+    saved = json.loads((path / MTP_FILE).read_text())
+    if MTPConfig(**saved) != model.mtp_config:
+        raise ConfigError(f"{path}: checkpoint has {MTPConfig(**saved)}, the recipe asks for {model.mtp_config}")
+    shards = {"model": get_model_state_dict(model)}
     # A checkpoint from before the first step has no optimizer state. Loading one anyway would let
     # torch.distributed.checkpoint materialise the state with a zero-lr step, which advances Adam's step count
     # and changes its bias correction: keep the fresh optimizer instead.
-    if per_param:
-        set_optimizer_state_dict(model, optimizer, {"state": per_param,
-                                                    "param_groups": state["optimizer_param_groups"]},
-                                 options=StateDictOptions(full_state_dict=True))
+    if state["has_optimizer_state"]:
+        shards["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    _load_shards(shards, path, info.distributed)
+    set_model_state_dict(model, shards["model"])
+    if state["has_optimizer_state"]:
+        set_optimizer_state_dict(model, optimizer, shards["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    own = path / f"rng-rank{info.rank}.json"  # a rank the saving run did not have continues rank 0's stream
+    set_rng_state(json.loads((own if own.is_file() else path / "rng-rank0.json").read_text()))
     state["scheme_tensors"] = read_tensors(path / SCHEME_FILE) if (path / SCHEME_FILE).is_file() else {}
     return state
+
+
+def load_checkpoint_model(path: Path, dtype: torch.dtype | None = None) -> MTPModel:
+    """The model of a training checkpoint on its own, in one process (for evaluation): built from the saved
+    configs, its weights read from the shards."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    read_trainer_state(path)
+    base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), **({"dtype": dtype} if dtype else {}))
+    mtp = json.loads((path / MTP_FILE).read_text())
+    model = MTPModel.from_base(base, n_heads=mtp["n_heads"], head_type=mtp["head_type"])
+    shards = {"model": get_model_state_dict(model)}
+    _load_shards(shards, path, distributed=False)
+    set_model_state_dict(model, shards["model"])
+    return model.eval()

@@ -138,15 +138,16 @@ def train_command(args: argparse.Namespace) -> int:
         run_dir = Path(config.output_dir) / (args.run_name or f"{args.recipe.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
 
     from . import distributed as dist_utils
+    from .checkpoint import TOKENIZER_DIR
     from .setup import describe_plan, dry_run_report, prepare
     from .train import Trainer, find_resume
 
     resume = find_resume(args.resume, run_dir)
     if resume is None and not args.dry_run and run_dir.is_dir() and any(run_dir.iterdir()):
         raise ConfigError(f"{run_dir} already holds a run: pass --resume auto to continue it or another --run-name")
-    info = dist_utils.init_distributed(config.compute.device)
+    info = dist_utils.init_distributed(config.compute.device, config.compute.timeout_minutes)
     try:
-        setup = prepare(config, recipe, info, tokenizer_dir=resume / "model" if resume else None)
+        setup = prepare(config, recipe, info, tokenizer_dir=resume / TOKENIZER_DIR if resume else None)
         if args.dry_run:
             report = dry_run_report(setup)
             if info.is_main:

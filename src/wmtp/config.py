@@ -84,11 +84,38 @@ class Compute(Strict):
     distributed: Literal["ddp", "fsdp2"] = Field("ddp", description="used when WORLD_SIZE > 1 (torchrun)")
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    timeout_minutes: float = Field(30.0, gt=0, description="process-group timeout: how long a collective waits for "
+                                   "the slowest rank (a checkpoint save, a long evaluation) before the run fails")
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """`5GB`, `500MiB`, `1024` (bytes) -> bytes."""
+    match = _SIZE.match(text)
+    if match is None:
+        raise ValueError(f"expected a size such as 5GB, 500MB or 2GiB, got {text!r}")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").lower()])
 
 
 class Checkpointing(Strict):
     every_steps: int | None = Field(None, ge=1, description="save every N optimizer steps (and always at the end)")
     keep_last: int = Field(2, ge=1)
+    max_shard_size: str = Field("5GB", description="largest safetensors file of the final model (as Hugging Face "
+                                "shards it: model-0000k-of-0000n.safetensors + an index when there are several)")
+
+    @model_validator(mode="after")
+    def _size(self) -> Checkpointing:
+        if self.max_shard_bytes <= 0:
+            raise ValueError("max_shard_size must be positive")
+        return self
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return parse_size(self.max_shard_size)
 
 
 class Tracking(Strict):

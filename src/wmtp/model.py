@@ -45,6 +45,8 @@ from .loss import (
 
 HEAD_TYPES = ("transformer", "linear")
 HEADS_FILE = "mtp_heads.safetensors"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
 CONFIG_KEY = "wmtp"
 FORMAT_VERSION = 1
 
@@ -109,6 +111,39 @@ def check_plain_unembedding(config) -> None:
         if value not in (None, 1, 1.0):
             raise ValueError(f"{config.model_type}: `{key}={value}` transforms the logits; the MTP fast path "
                              "supports plain unembeddings only")
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A whole tensor on the CPU: a sharded DTensor is gathered from every rank (a collective)."""
+    if hasattr(tensor, "full_tensor"):
+        tensor = tensor.full_tensor()
+    return tensor.detach().cpu().contiguous()
+
+
+def _export_tensors(model: MTPModel) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The base model's tensors under Hugging Face's names, a tied weight once (under its first name, as Hugging Face
+    saves it), and the extra heads' tensors; possibly sharded, not yet gathered."""
+    base, seen = {}, set()
+    for name, tensor in model.base.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            base[name] = tensor
+    return base, dict(model.heads.state_dict(keep_vars=True))
+
+
+def _shard_plan(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    """Names per shard, in order, each shard at most `max_bytes` (a bigger tensor gets a shard of its own); sizes
+    come from the full shapes, so nothing is gathered to plan."""
+    plan: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if plan[-1] and size + nbytes > max_bytes:
+            plan.append([])
+            size = 0
+        plan[-1].append(name)
+        size += nbytes
+    return plan
 
 
 def read_tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -261,22 +296,44 @@ class MTPModel(nn.Module):
         return self.base.generate(*args, **kwargs)
 
     # persistence ------------------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None,
-                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None, *, max_shard_size: int = 5 * 2**30,
+                        write: bool = True) -> Path | None:
         """Write the model (and tokenizer) to `directory` atomically: into a sibling temp dir, then renamed.
 
-        `state_dict` (keys `base.*`, `heads.*`) replaces the module's own tensors: a sharded (FSDP2) model
-        passes its gathered full state dict.
+        The base model is written as Hugging Face writes it (config.json; safetensors shards of at most
+        `max_shard_size` bytes with `model.safetensors.index.json` when there are several; a tied output embedding
+        left out), the extra heads as `mtp_heads.safetensors`. Tensors are gathered one at a time, so a sharded
+        (FSDP2) model is never whole on one rank: every rank must call this (the gathers are collectives) and the
+        ranks with `write=False` only take part in them. Peak memory of the writer: one shard plus one tensor.
         """
         target = Path(directory)
-        state = self.state_dict() if state_dict is None else state_dict
-        base_state = {k.removeprefix("base."): v for k, v in state.items() if k.startswith("base.")}
-        heads = {k.removeprefix("heads."): v.detach().contiguous().cpu() for k, v in state.items()
-                 if k.startswith("heads.")}
+        base, heads = _export_tensors(self)
+        plan = _shard_plan(base, max_shard_size)
+        if not write:
+            for names in plan:
+                for name in names:
+                    _full(base[name])
+            for tensor in heads.values():
+                _full(tensor)
+            return None
         with atomic_directory(target) as tmp:
-            self.base.save_pretrained(tmp, state_dict=base_state)
-            save_file(heads, tmp / HEADS_FILE,
+            files = [WEIGHTS_FILE] if len(plan) == 1 else [
+                f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+            weight_map, total = {}, 0
+            for file, names in zip(files, plan, strict=True):
+                shard = {name: _full(base[name]) for name in names}
+                total += sum(t.numel() * t.element_size() for t in shard.values())
+                save_file(shard, tmp / file, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(names, file))
+                del shard
+            if len(plan) > 1:
+                index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+                (tmp / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            save_file({name: _full(t) for name, t in heads.items()}, tmp / HEADS_FILE,
                       metadata={"format": "pt", CONFIG_KEY: json.dumps(asdict(self.mtp_config))})
+            self.base.config.save_pretrained(tmp)
+            if getattr(self.base, "generation_config", None) is not None and self.base.can_generate():
+                self.base.generation_config.save_pretrained(tmp)
             config_path = tmp / "config.json"
             config = json.loads(config_path.read_text())
             config[CONFIG_KEY] = {**asdict(self.mtp_config), "format_version": FORMAT_VERSION}

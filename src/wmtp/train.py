@@ -264,7 +264,7 @@ class Trainer:
                                self.s.tokenizer, self.info, self.config.checkpoint.keep_last, scheme_tensors)
 
     def _restore(self, resume: Path) -> dict:
-        state = load_checkpoint(resume, self.model, self.optimizer, self.scheduler)
+        state = load_checkpoint(resume, self.model, self.optimizer, self.scheduler, self.info)
         self.step = state["step"]
         self.early_stopping.best, self.early_stopping.bad_evals = state["best"], state["bad_evals"]
         self.last_eval = state.get("last_eval", {})
@@ -357,7 +357,8 @@ class Trainer:
                 self.tracker.log_artifact(self.run_dir / name, "weights")
 
     def _save_final(self) -> Path | None:
-        final = save_model(self.model, self.run_dir / "final", self.s.tokenizer, self.info)
+        final = save_model(self.model, self.run_dir / "final", self.s.tokenizer, self.info,
+                           self.config.checkpoint.max_shard_bytes)
         if final is not None:
             self.scheme.finish(final)
             if self.config.mlflow.log_model:

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoTokenizer
 
 from ..atomic import atomic_file
+from ..checkpoint import STATE_FILE, TOKENIZER_DIR, load_checkpoint_model
 from ..config import Config, ConfigError, Recipe
 from ..data import load_examples, recipe_sequences
 from ..distributed import resolve_device
@@ -26,7 +27,7 @@ from ..execution.problems import load_problems
 from ..execution.samples import execute, read_generations
 from ..execution.sandbox import Sandbox
 from ..head_quality import head_quality
-from ..model import MTPModel
+from ..model import HEADS_FILE, MTPModel
 from ..runtime import autocast_for, quiet_library_progress
 from ..tracking import Tracker
 from .generation import generate_samples
@@ -35,13 +36,15 @@ from .report import find_results, write_json, write_reports
 from .settings import EvalSettings, ExecuteSettings, Scoring
 
 
-def model_directory(checkpoint: Path) -> Path:
-    """A saved model directory (final/) or a training checkpoint (its model/ subdirectory)."""
-    for candidate in (checkpoint, checkpoint / "model"):
-        if (candidate / "config.json").is_file() and (candidate / "mtp_heads.safetensors").is_file():
-            return candidate
-    raise ConfigError(f"--checkpoint {checkpoint}: not a wmtp model directory or training checkpoint "
-                      "(expected config.json and mtp_heads.safetensors, here or in model/)")
+def load_evaluated_model(checkpoint: Path) -> tuple[MTPModel, object, Path]:
+    """(model, tokenizer, run directory) of a saved model directory (final/) or a training checkpoint."""
+    if (checkpoint / STATE_FILE).is_file():
+        return (load_checkpoint_model(checkpoint), AutoTokenizer.from_pretrained(str(checkpoint / TOKENIZER_DIR)),
+                checkpoint.parent.parent)
+    if (checkpoint / "config.json").is_file() and (checkpoint / HEADS_FILE).is_file():
+        return MTPModel.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(str(checkpoint)), checkpoint.parent
+    raise ConfigError(f"--checkpoint {checkpoint}: not a wmtp model directory (config.json and {HEADS_FILE}) or a "
+                      f"training checkpoint ({STATE_FILE})")
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
@@ -64,15 +67,14 @@ def evaluate_checkpoint(config: Config, recipe: Recipe, settings: EvalSettings) 
     if not config.logging.progress:
         quiet_library_progress()
     device = resolve_device(config.compute.device)
-    directory = model_directory(settings.checkpoint)
-    model = MTPModel.from_pretrained(directory).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    model, tokenizer, run_dir = load_evaluated_model(settings.checkpoint)
+    model = model.to(device).eval()
     tokenizer.padding_side = "left"
     autocast = autocast_for(device, config.compute.precision)
-    run_dir = directory.parent.parent if directory.name == "model" else directory.parent
     out = settings.out or run_dir / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"checkpoint": str(directory), "device": str(device), "precision": config.compute.precision}
+    results: dict = {"checkpoint": str(settings.checkpoint), "device": str(device),
+                     "precision": config.compute.precision}
 
     problems = []
     for benchmark in settings.benchmarks:
@@ -82,7 +84,8 @@ def evaluate_checkpoint(config: Config, recipe: Recipe, settings: EvalSettings) 
         sampling = settings.sampling
         started = time.monotonic()
         with autocast:
-            records = generate_samples(model, tokenizer, problems, sampling, device=device, model_name=str(directory))
+            records = generate_samples(model, tokenizer, problems, sampling, device=device,
+                                       model_name=str(settings.checkpoint))
         write_jsonl(out / "generations.jsonl", records)
         generation = records[0]["generation"] | {"seconds": round(time.monotonic() - started, 1)}
         results["generations"] = str(out / "generations.jsonl")
