@@ -11,6 +11,7 @@ and `output_dir` and `compute.device` go through the CLI.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import types
@@ -33,7 +34,7 @@ import wmtp.model
 from wmtp.cli import main
 from wmtp.config import Config, ConfigError, DataSettings, ModelSource, Recipe, ScratchModel, Tracking, Training
 from wmtp.data import labels_for, load_examples, plan_steps, train_bpe_tokenizer
-from wmtp.distributed import DistInfo, init_distributed, resolve_device
+from wmtp.distributed import DistInfo, blocks, init_distributed, resolve_device
 from wmtp.model import ResidualHead
 from wmtp.optim import lr_lambda, make_optimizer
 from wmtp.reference_cache import fingerprint, write_cache
@@ -469,6 +470,54 @@ def check_timeout_minutes(kit: Kit) -> None:
     for minutes in (30, 2.5):
         init_distributed("cpu", kit.config(compute={"timeout_minutes": minutes}).compute.timeout_minutes)
     assert seen == [datetime.timedelta(minutes=30), datetime.timedelta(minutes=2.5)]
+
+
+def check_activation_checkpointing(kit: Kit) -> None:
+    """`compute.activation_checkpointing` recomputes every block (all), every k-th block, or none; the step's
+    loss is unchanged (tests/test_memory.py holds the gradients equal)."""
+    def recomputed(setting):
+        setup = kit.prepare(kit.config(compute={"activation_checkpointing": setting}))
+        return [isinstance(block.forward, functools.partial) for block in blocks(setup.model)]
+
+    assert not any(recomputed("none")) and all(recomputed("all"))
+    assert recomputed(2) == [i % 2 == 0 for i in range(len(recomputed(2)))]
+    losses = [kit.trainer(config={"compute": {"activation_checkpointing": s}}, name=f"ac{s}").train_step()
+              ["train/loss"] for s in ("none", "all")]
+    assert losses[0] == losses[1]
+
+
+def fsdp_policy(kit: Kit, **fsdp):
+    """The FSDP2 state of the first block after set-up with `compute.fsdp` (a one-rank gloo group stands in for
+    torchrun; set-up shards as it would with two)."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{kit.tmp / f'pg{len(fsdp)}{sorted(fsdp)}'}",
+                                         rank=0, world_size=1)
+    try:
+        setup = prepare(kit.config(compute={"distributed": "fsdp2", "fsdp": fsdp}), kit.recipe(),
+                        DistInfo(0, 2, 0, torch.device("cpu")))
+        return blocks(setup.model)[0]._get_fsdp_state()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def check_fsdp_param_dtype(kit: Kit) -> None:
+    """`compute.fsdp.param_dtype` is the dtype FSDP2 gathers parameters in."""
+    assert fsdp_policy(kit)._mp_policy.param_dtype is None
+    assert fsdp_policy(kit, param_dtype="bfloat16")._mp_policy.param_dtype == torch.bfloat16
+
+
+def check_fsdp_reduce_dtype(kit: Kit) -> None:
+    """`compute.fsdp.reduce_dtype` is the dtype FSDP2 reduces gradients in."""
+    assert fsdp_policy(kit)._mp_policy.reduce_dtype is None
+    assert fsdp_policy(kit, reduce_dtype="float32")._mp_policy.reduce_dtype == torch.float32
+
+
+def check_fsdp_cpu_offload(kit: Kit) -> None:
+    """`compute.fsdp.cpu_offload` keeps the shards in CPU memory; the key is refused without fsdp2."""
+    policy = fsdp_policy(kit, cpu_offload=True)._fsdp_param_group.offload_policy
+    assert type(policy).__name__ == "CPUOffloadPolicy"
+    assert type(fsdp_policy(kit)._fsdp_param_group.offload_policy).__name__ == "OffloadPolicy"
+    with pytest.raises(ValidationError, match="only applies to distributed: fsdp2"):
+        kit.config(compute={"fsdp": {"cpu_offload": True}})
 
 
 def tracked(kit: Kit, **mlflow) -> dict:
@@ -1056,6 +1105,10 @@ KEY_CHECKS: dict[str, Callable[[Kit], None]] = {
     "config.checkpoint.keep_last": check_keep_last,
     "config.checkpoint.max_shard_size": check_max_shard_size,
     "config.compute.timeout_minutes": check_timeout_minutes,
+    "config.compute.activation_checkpointing": check_activation_checkpointing,
+    "config.compute.fsdp.param_dtype": check_fsdp_param_dtype,
+    "config.compute.fsdp.reduce_dtype": check_fsdp_reduce_dtype,
+    "config.compute.fsdp.cpu_offload": check_fsdp_cpu_offload,
     "config.mlflow.enabled": check_mlflow_enabled,
     "config.mlflow.tracking_uri": check_tracking_uri,
     "config.mlflow.experiment": check_experiment,

@@ -77,6 +77,19 @@ class ReferenceSource(Strict):
     hf_token: SecretStr | None = Field(None, description="token for a gated hub reference; never printed")
 
 
+class FSDPSettings(Strict):
+    """FSDP2's mixed precision and offload (compute.distributed: fsdp2, under torchrun)."""
+
+    param_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="dtype the sharded parameters are gathered and computed in (default: their own); "
+        "bfloat16 halves the gathers' traffic and memory")
+    reduce_dtype: Literal["float32", "bfloat16"] | None = Field(
+        None, description="dtype gradients are reduced in across ranks (default: param_dtype); float32 keeps the "
+        "reduction exact with bfloat16 parameters")
+    cpu_offload: bool = Field(False, description="keep the sharded parameters, gradients and optimizer state in CPU "
+                              "memory; the optimizer steps on the CPU")
+
+
 class Compute(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = Field(
@@ -84,8 +97,27 @@ class Compute(Strict):
     distributed: Literal["ddp", "fsdp2"] = Field("ddp", description="used when WORLD_SIZE > 1 (torchrun)")
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    activation_checkpointing: Literal["none", "all"] | int = Field(
+        "none", description="recompute blocks' activations in the backward instead of keeping them: none, all "
+        "(every decoder layer and extra head), or k (every k-th of them, counted from the first)")
+    fsdp: FSDPSettings = FSDPSettings()
     timeout_minutes: float = Field(30.0, gt=0, description="process-group timeout: how long a collective waits for "
                                    "the slowest rank (a checkpoint save, a long evaluation) before the run fails")
+
+    @model_validator(mode="after")
+    def _memory_keys(self) -> Compute:
+        if isinstance(self.activation_checkpointing, int) and self.activation_checkpointing < 1:
+            raise ValueError("activation_checkpointing: k must be >= 1 (or none, all)")
+        if self.fsdp.model_fields_set and self.distributed != "fsdp2":
+            raise ValueError("`fsdp` only applies to distributed: fsdp2")
+        return self
+
+    @property
+    def checkpoint_every(self) -> int | None:
+        """Every how many blocks activations are recomputed (None: never)."""
+        if self.activation_checkpointing == "none":
+            return None
+        return 1 if self.activation_checkpointing == "all" else self.activation_checkpointing
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)

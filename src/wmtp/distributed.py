@@ -1,4 +1,5 @@
-"""torchrun integration, applied from outside the model: process group, device, DDP or FSDP2 wrapping.
+"""torchrun integration and memory techniques, applied from outside the model: process group, device, DDP or
+FSDP2 wrapping (with mixed precision and CPU offload), activation checkpointing.
 
 With WORLD_SIZE > 1 (torchrun), gloo on CPU and NCCL on CUDA. Each rank sees the same data order and takes
 its slice of every global micro-batch; loss normalisers and metrics are all-reduced; rank 0 alone logs and
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -74,22 +77,50 @@ def broadcast_object(value, info: DistInfo):
     return box[0]
 
 
-def wrap_model(model: nn.Module, info: DistInfo, strategy: str) -> nn.Module:
-    """DDP or FSDP2 (each decoder layer and each extra head sharded, then the root) when distributed."""
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks, in order: its decoder layers, then its extra heads."""
+    from .model import _decoder_parts
+
+    _, layers, _ = _decoder_parts(model.base)
+    return [*layers, *model.heads]
+
+
+def apply_activation_checkpointing(model: nn.Module, every: int | None) -> int:
+    """Recompute the activations of every `every`-th block (decoder layers and extra heads, counted together from
+    the first) in the backward instead of keeping them; None: none. Done in place on each block's forward, so the
+    parameter names (and checkpoints) do not change, and before FSDP2 wraps the blocks, so its gathers surround the
+    recomputation. Returns the number of blocks checkpointed."""
+    if every is None:
+        return 0
+    chosen = blocks(model)[::every]
+    for block in chosen:
+        block.forward = functools.partial(_checkpointed, block.forward)
+    return len(chosen)
+
+
+def _checkpointed(forward, *args, **kwargs):
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def wrap_model(model: nn.Module, info: DistInfo, strategy: str, *, param_dtype: torch.dtype | None = None,
+               reduce_dtype: torch.dtype | None = None, cpu_offload: bool = False) -> nn.Module:
+    """DDP, or FSDP2 when distributed: each decoder layer and each transformer head sharded, then the root, with
+    a mixed-precision policy (parameters gathered in `param_dtype`, gradients reduced in `reduce_dtype`; None
+    keeps the parameters' own) and parameters, gradients and optimizer state optionally kept on the CPU."""
     if not info.distributed:
         return model
     if strategy == "ddp":
         ids = [info.device.index] if info.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    from .model import _decoder_parts
-
+    options = {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
+               "offload_policy": CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload
+               else OffloadPolicy()}
     if model.mtp_config.head_type == "transformer":
-        _, layers, _ = _decoder_parts(model.base)
-        for layer in [*layers, *model.heads]:
-            fully_shard(layer)
-    fully_shard(model)
+        for block in blocks(model):
+            fully_shard(block, **options)
+    fully_shard(model, **options)
     return model
 
 

@@ -22,6 +22,7 @@ from .distributed import DistInfo
 from .head_quality import head_quality, quality_metric_names
 from .model import MTPModel
 from .runtime import (
+    DTYPES,
     autocast_for,
     build_model,
     check_tokenizer_fits,
@@ -116,8 +117,13 @@ def prepare(config: Config, recipe: Recipe, info: DistInfo, *, tokenizer_dir: Pa
     torch.manual_seed(config.compute.seed)
     model = build_model(config.model, recipe.mtp, data.tokenizer).to(info.device)
     check_tokenizer_fits(data.tokenizer, model, "model")
+    dist_utils.apply_activation_checkpointing(model, config.compute.checkpoint_every)
     # FSDP2 replaces the parameters with sharded ones: wrap before anything (scheme, optimizer) holds them.
-    wrapped = dist_utils.wrap_model(model, info, config.compute.distributed)
+    fsdp = config.compute.fsdp
+    wrapped = dist_utils.wrap_model(model, info, config.compute.distributed,
+                                    param_dtype=DTYPES[fsdp.param_dtype] if fsdp.param_dtype else None,
+                                    reduce_dtype=DTYPES[fsdp.reduce_dtype] if fsdp.reduce_dtype else None,
+                                    cpu_offload=fsdp.cpu_offload)
     autocast = autocast_for(info.device, config.compute.precision)
     context = SchemeContext(model=model, wrapped=wrapped, autocast=autocast, info=info, plan=plan,
                             train_set=data.train_set, val_set=data.val_set, train_examples=data.train_examples,

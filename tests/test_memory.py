@@ -1,0 +1,116 @@
+"""Memory techniques applied from outside the model: activation checkpointing (the same gradients, fewer saved
+activations) and FSDP2's mixed precision and CPU offload (with two gloo ranks)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import tiny_llama
+from safetensors.torch import load_file
+from tiny_run import train_args
+
+from wmtp.cli import main
+from wmtp.distributed import DistInfo, apply_activation_checkpointing, blocks, wrap_model
+from wmtp.loss import mtp_labels
+from wmtp.model import MTPModel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gradients_and_saved(head_type: str, every: int | None) -> tuple[dict[str, torch.Tensor], int]:
+    """Gradients of one weighted MTP loss, and how many tensors autograd saved for the backward."""
+    model = MTPModel.from_base(tiny_llama(seed=1, layers=3), n_heads=3, head_type=head_type).train()
+    assert apply_activation_checkpointing(model, every) == (0 if every is None else len(blocks(model)[::every]))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 97, (2, 24), generator=g)
+    labels = mtp_labels(ids, 3)
+    weights = torch.rand(labels.shape, generator=g)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss = model(ids, torch.ones_like(ids), labels=labels, weights=weights).loss
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, sum(saved)
+
+
+@pytest.mark.parametrize("head_type", ["transformer", "linear"])
+@pytest.mark.parametrize("every", [1, 2])
+def test_activation_checkpointing_gives_the_same_gradients_and_keeps_less(head_type, every):
+    plain, kept = gradients_and_saved(head_type, None)
+    checkpointed, kept_checkpointed = gradients_and_saved(head_type, every)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=0, msg=name)
+    assert kept_checkpointed < kept
+
+
+def test_checkpointing_keeps_parameter_names():
+    model = MTPModel.from_base(tiny_llama(), n_heads=3)
+    names = list(model.state_dict())
+    apply_activation_checkpointing(model, 1)
+    assert list(model.state_dict()) == names
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A one-rank gloo process group, enough for fully_shard to apply its policies in this process."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(minutes=1))
+    yield
+    dist.destroy_process_group()
+
+
+def fsdp_state(module):
+    return module._get_fsdp_state()
+
+
+def test_fsdp_policies_reach_every_sharded_block(one_rank_group):
+    model = MTPModel.from_base(tiny_llama(), n_heads=3)
+    as_if_two = DistInfo(0, 2, 0, torch.device("cpu"))  # wrap_model shards when distributed
+    wrap_model(model, as_if_two, "fsdp2", param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cpu_offload=True)
+    for module in [*blocks(model), model]:
+        state = fsdp_state(module)
+        assert state._mp_policy.param_dtype == torch.bfloat16 and state._mp_policy.reduce_dtype == torch.float32
+        assert type(state._fsdp_param_group.offload_policy).__name__ == "CPUOffloadPolicy"
+    seen = []
+    blocks(model)[0].register_forward_pre_hook(lambda m, a: seen.append(m.self_attn.q_proj.weight.dtype))
+    ids = torch.randint(3, 97, (1, 8))
+    model(ids, torch.ones_like(ids), labels=mtp_labels(ids, 3)).loss.backward()
+    assert seen == [torch.bfloat16]  # the gathered parameters the block computes with
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    final = run_dir / "final"
+    weights = {f"heads.{k}": v for k, v in load_file(final / "mtp_heads.safetensors").items()}
+    for shard in sorted(final.glob("model*.safetensors")):
+        weights.update(load_file(shard))
+    return weights
+
+
+@pytest.mark.slow
+def test_two_ranks_with_offload_and_checkpointing_equal_one_process_and_bf16_parameters_differ(tmp_path):
+    recipe_one = {"train": {"max_steps": 3, "micro_batch_size": 4}}
+    recipe_two = {"train": {"max_steps": 3, "micro_batch_size": 2}}
+    assert main(train_args(tmp_path, "one", recipe=recipe_one)) == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    finals = {}
+    for name, compute in (("offload", {"fsdp": {"cpu_offload": True}, "activation_checkpointing": "all"}),
+                          ("bf16", {"fsdp": {"param_dtype": "bfloat16", "reduce_dtype": "float32"}})):
+        args = train_args(tmp_path, name, recipe=recipe_two, config={"compute": {"distributed": "fsdp2", **compute}})
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--standalone", "-m", "wmtp", *args], capture_output=True, text=True, env=env,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        finals[name] = final_weights(tmp_path / "runs" / name)
+    one = final_weights(tmp_path / "runs" / "one")
+    for key in one:  # offload and recomputation change where and when, not what: one process's weights
+        assert torch.allclose(finals["offload"][key], one[key], atol=5e-5, rtol=1e-4), key
+    # bf16 parameters compute in bf16: the weights move off the fp32 run by far more than float-order noise
+    assert max(float((finals["bf16"][k] - one[k]).abs().max()) for k in one) > 1e-3
+    assert all(torch.isfinite(v).all() for v in finals["bf16"].values())
