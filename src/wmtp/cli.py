@@ -12,7 +12,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .config import ConfigError, dump_masked, load_config, load_recipe
+from .config import ConfigError, dump_masked, load_config, load_recipe, parse_size
 from .evaluate.settings import EvalSettings, ExecuteSettings, Sampling, Scoring
 from .execution import BENCHMARKS
 from .execution.sandbox import Limits
@@ -30,6 +30,15 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", help="a checkpoint directory, or `auto` for the run's latest checkpoint")
     train.add_argument("--dry-run", action="store_true", help="validate everything and print the plan; no training")
     train.add_argument("--verbose", action="store_true", help="print the resolved config and tracebacks")
+    train.add_argument("--device-memory", type=_size, help="with --dry-run: say whether the plan fits, e.g. 80GB")
+    plan = sub.add_parser("plan", help="memory per rank and FLOPs per token before launch, from the configs alone "
+                          "(the model is built on the meta device; nothing is loaded or trained)")
+    plan.add_argument("--config", required=True, type=Path)
+    plan.add_argument("--recipe", required=True, type=Path)
+    plan.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
+                      help="ranks (GPUs) the run will use (default: $WORLD_SIZE or 1)")
+    plan.add_argument("--device-memory", type=_size, help="memory per device, e.g. 80GB: say whether it fits")
+    plan.add_argument("--verbose", action="store_true", help="print tracebacks")
     score = sub.add_parser("score-reference", help="Rho-1: score the training set with the reference model once "
                            "and write the config's reference_cache")
     score.add_argument("--config", required=True, type=Path)
@@ -90,6 +99,13 @@ def _ints(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got `{text}`")
     return values
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _tags(text: str) -> dict[str, str]:
@@ -154,6 +170,7 @@ def train_command(args: argparse.Namespace) -> int:
                 tracking = (tracking_uri(config.mlflow, Path(config.output_dir)) if config.mlflow.enabled
                             else "disabled")
                 print(describe_plan(setup, run_dir, report, tracking))
+                print(_memory_lines(config, recipe, info.world_size, args.device_memory, len(setup.tokenizer)))
                 print("dry run: configuration, data, tokenizer, model and weighting are valid; nothing was trained "
                       "or written")
             return 0
@@ -167,6 +184,28 @@ def train_command(args: argparse.Namespace) -> int:
         return 0
     finally:
         dist_utils.shutdown()
+
+
+def _memory_lines(config, recipe, world_size: int, device_memory: int | None, vocab_size: int | None) -> str:
+    from .plan import memory_plan
+
+    plan, flops = memory_plan(config, recipe, world_size, vocab_size)
+    ranks = f"{world_size} {'rank' if world_size == 1 else 'ranks'}"
+    return "\n".join([f"memory per rank ({ranks}, {config.compute.distributed}, {plan.params_total / 1e6:.1f}M "
+                      f"parameters, {plan.blocks} blocks):",
+                      plan.table(device_memory),
+                      f"training FLOPs per token: {flops / 1e9:.3f} GFLOP (6 x parameters + attention)"])
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    config, recipe = load_config(args.config), load_recipe(args.recipe)
+    from .weighting import scheme_settings
+
+    scheme_settings(recipe)
+    if args.world_size < 1:
+        raise ConfigError(f"--world-size: expected at least 1, got {args.world_size}")
+    print(_memory_lines(config, recipe, args.world_size, args.device_memory, None))
+    return 0
 
 
 def score_reference_command(args: argparse.Namespace) -> int:
@@ -278,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return train_command(args)
+        if args.command == "plan":
+            return plan_command(args)
         if args.command == "score-reference":
             return score_reference_command(args)
         if args.command == "eval":

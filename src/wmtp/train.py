@@ -37,6 +37,7 @@ from .distributed import DistInfo
 from .head_quality import head_quality, quality_metrics
 from .loss import IGNORE_INDEX, loss_denominator
 from .optim import lr_lambda, make_optimizer
+from .plan import flops_per_token, peak_flops
 from .setup import RunSetup
 from .tracking import Progress, Tracker
 from .weighting.base import RunHooks, StepBatch
@@ -151,6 +152,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lr_lambda(self.recipe.schedule, self.plan.total_steps))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.config.compute.precision == "fp16")
+        self.flops_per_token = flops_per_token(self.model, self.recipe.data.max_length)
+        self.peak_flops = peak_flops(self.info.device, self.config.compute.precision)
         self.step = 0
         self.early_stopping = EarlyStopper(self.recipe.train.early_stopping)
         self.last_eval: dict[str, float] = {}
@@ -178,11 +181,11 @@ class Trainer:
 
     # one step -----------------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
+        started = time.monotonic()
         batches = self.step_batches()
         weights = self.scheme.step_weights(batches)
         normalizer = self.global_normalizer(batches, weights)
         totals = StepTotals.zeros(self.model.n_heads, self.info.device)
-        started = time.monotonic()
         self.model.train()
         for k, (batch, w) in enumerate(zip(batches, weights, strict=True)):
             out = self.forward_backward(k, batch, w, normalizer, sync=k == len(batches) - 1)
@@ -192,7 +195,18 @@ class Trainer:
         totals.all_reduce(self.info)
         elapsed = time.monotonic() - started
         return {**totals.metrics(), "train/lr": lr, "train/grad_norm": grad_norm,
-                "train/tokens_per_s": float(totals.tokens) / max(elapsed, 1e-9), **self.scheme.metrics()}
+                **self.throughput(float(totals.tokens), elapsed), **self.scheme.metrics()}
+
+    def throughput(self, tokens: float, seconds: float) -> dict[str, float]:
+        """Tokens/s over all ranks, the model FLOP/s they mean (flops_per_token × tokens/s) and, on a GPU of known
+        peak, MFU = model FLOP/s / (peak × ranks). The time is the whole step, the scheme's own passes included
+        (Rho-1's scoring, the critic's value pass); the FLOPs are the training model's forward and backward only,
+        so MFU is the share of the peak that trains the model."""
+        tokens_per_s = tokens / max(seconds, 1e-9)
+        metrics = {"train/tokens_per_s": tokens_per_s, "train/model_tflops": self.flops_per_token * tokens_per_s / 1e12}
+        if self.peak_flops is not None:
+            metrics["train/mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.info.world_size)
+        return metrics
 
     def global_normalizer(self, batches: list[StepBatch], weights: list[torch.Tensor | None]) -> torch.Tensor:
         """The loss denominator of the whole step: all micro-batches, all ranks (docs/method.md §3)."""
