@@ -129,3 +129,110 @@ def test_meta_import_errors_name_the_problem(tmp_path):
     write_checkpoint(tmp_path / "broken", PARAMS, state)
     with pytest.raises(ValueError, match="extra_heads.1.attention.wq.weight"):
         load_meta_mtp_checkpoint(tmp_path / "broken")
+
+
+# ------------------------------------------------------------------------------------------------ Meta's release
+SNIPPETS = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n\nprint(f{i}({i}))\n" for i in range(300)]
+
+
+def sentencepiece_model(path, vocab_size: int = 320):
+    """A Llama-style SentencePiece BPE model (byte fallback, no whitespace folding) trained on code snippets."""
+    import sentencepiece
+
+    corpus = path.parent / "sp_corpus.txt"
+    corpus.write_text("".join(SNIPPETS))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(path.with_suffix("")), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True, add_dummy_prefix=True,
+        minloglevel=2)
+    return path
+
+
+def split_for_model_parallel(state: dict, parts: int) -> list[dict]:
+    """The shards Meta's model-parallel training writes: column-parallel weights split by rows, row-parallel
+    ones and the embedding by columns, norms replicated."""
+    from wmtp.meta_checkpoint import _COLUMN_PARALLEL, _ROW_PARALLEL
+
+    shards = [{} for _ in range(parts)]
+    for key, value in state.items():
+        chunks = (value.chunk(parts, dim=0) if key.endswith(_COLUMN_PARALLEL) else
+                  value.chunk(parts, dim=1) if key.endswith(_ROW_PARALLEL) else [value] * parts)
+        for shard, chunk in zip(shards, chunks, strict=True):
+            shard[key] = chunk.clone()
+    return shards
+
+
+META_PARAMS = {**PARAMS, "vocab_size": 320}
+
+
+def meta_release(directory, shards: int = 2):
+    """A tiny Meta release: params.json, `shards` consolidated.NN.pth files and a SentencePiece tokenizer.model."""
+    state = meta_state(META_PARAMS)
+    directory.mkdir()
+    (directory / "params.json").write_text(json.dumps(META_PARAMS))
+    for i, shard in enumerate(split_for_model_parallel(state, shards)):
+        torch.save(shard, directory / f"consolidated.{i:02d}.pth")
+    sentencepiece_model(directory / "tokenizer.model")
+    return state
+
+
+def test_model_parallel_shards_merge_to_the_whole(tmp_path):
+    from wmtp.meta_checkpoint import read_consolidated
+
+    state = meta_release(tmp_path / "release", shards=2)
+    merged = read_consolidated(tmp_path / "release")
+    assert merged.keys() == state.keys() and all(torch.equal(merged[k], state[k]) for k in state)
+    model = load_meta_mtp_checkpoint(tmp_path / "release").eval()
+    tokens = torch.randint(0, 320, (1, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(model(tokens, return_logits=True).logits, meta_forward(state, META_PARAMS, tokens),
+                              atol=1e-5, rtol=1e-4)
+    torch.save({**torch.load(tmp_path / "release" / "consolidated.01.pth"), "norm.weight": torch.zeros(64)},
+               tmp_path / "release" / "consolidated.01.pth")
+    with pytest.raises(ValueError, match="`norm.weight` differs between shards"):
+        read_consolidated(tmp_path / "release")
+
+
+def test_the_sentencepiece_tokenizer_converts_to_the_same_ids(tmp_path):
+    import sentencepiece
+
+    from wmtp.meta_checkpoint import convert_sentencepiece
+
+    path = sentencepiece_model(tmp_path / "tokenizer.model")
+    tokenizer = convert_sentencepiece(path)
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    assert tokenizer.is_fast and len(tokenizer) == processor.get_piece_size() == 320
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (1, 2)
+    for text in [*SNIPPETS[:5], "  two leading spaces", "\ttab", "é 文字 🙂 bytes", "x  y   z"]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert ids == processor.encode(text), text
+        assert tokenizer.decode(ids) == processor.decode(ids) == text
+
+
+def test_a_meta_release_trains_directly_and_after_convert_meta(tmp_path, capsys):
+    from tiny_run import train_args
+    from transformers import AutoModelForCausalLM
+
+    from wmtp.cli import main
+    from wmtp.model import MTPModel
+
+    meta_release(tmp_path / "release")
+    assert main(["convert-meta", str(tmp_path / "release"), str(tmp_path / "hf"), "--dtype", "float32"]) == 0
+    assert "3 heads" in capsys.readouterr().out
+    direct = load_meta_mtp_checkpoint(tmp_path / "release")
+    converted = MTPModel.from_pretrained(tmp_path / "hf")
+    for key, value in direct.state_dict().items():
+        assert torch.equal(converted.state_dict()[key], value), key
+    AutoModelForCausalLM.from_pretrained(tmp_path / "hf")  # head 0 as a plain Llama
+    recipe = {"mtp": {"n_heads": 3}, "train": {"max_steps": 2}}
+    for name, path in (("direct", tmp_path / "release"), ("converted", tmp_path / "hf")):
+        args = train_args(tmp_path, name, config={"model": {"path": str(path), "from_scratch": None,
+                                                            "train_tokenizer": None}}, recipe=recipe)
+        assert main(args) == 0, capsys.readouterr().err
+        assert (tmp_path / "runs" / name / "final" / "mtp_heads.safetensors").is_file()
+    wrong = train_args(tmp_path, "wrong", config={"model": {"path": str(tmp_path / "release"), "from_scratch": None,
+                                                            "train_tokenizer": None}},
+                       recipe={"mtp": {"n_heads": 4}, "train": {"max_steps": 1}})
+    assert main(wrong) == 1
+    assert "Meta's checkpoint has 3 transformer heads" in capsys.readouterr().err

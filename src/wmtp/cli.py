@@ -39,6 +39,15 @@ def _parser() -> argparse.ArgumentParser:
                       help="ranks (GPUs) the run will use (default: $WORLD_SIZE or 1)")
     plan.add_argument("--device-memory", type=_size, help="memory per device, e.g. 80GB: say whether it fits")
     plan.add_argument("--verbose", action="store_true", help="print tracebacks")
+    convert = sub.add_parser("convert-meta", help="write Meta's MTP release (params.json, consolidated*.pth, "
+                             "tokenizer.model) once as a Hugging Face wmtp model directory")
+    convert.add_argument("directory", type=Path, help="Meta's checkpoint directory")
+    convert.add_argument("out", type=Path, help="the Hugging Face directory to write")
+    convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
+                         help="dtype of the written weights (Meta's release is bfloat16)")
+    convert.add_argument("--max-shard-size", type=_size, default=parse_size("5GB"),
+                         help="largest safetensors file, e.g. 5GB")
+    convert.add_argument("--verbose", action="store_true", help="print tracebacks")
     score = sub.add_parser("score-reference", help="Rho-1: score the training set with the reference model once "
                            "and write the config's reference_cache")
     score.add_argument("--config", required=True, type=Path)
@@ -208,6 +217,23 @@ def plan_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def convert_meta_command(args: argparse.Namespace) -> int:
+    from .meta_checkpoint import convert_sentencepiece, is_meta_checkpoint, load_meta_mtp_checkpoint
+    from .runtime import DTYPES
+
+    if not is_meta_checkpoint(args.directory):
+        raise ConfigError(f"{args.directory}: not Meta's checkpoint layout (params.json and consolidated*.pth)")
+    started = time.monotonic()
+    model = load_meta_mtp_checkpoint(args.directory, dtype=DTYPES[args.dtype])
+    tokenizer = (convert_sentencepiece(args.directory / "tokenizer.model")
+                 if (args.directory / "tokenizer.model").is_file() else None)
+    model.save_pretrained(args.out, tokenizer=tokenizer, max_shard_size=args.max_shard_size)
+    print(f"wrote {args.out}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {model.n_heads} "
+          f"heads, {args.dtype}" + ("" if tokenizer else ", no tokenizer.model found (none written)")
+          + f" in {time.monotonic() - started:.1f}s")
+    return 0
+
+
 def score_reference_command(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     recipe = load_recipe(args.recipe)
@@ -317,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return train_command(args)
+        if args.command == "convert-meta":
+            return convert_meta_command(args)
         if args.command == "plan":
             return plan_command(args)
         if args.command == "score-reference":

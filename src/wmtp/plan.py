@@ -137,6 +137,7 @@ def meta_model(source, shape, vocab_size: int | None = None) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from .config import ConfigError
+    from .meta_checkpoint import is_meta_checkpoint, meta_llama_config
     from .model import MTPModel
     from .runtime import resolve_model_path, secret
 
@@ -149,6 +150,9 @@ def meta_model(source, shape, vocab_size: int | None = None) -> nn.Module:
                 num_key_value_heads=scratch.num_key_value_heads,
                 max_position_embeddings=scratch.max_position_embeddings,
                 tie_word_embeddings=scratch.tie_word_embeddings))
+        elif is_meta_checkpoint(resolve_model_path(source.path)):
+            config, _ = meta_llama_config(resolve_model_path(source.path))
+            base = LlamaForCausalLM(config)
         else:
             path = resolve_model_path(source.path)
             try:

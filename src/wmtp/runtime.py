@@ -14,6 +14,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from .config import ConfigError, ModelSource, MTPShape
+from .meta_checkpoint import convert_sentencepiece, is_meta_checkpoint, load_meta_mtp_checkpoint
 from .model import CONFIG_KEY, MTPModel, load_causal_lm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,7 +58,13 @@ def quiet_library_progress() -> None:
 
 
 def load_tokenizer_from(spec: str, token: str | None = None):
+    """A tokenizer from a hub id, a directory, a GGUF file, or Meta's release (its SentencePiece tokenizer.model,
+    converted)."""
     path = Path(resolve_model_path(spec))
+    if is_meta_checkpoint(path):
+        if not (path / "tokenizer.model").is_file():
+            raise ConfigError(f"tokenizer {spec}: Meta's release has no tokenizer.model here; give model.tokenizer")
+        return convert_sentencepiece(path / "tokenizer.model")
     try:
         if path.suffix == ".gguf":
             return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -74,7 +81,7 @@ def check_tokenizer_fits(tokenizer, model: MTPModel, what: str) -> None:
 
 def build_model(source: ModelSource, shape: MTPShape, tokenizer) -> MTPModel:
     """The MTP model of a config's `model` source with the recipe's head shape: from scratch (sized to the
-    tokenizer), a saved wmtp model (its heads must match), or any causal LM with new heads."""
+    tokenizer), a saved wmtp model or Meta's release (their heads must match), or any causal LM with new heads."""
     try:
         return _build_model(source, shape, tokenizer)
     except OSError as exc:  # missing files, no network, unknown hub id: name what was asked for
@@ -94,6 +101,12 @@ def _build_model(source: ModelSource, shape: MTPShape, tokenizer) -> MTPModel:
     path = resolve_model_path(source.path)
     config_file = Path(path) / "config.json"
     dtype = DTYPES[source.dtype]
+    if is_meta_checkpoint(path):
+        model = load_meta_mtp_checkpoint(path, dtype=dtype)
+        if (model.n_heads, "transformer") != (shape.n_heads, shape.head_type):
+            raise ConfigError(f"{path}: Meta's checkpoint has {model.n_heads} transformer heads (n_future_tokens), "
+                              f"the recipe asks for {shape.n_heads} {shape.head_type} heads")
+        return model
     if config_file.is_file() and CONFIG_KEY in config_file.read_text():
         model = MTPModel.from_pretrained(path, dtype=dtype)
         if (model.n_heads, model.mtp_config.head_type) != (shape.n_heads, shape.head_type):
