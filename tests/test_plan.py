@@ -22,8 +22,8 @@ SCRATCH = ModelSource(from_scratch={"hidden_size": 64, "num_layers": 3, "num_att
 
 def inputs(**overrides) -> PlanInputs:
     base = {"world_size": 1, "strategy": "ddp", "param_dtype": torch.float32, "gather_dtype": None,
-            "autocast_dtype": None, "cpu_offload": False, "checkpoint_every": None, "micro_batch_size": 2,
-            "seq_len": 64, "chunk_size": 32}
+            "reduce_dtype": None, "autocast_dtype": None, "cpu_offload": False, "checkpoint_every": None,
+            "micro_batch_size": 2, "seq_len": 64, "chunk_size": 32}
     return PlanInputs(**{**base, **overrides})
 
 
@@ -42,6 +42,9 @@ def test_state_bytes_follow_the_parameters_and_the_sharding():
     assert offload.host == fsdp.parameters + fsdp.gradients + fsdp.optimizer
     bf16 = estimate(model, inputs(world_size=2, strategy="fsdp2", gather_dtype=torch.bfloat16))
     assert bf16.gathered * 2 == fsdp.gathered and bf16.activations < fsdp.activations
+    fp32_reduce = estimate(model, inputs(world_size=2, strategy="fsdp2", gather_dtype=torch.bfloat16,
+                                         reduce_dtype=torch.float32))
+    assert bf16.gathered < fp32_reduce.gathered < fsdp.gathered
 
 
 def test_activations_scale_with_the_batch_and_checkpointing_keeps_less():

@@ -222,7 +222,7 @@ def convert_meta_command(args: argparse.Namespace) -> int:
     from .runtime import DTYPES
 
     if not is_meta_checkpoint(args.directory):
-        raise ConfigError(f"{args.directory}: not Meta's checkpoint layout (params.json and consolidated*.pth)")
+        raise ConfigError(f"{args.directory}: not Meta's checkpoint layout (no params.json)")
     started = time.monotonic()
     model = load_meta_mtp_checkpoint(args.directory, dtype=DTYPES[args.dtype])
     tokenizer = (convert_sentencepiece(args.directory / "tokenizer.model")

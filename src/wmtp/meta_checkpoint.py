@@ -59,16 +59,16 @@ _ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight", "tok_embedding
 
 
 def is_meta_checkpoint(path: str | os.PathLike) -> bool:
-    """A directory of Meta's release: params.json beside consolidated*.pth."""
-    directory = Path(path)
-    return (directory / "params.json").is_file() and any(directory.glob("consolidated*.pth"))
+    """A directory in the layout of Meta's release: its params.json (the weights, consolidated*.pth, are read when
+    the model is built; a params.json alone is enough to plan)."""
+    return (Path(path) / "params.json").is_file()
 
 
 def read_consolidated(directory: Path) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors, model-parallel shards merged (memory-mapped; one copy of the merged weights)."""
     files = sorted(directory.glob("consolidated*.pth"))
     if not files:
-        raise FileNotFoundError(f"{directory}: no consolidated*.pth")
+        raise FileNotFoundError(f"{directory}: no consolidated*.pth (the weights of Meta's release)")
     shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files]
     if len(shards) == 1:
         return shards[0]

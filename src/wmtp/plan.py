@@ -4,8 +4,9 @@ sharding, activation checkpointing and loss chunking, and whether it fits a devi
 The model is built on the meta device (shapes, no weights), so a 7B plan costs a fraction of a second. Per rank:
 - parameters, gradients (same dtype) and AdamW's two moments: whole with DDP (which also keeps a bucket copy
   of the gradients), 1/world with FSDP2, on the host with FSDP2's CPU offload;
-- FSDP2's gathered parameters: the root's (embeddings, norm, unembedding) for the whole step and two blocks at a
-  time (the one computing and the one prefetched), in the gather dtype;
+- FSDP2's unsharded copies: the root's parameters and gradients (embeddings, norm, unembedding) for the whole
+  step, two blocks' parameters (the one computing and the one prefetched) in the gather dtype, and one block's
+  gradients before their reduce-scatter, in the reduce dtype;
 - activations of one micro-batch: the bytes autograd saves for one block, counted by running the block on the
   meta device with its attention replaced by flash attention's saving rule (q, k, v, output, log-sum-exp),
   times the blocks; a checkpointed block keeps only its input, and in the backward one block is recomputed at a
@@ -36,6 +37,7 @@ class PlanInputs:
     strategy: str  # ddp or fsdp2
     param_dtype: torch.dtype  # the weights' own dtype (config model.dtype)
     gather_dtype: torch.dtype | None  # FSDP2 mixed precision param_dtype
+    reduce_dtype: torch.dtype | None  # FSDP2 mixed precision reduce_dtype (default: the gather dtype)
     autocast_dtype: torch.dtype | None  # compute.precision bf16/fp16
     cpu_offload: bool
     checkpoint_every: int | None
@@ -192,10 +194,13 @@ def estimate(model: nn.Module, inputs: PlanInputs) -> MemoryPlan:
     gather_dtype = i.gather_dtype or i.param_dtype
     gathered = 0
     if i.strategy == "fsdp2" and i.world_size > 1:
+        # unsharded copies beside the local shards: the root's parameters and gradients for the whole step, two
+        # blocks' parameters (computing and prefetched) and one block's gradients before its reduce-scatter
         in_blocks = {id(p) for b in block_list for p in b.parameters()}
         root = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks)
         largest = max(sum(p.numel() for p in b.parameters()) for b in block_list)
-        gathered = (root + 2 * largest) * _BYTES[gather_dtype] * (shard - 1) // shard
+        reduce_dtype = i.reduce_dtype or gather_dtype
+        gathered = (root + 2 * largest) * _BYTES[gather_dtype] + (root + largest) * _BYTES[reduce_dtype]
 
     compute_dtype = i.autocast_dtype or gather_dtype
     inner, layers, norm = _decoder_parts(model.base)
@@ -277,6 +282,7 @@ def plan_inputs(config, recipe, world_size: int) -> PlanInputs:
     return PlanInputs(
         world_size=world_size, strategy=compute.distributed, param_dtype=DTYPES[config.model.dtype],
         gather_dtype=DTYPES[fsdp.param_dtype] if fsdp2 and fsdp.param_dtype else None,
+        reduce_dtype=DTYPES[fsdp.reduce_dtype] if fsdp2 and fsdp.reduce_dtype else None,
         autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(compute.precision),
         cpu_offload=fsdp2 and fsdp.cpu_offload, checkpoint_every=compute.checkpoint_every,
         micro_batch_size=recipe.train.micro_batch_size, seq_len=recipe.data.max_length,
