@@ -8,7 +8,8 @@ Isolation, best first (`isolation="auto"` picks the first available):
   where the sandbox user may write). A weaker fallback for machines without bubblewrap.
 - `none`: no isolation at all. Refused unless the caller passes `allow_unisolated=True` explicitly.
 In every mode the program runs as an unprivileged user (nobody when the evaluator is root, because root is
-exempt from the process-count limit), in its own session, with rlimits on CPU time, address space, file size,
+exempt from the process-count limit), in its own session, with rlimits (set by util-linux `prlimit` before the
+sandbox starts) on CPU time, address space, file size,
 process count and core dumps, a wall-clock timeout that kills the whole process tree, a scratch working
 directory that is deleted afterwards, and stdout/stderr capped (the file-size limit also caps them).
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import resource
 import secrets
 import shutil
 import signal
@@ -148,16 +148,14 @@ class Sandbox:
             env["HOME"] = scratch
         return env
 
-    def _limit(self, nproc: int) -> None:
-        """In the child before exec: rlimits (inherited by everything the program starts)."""
+    def _limits(self, nproc: int) -> list[str]:
+        """`prlimit` in front of the command: rlimits set before the sandbox starts, inherited by everything the
+        program starts. (Not a preexec_fn: Python code between fork and exec can deadlock or crash in a process with
+        other threads, e.g. a training process holding a gloo process group.)"""
         lim = self.limits
-        resource.setrlimit(resource.RLIMIT_CPU, (lim.cpu_s, lim.cpu_s + 1))
-        memory = lim.memory_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-        size = lim.file_size_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+        memory, size = lim.memory_mb * 2**20, lim.file_size_mb * 2**20
+        return ["prlimit", f"--cpu={lim.cpu_s}:{lim.cpu_s + 1}", f"--as={memory}:{memory}", f"--fsize={size}:{size}",
+                "--core=0:0", f"--nproc={nproc}:{nproc}", "--"]
 
     # ----------------------------------------------------------------------------------------------- run
     def run(self, program: str, stdin: str = "") -> Execution:
@@ -217,10 +215,9 @@ class Sandbox:
         # The process count is per user across the machine: what the sandbox user runs already plus the budget.
         nproc = _processes_of(NOBODY if self.as_root else os.getuid()) + self.limits.processes
         try:
-            return subprocess.Popen(self._command(scratch), stdin=subprocess.PIPE, stdout=out, stderr=err,
-                                    cwd=scratch, env=self._environment(scratch, nonce, marker_w),
-                                    preexec_fn=lambda: self._limit(nproc), pass_fds=(marker_w,),
-                                    start_new_session=True)
+            return subprocess.Popen(self._limits(nproc) + self._command(scratch), stdin=subprocess.PIPE, stdout=out,
+                                    stderr=err, cwd=scratch, env=self._environment(scratch, nonce, marker_w),
+                                    pass_fds=(marker_w,), start_new_session=True)
         except FileNotFoundError as exc:
             raise SandboxError(f"sandbox ({self.isolation}): {exc.filename} not found") from exc
 
