@@ -124,11 +124,14 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2], help="process counts to measure")
     args = parser.parse_args()
     cases = []
     for size in args.sizes:
         for world, strategy, checkpointing in ((1, "ddp", "none"), (1, "ddp", "all"), (2, "ddp", "none"),
                                                (2, "fsdp2", "none")):
+            if world not in args.worlds:
+                continue
             case = run_case(size, world, strategy, checkpointing, args.device, args.steps)
             cases.append(case)
             print(f"{size:<7} {world} x {strategy:<5} checkpointing {checkpointing:<4} {case['params'] / 1e6:6.1f}M "

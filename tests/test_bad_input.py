@@ -90,13 +90,14 @@ def copy_run(trained: Path, tmp_path: Path) -> Path:
     return run
 
 
-def test_a_truncated_checkpoint_model_names_the_file_on_resume(trained, tmp_path, capsys):
+def test_a_truncated_checkpoint_shard_names_the_checkpoint_on_resume(trained, tmp_path, capsys):
     run = copy_run(trained, tmp_path)
-    weights = run / "checkpoints" / "step-00000004" / "model" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
+    state = run / "checkpoints" / "step-00000004" / "state"
+    (shard,) = state.glob("*.distcp")
+    shard.write_bytes(shard.read_bytes()[:1000])
     assert main([*train_args(tmp_path, "copy"), "--resume", "auto"]) == 1
     err = error_line(capsys)
-    assert str(weights.parent) in err and "damaged or incomplete" in err
+    assert str(state) in err and "damaged or incomplete" in err
 
 
 def test_a_cut_trainer_state_names_the_file_on_resume(trained, tmp_path, capsys):

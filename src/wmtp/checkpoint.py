@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -156,7 +157,7 @@ def _load_shards(state: dict, path: Path, distributed: bool) -> None:
     try:
         with _one_process_is_intended():
             dcp.load(state, checkpoint_id=path / SHARDS_DIR, no_dist=not distributed)
-    except Exception as exc:  # DCP wraps a damaged or missing shard in its own errors; name the directory
+    except (Exception, CheckpointException) as exc:  # DCP's own error is a BaseException; name the directory
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{path / SHARDS_DIR}: cannot read the checkpoint's shards ({first}); the checkpoint is "
                           "damaged or incomplete") from None
