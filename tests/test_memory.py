@@ -114,3 +114,60 @@ def test_two_ranks_with_offload_and_checkpointing_equal_one_process_and_bf16_par
     # bf16 parameters compute in bf16: the weights move off the fp32 run by far more than float-order noise
     assert max(float((finals["bf16"][k] - one[k]).abs().max()) for k in one) > 1e-3
     assert all(torch.isfinite(v).all() for v in finals["bf16"].values())
+
+
+CONSTRUCTION = """
+import json, sys
+import torch
+sys.path.insert(0, {tests!r})
+from tiny_run import files
+import wmtp.setup as setup_module
+from wmtp import distributed as dist_utils
+from wmtp.config import load_config, load_recipe
+
+built = []
+original = setup_module.build_model
+setup_module.build_model = lambda *a, **k: built.append(1) or original(*a, **k)
+config, recipe = load_config({config!r}), load_recipe({recipe!r})
+info = dist_utils.init_distributed("cpu")
+setup = setup_module.prepare(config, recipe, info)
+full = {{k: (v.full_tensor() if hasattr(v, "full_tensor") else v).tolist()
+        for k, v in setup.model.state_dict().items()}}
+local = sum(p.to_local().numel() for p in setup.model.parameters())
+if info.rank == 0:
+    json.dump({{"full": full, "config": setup.model.config.to_dict()}}, open({out!r}, "w"))
+print(json.dumps({{"rank": info.rank, "built_full_model": len(built), "local_numel": local}}))
+dist_utils.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_fsdp2_ranks_build_on_meta_and_receive_only_their_shards(tmp_path):
+    """Under FSDP2 only rank 0 loads (here: initialises) the whole model; each rank holds half the parameters; the
+    weights and config equal those of a plain single-process set-up."""
+    import json
+
+    from tiny_run import files
+
+    from wmtp.config import load_config, load_recipe
+    from wmtp.setup import prepare
+
+    config, recipe = files(tmp_path, config={"compute": {"distributed": "fsdp2"}})
+    out = tmp_path / "rank0.json"
+    code = CONSTRUCTION.format(tests=str(Path(__file__).parent), config=str(config), recipe=str(recipe), out=str(out))
+    script = tmp_path / "construct.py"
+    script.write_text(code)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
+                   key=lambda r: r["rank"])
+    assert [r["built_full_model"] for r in ranks] == [1, 0]
+    plain = prepare(load_config(config), load_recipe(recipe), DistInfo(0, 1, 0, torch.device("cpu")))
+    total = sum(p.numel() for p in plain.model.parameters())
+    assert all(r["local_numel"] < 0.6 * total for r in ranks)
+    sharded = json.loads(out.read_text())
+    for key, value in plain.model.state_dict().items():
+        assert torch.equal(torch.tensor(sharded["full"][key], dtype=value.dtype), value), key
+    assert sharded["config"]["bos_token_id"] == plain.model.config.bos_token_id

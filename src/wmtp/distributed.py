@@ -124,6 +124,22 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str, *, param_dtype: 
     return model
 
 
+def load_from_rank0(model: nn.Module, full: nn.Module | None, info: DistInfo, *, cpu_offload: bool = False) -> None:
+    """Fill a model sharded on the meta device: its storage is allocated on this rank's device (or CPU with
+    offload), rank 0's full copy `full` (on its CPU; None elsewhere) is scattered so that each rank receives
+    only its shards, and the buffers (rotary tables, ...) are broadcast whole."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=torch.device("cpu") if cpu_offload else info.device)
+    state = full.state_dict() if full is not None else {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    own = dict(full.named_buffers()) if full is not None else {}
+    for name, buffer in model.named_buffers():
+        if full is not None:
+            buffer.copy_(own[name])
+        dist.broadcast(buffer, src=0)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 

@@ -21,6 +21,7 @@ from .data import Example, SequenceSet, StepPlan, load_examples, plan_steps, rec
 from .distributed import DistInfo
 from .head_quality import head_quality, quality_metric_names
 from .model import MTPModel
+from .plan import meta_model
 from .runtime import (
     DTYPES,
     autocast_for,
@@ -115,21 +116,39 @@ def prepare(config: Config, recipe: Recipe, info: DistInfo, *, tokenizer_dir: Pa
     check_run_settings(config, recipe, info, data, recipe.mtp.n_heads)
     plan = plan_steps(len(data.train_set), recipe.train, recipe.data, recipe.loss.chunk_size, info.world_size)
     torch.manual_seed(config.compute.seed)
-    model = build_model(config.model, recipe.mtp, data.tokenizer).to(info.device)
-    check_tokenizer_fits(data.tokenizer, model, "model")
-    dist_utils.apply_activation_checkpointing(model, config.compute.checkpoint_every)
-    # FSDP2 replaces the parameters with sharded ones: wrap before anything (scheme, optimizer) holds them.
-    fsdp = config.compute.fsdp
-    wrapped = dist_utils.wrap_model(model, info, config.compute.distributed,
-                                    param_dtype=DTYPES[fsdp.param_dtype] if fsdp.param_dtype else None,
-                                    reduce_dtype=DTYPES[fsdp.reduce_dtype] if fsdp.reduce_dtype else None,
-                                    cpu_offload=fsdp.cpu_offload)
+    model, wrapped = build_and_wrap(config, recipe, info, data.tokenizer)
     autocast = autocast_for(info.device, config.compute.precision)
     context = SchemeContext(model=model, wrapped=wrapped, autocast=autocast, info=info, plan=plan,
                             train_set=data.train_set, val_set=data.val_set, train_examples=data.train_examples,
                             val_examples=data.val_examples, tokenizer=data.tokenizer, config=config)
     scheme = plugin(recipe.algorithm).build(settings, context)
     return RunSetup(config, recipe, info, data, model, wrapped, autocast, plan, settings, scheme)
+
+
+def build_and_wrap(config: Config, recipe: Recipe, info: DistInfo, tokenizer) -> tuple[MTPModel, torch.nn.Module]:
+    """The model and the form the trainer steps. One process or DDP: every rank builds the model. FSDP2 under
+    torchrun: every rank builds it on the meta device and shards it there; rank 0 alone loads (or initialises)
+    the weights, on its CPU, and each rank receives only its shards, then the buffers (`distributed.load_from_rank0`).
+    Either way the weights are those of a plain load (tested)."""
+    compute, fsdp = config.compute, config.compute.fsdp
+    sharded = info.distributed and compute.distributed == "fsdp2"
+    if sharded:
+        model = meta_model(config.model, recipe.mtp, len(tokenizer)).to(DTYPES[config.model.dtype])
+    else:
+        model = build_model(config.model, recipe.mtp, tokenizer).to(info.device)
+    check_tokenizer_fits(tokenizer, model, "model")
+    dist_utils.apply_activation_checkpointing(model, compute.checkpoint_every)
+    # FSDP2 replaces the parameters with sharded ones: wrap before anything (scheme, optimizer) holds them.
+    wrapped = dist_utils.wrap_model(model, info, compute.distributed,
+                                    param_dtype=DTYPES[fsdp.param_dtype] if fsdp.param_dtype else None,
+                                    reduce_dtype=DTYPES[fsdp.reduce_dtype] if fsdp.reduce_dtype else None,
+                                    cpu_offload=fsdp.cpu_offload)
+    if sharded:
+        full = build_model(config.model, recipe.mtp, tokenizer) if info.is_main else None
+        dist_utils.load_from_rank0(model, full, info, cpu_offload=fsdp.cpu_offload)
+        if full is not None:  # what rank 0 writes with the final model: the loaded configs, not the meta ones
+            model.base.config, model.base.generation_config = full.base.config, full.base.generation_config
+    return model, wrapped
 
 
 def dry_run_report(setup: RunSetup) -> dict:
