@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
 from safetensors.torch import load_file
-from tiny_run import train_args
+from tiny_run import final_weights, train_args
 
 from wmtp.checkpoint import list_checkpoints
 from wmtp.cli import main
@@ -23,14 +23,6 @@ from wmtp.train import find_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    final = run_dir / "final"
-    weights = {f"heads.{k}": v for k, v in load_file(final / "mtp_heads.safetensors").items()}
-    for shard in sorted(final.glob("model*.safetensors")):
-        weights.update(load_file(shard))
-    return weights
 
 
 def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:

@@ -405,7 +405,13 @@ def check_distributed(kit: Kit) -> None:
     kit.trainer(config={"compute": {"distributed": "ddp"}}, info=two)
     assert calls == ["ddp"]
     calls.clear()
-    kit.trainer(config={"compute": {"distributed": "fsdp2"}}, info=two)
+    # FSDP2 fills its shards from rank 0 with collectives: a one-rank gloo group stands in for torchrun
+    torch.distributed.init_process_group("gloo", init_method=f"file://{kit.tmp / 'pg-distributed'}", rank=0,
+                                         world_size=1)
+    try:
+        kit.trainer(config={"compute": {"distributed": "fsdp2"}}, info=two)
+    finally:
+        torch.distributed.destroy_process_group()
     assert "ddp" not in calls and calls[-1] == "MTPModel" and len(calls) == 2 + 2 + 1  # layers, heads, root
 
 

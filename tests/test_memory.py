@@ -13,8 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import tiny_llama
-from safetensors.torch import load_file
-from tiny_run import train_args
+from tiny_run import final_weights, train_args
 
 from wmtp.cli import main
 from wmtp.distributed import DistInfo, apply_activation_checkpointing, blocks, wrap_model
@@ -83,14 +82,6 @@ def test_fsdp_policies_reach_every_sharded_block(one_rank_group):
     ids = torch.randint(3, 97, (1, 8))
     model(ids, torch.ones_like(ids), labels=mtp_labels(ids, 3)).loss.backward()
     assert seen == [torch.bfloat16]  # the gathered parameters the block computes with
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    final = run_dir / "final"
-    weights = {f"heads.{k}": v for k, v in load_file(final / "mtp_heads.safetensors").items()}
-    for shard in sorted(final.glob("model*.safetensors")):
-        weights.update(load_file(shard))
-    return weights
 
 
 @pytest.mark.slow

@@ -7,23 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from tiny_run import files, train_args
+from tiny_run import files, final_weights, train_args
 
 from wmtp import MTPModel
 from wmtp.checkpoint import load_checkpoint_model
 from wmtp.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a run's final model: the base model's shards and the extra heads."""
-    final = run_dir / "final"
-    weights = {f"heads.{k}": v for k, v in load_file(final / "mtp_heads.safetensors").items()}
-    for shard in sorted(final.glob("model*.safetensors")):
-        weights.update(load_file(shard))
-    return weights
 
 
 def test_training_lowers_validation_loss_and_writes_outputs(tmp_path, capsys):

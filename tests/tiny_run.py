@@ -60,3 +60,14 @@ def files(tmp_path: Path, config: dict | None = None, recipe: dict | None = None
 def train_args(tmp_path: Path, run_name: str = "run", **overrides) -> list[str]:
     config_path, recipe_path = files(tmp_path, **overrides)
     return ["train", "--config", str(config_path), "--recipe", str(recipe_path), "--run-name", run_name]
+
+
+def final_weights(run_dir: Path) -> dict:
+    """Every tensor of a run's final model: the base model's safetensors shards and the extra heads."""
+    from safetensors.torch import load_file
+
+    final = run_dir / "final"
+    weights = {f"heads.{k}": v for k, v in load_file(final / "mtp_heads.safetensors").items()}
+    for shard in sorted(final.glob("model*.safetensors")):
+        weights.update(load_file(shard))
+    return weights
