@@ -39,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="ranks (GPUs) the run will use (default: $WORLD_SIZE or 1)")
     plan.add_argument("--device-memory", type=_size, help="memory per device, e.g. 80GB: say whether it fits")
     plan.add_argument("--verbose", action="store_true", help="print tracebacks")
+    fetch = sub.add_parser("fetch", help="download storage URLs (s3://, gs://, az://, ...) into the local cache "
+                           "($WMTP_CACHE) ahead of a run; a cached, unchanged URL is not downloaded again")
+    fetch.add_argument("urls", nargs="+")
+    fetch.add_argument("--verbose", action="store_true", help="print tracebacks")
     convert = sub.add_parser("convert-meta", help="write Meta's MTP release (params.json, consolidated*.pth, "
                              "tokenizer.model) once as a Hugging Face wmtp model directory")
     convert.add_argument("directory", type=Path, help="Meta's checkpoint directory")
@@ -58,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
                               "quality and self-speculative decoding statistics; report")
     evaluate.add_argument("--config", required=True, type=Path)
     evaluate.add_argument("--recipe", required=True, type=Path, help="its data section gives the held-out text")
-    evaluate.add_argument("--checkpoint", required=True, type=Path, help="a saved model (final/) or a checkpoint")
+    evaluate.add_argument("--checkpoint", required=True,
+                          help="a saved model (final/) or a training checkpoint: a path or a storage URL (s3://...)")
     evaluate.add_argument("--benchmarks", type=_names, default=["mbpp", "humaneval"],
                           help="comma-separated: mbpp,humaneval,codecontests (MBPP/CodeContests data from the "
                           "config's datasets.mbpp / datasets.codecontests); empty for none")
@@ -217,6 +222,17 @@ def plan_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def fetch_command(args: argparse.Namespace) -> int:
+    from .storage import fetch, is_remote
+
+    for url in args.urls:
+        if not is_remote(url):
+            raise ConfigError(f"{url}: not a storage URL (expected e.g. s3://bucket/key)")
+        started = time.monotonic()
+        print(f"{url} -> {fetch(url, 'fetch')} ({time.monotonic() - started:.1f}s)")
+    return 0
+
+
 def convert_meta_command(args: argparse.Namespace) -> int:
     from .meta_checkpoint import convert_sentencepiece, is_meta_checkpoint, load_meta_mtp_checkpoint
     from .runtime import DTYPES
@@ -343,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return train_command(args)
+        if args.command == "fetch":
+            return fetch_command(args)
         if args.command == "convert-meta":
             return convert_meta_command(args)
         if args.command == "plan":

@@ -35,6 +35,7 @@ import torch
 
 from .config import ConfigError, DataSettings, DataSource, Training
 from .loss import mtp_labels
+from .storage import is_remote, local_path
 
 # deepmind/code_contests `language` enum: 1 = PYTHON (2), 3 = PYTHON3.
 _CODECONTESTS_PYTHON = (3, 1)
@@ -105,7 +106,7 @@ def _dataset_path(spec: DataSource, datasets: dict[str, str]) -> Path:
         known = ", ".join(sorted(datasets)) or "none"
         raise ConfigError(f"data source {spec.kind}: dataset `{spec.dataset}` is not in the config's datasets "
                           f"(known: {known})")
-    path = Path(datasets[spec.dataset])
+    path = Path(local_path(datasets[spec.dataset], f"datasets.{spec.dataset}"))
     if not path.exists():
         raise ConfigError(f"datasets.{spec.dataset}: {path} does not exist")
     return path
@@ -135,7 +136,7 @@ def _mbpp_location(spec: DataSource, datasets: dict[str, str]) -> Path | str:
                               "(google-research-datasets/mbpp)")
         return BUNDLED_MBPP
     value = datasets.get(spec.dataset)
-    if value is not None and not Path(value).exists() and _HUB_ID.fullmatch(value):
+    if value is not None and not is_remote(value) and not Path(value).exists() and _HUB_ID.fullmatch(value):
         return value
     return _dataset_path(spec, datasets)
 

@@ -16,14 +16,18 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from .config import ConfigError, ModelSource, MTPShape
 from .meta_checkpoint import convert_sentencepiece, is_meta_checkpoint, load_meta_mtp_checkpoint
 from .model import CONFIG_KEY, MTPModel, load_causal_lm
+from .storage import is_remote, local_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_model_path(spec: str) -> str:
-    """`pkg:<package>/<file>` → the file inside the installed package (found without importing it);
-    anything else is returned unchanged (a hub id, a directory or a GGUF path)."""
+    """`pkg:<package>/<file>` → the file inside the installed package (found without importing it); a storage URL
+    (`s3://...`) → its local copy (`storage.fetch`); anything else is returned unchanged (a hub id, a directory
+    or a GGUF path)."""
+    if is_remote(spec) or spec.startswith("file://"):
+        return local_path(spec, "model path")
     if not spec.startswith("pkg:"):
         return spec
     package, _, rel = spec[4:].partition("/")

@@ -31,6 +31,7 @@ from .runtime import (
     quiet_library_progress,
     secret,
 )
+from .storage import is_remote
 from .weighting import plugin, scheme_settings
 from .weighting.base import SchemeContext, WeightingScheme
 
@@ -92,6 +93,9 @@ def check_run_settings(config: Config, recipe: Recipe, info: DistInfo, data: Run
     """The checks of config and recipe values that need the data or the device."""
     if config.compute.precision == "fp16" and info.device.type != "cuda":
         raise ConfigError("compute.precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+    if is_remote(config.output_dir):
+        raise ConfigError(f"{config.source}: output_dir: {config.output_dir}: writing runs to object storage is not "
+                          "supported yet; use a local or mounted directory")
     output = Path(config.output_dir)
     if output.exists() and not output.is_dir():
         raise ConfigError(f"{config.source}: output_dir: {output} is a file, expected a directory")

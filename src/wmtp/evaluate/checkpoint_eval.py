@@ -29,6 +29,7 @@ from ..execution.sandbox import Sandbox
 from ..head_quality import head_quality
 from ..model import HEADS_FILE, MTPModel
 from ..runtime import autocast_for, quiet_library_progress
+from ..storage import local_path
 from ..tracking import Tracker
 from .generation import generate_samples
 from .passk import summarize
@@ -67,7 +68,7 @@ def evaluate_checkpoint(config: Config, recipe: Recipe, settings: EvalSettings) 
     if not config.logging.progress:
         quiet_library_progress()
     device = resolve_device(config.compute.device)
-    model, tokenizer, run_dir = load_evaluated_model(settings.checkpoint)
+    model, tokenizer, run_dir = load_evaluated_model(Path(local_path(settings.checkpoint, "--checkpoint")))
     model = model.to(device).eval()
     tokenizer.padding_side = "left"
     autocast = autocast_for(device, config.compute.precision)

@@ -45,7 +45,7 @@ class Scoring:
 class EvalSettings:
     """`wmtp eval`: which checkpoint, which benchmarks, how to sample, what else to measure, where to write."""
 
-    checkpoint: Path
+    checkpoint: str  # a path or a storage URL
     benchmarks: tuple[str, ...] = ("mbpp", "humaneval")
     split: str = "test"
     limit: int | None = None

@@ -28,6 +28,7 @@ from ..config import ConfigError
 from ..critic_math import TokenRewards, explained_variance, gae, mc_returns, td_errors, td_lambda_targets
 from ..data import SequenceSet, epoch_order
 from ..distributed import DistInfo, all_gather_concat
+from ..storage import local_path
 
 if TYPE_CHECKING:
     from ..data import StepPlan
@@ -73,7 +74,7 @@ def sum_gradients(module: nn.Module, info: DistInfo, *, average: bool = False) -
 
 def value_head_file(spec: str | Path) -> Path:
     """A value-head file, or a directory holding one (a run directory, its critic/ or a final model)."""
-    path = Path(spec)
+    path = Path(local_path(str(spec), "critic.value_head_path"))
     for candidate in (path, path / VALUE_HEAD_FILE, path / STAGE1_DIR / VALUE_HEAD_FILE):
         if candidate.is_file():
             return candidate

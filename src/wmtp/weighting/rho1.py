@@ -278,9 +278,14 @@ def score_reference_set(reference: torch.nn.Module, sequences: SequenceSet, batc
 def reference_cache_target(config: Config, recipe: Recipe) -> Path:
     """Where `wmtp score-reference` writes the cache of this config and recipe; refuses a recipe of another
     scheme or a config without `reference_cache` and `reference_model`."""
+    from ..storage import is_remote
+
     if recipe.algorithm != "rho1" or config.reference_cache is None or config.reference_model is None:
         raise ConfigError("score-reference needs a recipe with algorithm: rho1 and a config with reference_model "
                           "and reference_cache")
+    if is_remote(config.reference_cache):
+        raise ConfigError(f"reference_cache {config.reference_cache}: score-reference writes a local file; upload "
+                          "it to the URL afterwards (training reads it from there)")
     return Path(config.reference_cache)
 
 
@@ -310,8 +315,9 @@ def build(settings: Rho1Recipe, context: SchemeContext) -> Rho1Weighting:
 
     if cached:
         from ..reference_cache import read_cache
+        from ..storage import local_path
 
-        cache = read_cache(Path(context.config.reference_cache),
+        cache = read_cache(Path(local_path(context.config.reference_cache, "reference_cache")),
                            reference_cache_key(context.train_set, context.tokenizer, context.config.reference_model))
 
         def reference_ce(batch: StepBatch) -> torch.Tensor:

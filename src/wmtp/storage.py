@@ -1,0 +1,123 @@
+"""Inputs from object storage: any URL fsspec understands (`s3://`, `gs://`, `az://`, ...) is fetched once into a
+local cache and read from there.
+
+The cache (`$WMTP_CACHE`, default `~/.cache/wmtp`) holds one directory per URL. A file or every file under a
+directory is downloaded in parallel, each to a temporary name and renamed when its size (and its MD5, when the
+store's ETag is one) checks out; a manifest of sizes and ETags is written last. A second fetch of an unchanged
+URL downloads nothing; an interrupted fetch resumes with the files it already has. Credentials come from the
+storage library's standard chain (environment, profile, instance role); an endpoint such as a local MinIO is
+set the fsspec way, e.g. `FSSPEC_S3_ENDPOINT_URL`. Nothing here prints or stores a credential.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .config import ConfigError
+
+MANIFEST = ".wmtp-manifest.json"
+WORKERS = 8
+
+
+def is_remote(spec: str | os.PathLike) -> bool:
+    """A URL with a scheme other than file:// (hub ids, paths and `pkg:` specs are not)."""
+    text = str(spec)
+    return "://" in text and not text.startswith("file://")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("WMTP_CACHE") or Path.home() / ".cache" / "wmtp")
+
+
+def local_path(spec: str | os.PathLike, what: str = "path") -> str:
+    """`spec` itself when it is local (a `file://` prefix removed); a remote URL fetched into the cache."""
+    text = str(spec)
+    if text.startswith("file://"):
+        return text[len("file://"):]
+    return str(fetch(text, what)) if is_remote(text) else text
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch(url: str, what: str = "path") -> Path:
+    """The local copy of `url` (a file or a directory tree), downloaded unless the cache already holds this
+    version. `what` names the config key in errors."""
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+        fs.invalidate_cache(root)  # listings are cached per filesystem: ask the store for the current version
+        info = fs.info(root)
+        if info["type"] == "directory":
+            found = fs.find(root, detail=True)
+            files = {name[len(root.rstrip("/")) + 1:]: meta for name, meta in found.items()}
+        else:
+            files = {Path(root).name: info}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{what} {url}: not found ({exc})") from None
+    except PermissionError as exc:
+        raise ConfigError(f"{what} {url}: access denied; check the storage credentials ({exc})") from None
+    except Exception as exc:  # the storage library's own errors (no credentials, bad endpoint): one line, the URL
+        raise ConfigError(f"{what} {url}: {type(exc).__name__}: {exc}") from None
+    if not files:
+        raise ConfigError(f"{what} {url}: an empty directory")
+    target = cache_root() / hashlib.sha256(url.encode()).hexdigest()[:24]
+    local = target / (Path(root.rstrip("/")).name or "root")
+    expected = {rel: {"size": int(meta.get("size") or 0), "etag": str(meta.get("ETag") or meta.get("etag") or "")}
+                for rel, meta in files.items()}
+    manifest = target / MANIFEST
+    result = local if info["type"] == "directory" else local / Path(root).name
+    complete = all((local / rel).is_file() and (local / rel).stat().st_size == meta["size"]
+                   for rel, meta in expected.items())
+    if complete and manifest.is_file() and json.loads(manifest.read_text()) == {"url": url, "files": expected}:
+        return result
+    manifest.unlink(missing_ok=True)  # another version, or an incomplete copy: fetch (matching files are kept)
+    local.mkdir(parents=True, exist_ok=True)
+
+    def download(rel: str) -> None:
+        destination = local / rel
+        meta = expected[rel]
+        if destination.is_file() and destination.stat().st_size == meta["size"] and _checks(destination, meta):
+            return  # resumed: already here
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        partial = destination.with_name(f".{destination.name}.partial")
+        source = f"{root.rstrip('/')}/{rel}" if info["type"] == "directory" else root
+        fs.get_file(source, str(partial))
+        if partial.stat().st_size != meta["size"] or not _checks(partial, meta):
+            partial.unlink(missing_ok=True)
+            raise ConfigError(f"{what} {url}: {rel} arrived damaged (size or checksum differs); fetch again")
+        os.replace(partial, destination)
+
+    try:
+        with ThreadPoolExecutor(max_workers=min(WORKERS, len(expected))) as pool:
+            list(pool.map(download, sorted(expected)))
+    except ConfigError:
+        raise
+    except Exception as exc:  # as above, during the transfer
+        raise ConfigError(f"{what} {url}: download failed: {type(exc).__name__}: {exc}") from None
+    manifest.write_text(json.dumps({"url": url, "files": expected}))
+    return result
+
+
+def _checks(path: Path, meta: dict) -> bool:
+    """A plain ETag (no `-N` multipart suffix) is the object's MD5: compare it; otherwise the size must do."""
+    etag = meta["etag"].strip('"')
+    if len(etag) == 32 and "-" not in etag:
+        return _md5(path) == etag
+    return True
+
+
+def clear(url: str) -> None:
+    """Drop a URL's cached copy."""
+    shutil.rmtree(cache_root() / hashlib.sha256(url.encode()).hexdigest()[:24], ignore_errors=True)
