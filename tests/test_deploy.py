@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import stat
 import subprocess
 import sys
@@ -75,11 +76,17 @@ def test_the_image_workflow_builds_both_images_on_tags():
     assert {b["dockerfile"] for b in builds} == {str(p.relative_to(ROOT)) for p in DOCKERFILES}
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_launcher(tmp_path: Path, command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     config, recipe = files(tmp_path)
     full_env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1",
                 "PATH": f"{Path(sys.executable).parent}:{tmp_path / 'bin'}:{os.environ['PATH']}",
-                "WMTP_CONFIG": str(config), "WMTP_RECIPE": str(recipe), "MASTER_PORT": "29517", **env}
+                "WMTP_CONFIG": str(config), "WMTP_RECIPE": str(recipe), "MASTER_PORT": str(free_port()), **env}
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=300)
 
 
