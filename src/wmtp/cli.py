@@ -356,23 +356,11 @@ def report_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    commands = {"train": train_command, "plan": plan_command, "fetch": fetch_command,
+                "convert-meta": convert_meta_command, "score-reference": score_reference_command,
+                "eval": eval_command, "execute": execute_command, "report": report_command}
     try:
-        if args.command == "train":
-            return train_command(args)
-        if args.command == "fetch":
-            return fetch_command(args)
-        if args.command == "convert-meta":
-            return convert_meta_command(args)
-        if args.command == "plan":
-            return plan_command(args)
-        if args.command == "score-reference":
-            return score_reference_command(args)
-        if args.command == "eval":
-            return eval_command(args)
-        if args.command == "execute":
-            return execute_command(args)
-        if args.command == "report":
-            return report_command(args)
+        return commands[args.command](args)
     except KeyboardInterrupt:
         print("wmtp: interrupted", file=sys.stderr)
         return 130
@@ -384,7 +372,6 @@ def main(argv: list[str] | None = None) -> int:
             message = f"{type(exc).__name__}: {message}"
         print(f"wmtp: error: {message}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

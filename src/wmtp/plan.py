@@ -172,7 +172,7 @@ def meta_model(source, shape, vocab_size: int | None = None) -> nn.Module:
 
 
 def estimate(model: nn.Module, inputs: PlanInputs) -> MemoryPlan:
-    """The plan of an MTP model built on the meta device (`meta_model`)."""
+    """The plan of an MTP model built on the meta device (`meta_model`); the model is left in the compute dtype."""
     from .distributed import blocks
     from .model import _decoder_parts
 
@@ -208,18 +208,18 @@ def estimate(model: nn.Module, inputs: PlanInputs) -> MemoryPlan:
     vocab = model.unembedding.weight.shape[0]
     b, s = i.micro_batch_size, i.seq_len
     with torch.device("meta"):
-        probe = model.to(compute_dtype)  # a meta model: nothing to copy
+        model.to(compute_dtype)  # a meta model: no weights to copy, only the traced dtypes change
         hidden = torch.zeros(b, s, d, dtype=compute_dtype, requires_grad=True)
         kwargs = {}
         if hasattr(inner, "rotary_emb"):
             position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
             kwargs = {"position_embeddings": inner.rotary_emb(hidden, position_ids), "position_ids": position_ids,
                       "attention_mask": None}
-        block_bytes = saved_bytes(_decoder_parts(probe.base)[1][0], hidden, **kwargs)
-        norm_bytes = saved_bytes(_decoder_parts(probe.base)[2], hidden)
+        block_bytes = saved_bytes(layers[0], hidden, **kwargs)
+        norm_bytes = saved_bytes(norm, hidden)
         head_bytes = 0
         if model.mtp_config.head_type == "linear" and len(model.heads):
-            head_bytes = saved_bytes(probe.heads[0], hidden)
+            head_bytes = saved_bytes(model.heads[0], hidden)
     n_layers, n_extra = len(layers), len(model.heads)
     heads = model.n_heads
     input_bytes = b * s * d * _BYTES[compute_dtype]
@@ -262,12 +262,12 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     Chowdhery et al. 2022), the extra transformer heads counted as layers."""
     from .model import _decoder_parts
 
-    inner, _, _ = _decoder_parts(model.base)
+    inner, layers, _ = _decoder_parts(model.base)
     embedding = inner.get_input_embeddings().weight
     dense = sum(p.numel() for p in model.parameters())
     if model.unembedding.weight is not embedding:
         dense -= embedding.numel()
-    attention_layers = len(_decoder_parts(model.base)[1])
+    attention_layers = len(layers)
     if model.mtp_config.head_type == "transformer":
         attention_layers += len(model.heads)
     return 6.0 * dense + 12.0 * attention_layers * model.config.hidden_size * seq_len
