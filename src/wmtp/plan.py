@@ -275,14 +275,14 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
 
 def plan_inputs(config, recipe, world_size: int) -> PlanInputs:
     """PlanInputs of a config and a recipe at `world_size` ranks."""
-    from .runtime import DTYPES
+    from .runtime import DTYPES, dtype_or_none
 
     compute, fsdp = config.compute, config.compute.fsdp
     fsdp2 = compute.distributed == "fsdp2"
     return PlanInputs(
         world_size=world_size, strategy=compute.distributed, param_dtype=DTYPES[config.model.dtype],
-        gather_dtype=DTYPES[fsdp.param_dtype] if fsdp2 and fsdp.param_dtype else None,
-        reduce_dtype=DTYPES[fsdp.reduce_dtype] if fsdp2 and fsdp.reduce_dtype else None,
+        gather_dtype=dtype_or_none(fsdp.param_dtype) if fsdp2 else None,
+        reduce_dtype=dtype_or_none(fsdp.reduce_dtype) if fsdp2 else None,
         autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(compute.precision),
         cpu_offload=fsdp2 and fsdp.cpu_offload, checkpoint_every=compute.checkpoint_every,
         micro_batch_size=recipe.train.micro_batch_size, seq_len=recipe.data.max_length,

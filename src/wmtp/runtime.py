@@ -22,6 +22,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def dtype_or_none(name: str | None) -> torch.dtype | None:
+    """The torch dtype of a config's dtype name; None stays None (keep the tensors' own)."""
+    return DTYPES[name] if name else None
+
+
 def resolve_model_path(spec: str) -> str:
     """`pkg:<package>/<file>` → the file inside the installed package (found without importing it); a storage URL
     (`s3://...`) → its local copy (`storage.fetch`); anything else is returned unchanged (a hub id, a directory

@@ -27,6 +27,7 @@ from .runtime import (
     autocast_for,
     build_model,
     check_tokenizer_fits,
+    dtype_or_none,
     load_tokenizer_from,
     quiet_library_progress,
     secret,
@@ -144,8 +145,8 @@ def build_and_wrap(config: Config, recipe: Recipe, info: DistInfo, tokenizer) ->
     dist_utils.apply_activation_checkpointing(model, compute.checkpoint_every)
     # FSDP2 replaces the parameters with sharded ones: wrap before anything (scheme, optimizer) holds them.
     wrapped = dist_utils.wrap_model(model, info, compute.distributed,
-                                    param_dtype=DTYPES[fsdp.param_dtype] if fsdp.param_dtype else None,
-                                    reduce_dtype=DTYPES[fsdp.reduce_dtype] if fsdp.reduce_dtype else None,
+                                    param_dtype=dtype_or_none(fsdp.param_dtype),
+                                    reduce_dtype=dtype_or_none(fsdp.reduce_dtype),
                                     cpu_offload=fsdp.cpu_offload)
     if sharded:
         full = build_model(config.model, recipe.mtp, tokenizer) if info.is_main else None
