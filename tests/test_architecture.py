@@ -18,7 +18,7 @@ PACKAGE = ROOT / "src" / "wmtp"
 LAYERS = {
     "atomic": 0, "config": 0, "loss": 0,
     "data": 1, "distributed": 1, "model": 1, "critic_math": 1, "tracking": 1, "optim": 1, "reference_cache": 1,
-    "execution": 1, "storage": 1,
+    "execution": 1, "storage": 1, "mirror": 1,
     "runtime": 2, "head_quality": 2, "rewards": 2, "checkpoint": 2, "meta_checkpoint": 2, "plan": 2,
     "weighting": 3,
     "setup": 4, "evaluate": 4,

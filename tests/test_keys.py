@@ -27,6 +27,7 @@ import transformers
 import yaml
 from conftest import tiny_llama
 from critic_key_checks import CRITIC_KEY_CHECKS, check_incorrect_solutions
+from gradnorm_key_checks import GRADNORM_KEY_CHECKS
 from pydantic import BaseModel, ValidationError
 from tiny_run import CONFIG, RECIPE, SNIPPETS, merge
 
@@ -576,6 +577,92 @@ def check_log_model(kit: Kit) -> None:
     assert "model" in [a.path for a in with_model] and "model" not in [a.path for a in without]
 
 
+def check_log_model_max_size(kit: Kit) -> None:
+    """`mlflow.log_model_max_size`: a final model above it is not uploaded to MLflow; a tag says where it is."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(kit.shared.mlflow_store())
+    capped = tracked(kit, log_model=True, log_model_max_size="1KB")["mlflow_run_id"]
+    kept = tracked(kit, log_model=True, log_model_max_size="1GB")["mlflow_run_id"]
+    assert "model" not in [a.path for a in client.list_artifacts(capped)]
+    assert client.get_run(capped).data.tags["wmtp.model_location"].endswith("final")
+    assert "model" in [a.path for a in client.list_artifacts(kept)]
+    assert "wmtp.model_not_logged" not in client.get_run(kept).data.tags
+
+
+def check_artifact_location(kit: Kit) -> None:
+    """`mlflow.artifact_location` is where a new experiment keeps its artifacts."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(kit.shared.mlflow_store())
+    for name in ("here", "there"):
+        location = kit.tmp / f"artifacts-{name}"
+        run = client.get_run(tracked(kit, experiment=f"keys-{name}", artifact_location=location.as_uri())
+                             ["mlflow_run_id"])
+        assert run.info.artifact_uri.startswith(location.as_uri())
+
+
+# ------------------------------------------------------------------------------------------- config.storage
+def remote_run(kit: Kit, name: str, **storage) -> int:
+    """A run whose output_dir is fsspec's in-memory store (what a storage URL does, without a server)."""
+    import fsspec
+
+    fsspec.filesystem("memory").mkdir(f"/wmtp-keys-{name}")
+    config = kit.raw_config(output_dir=f"memory://wmtp-keys-{name}/runs", storage=storage,
+                            checkpoint={"every_steps": 2})
+    return kit.cli(config, {"train": {"max_steps": 4}})
+
+
+def check_staging_dir(kit: Kit) -> None:
+    """`storage.staging_dir` is where a run with a remote output_dir is written before its upload."""
+    import fsspec
+
+    assert remote_run(kit, "stage-a", staging_dir=str(kit.tmp / "stage-a")) == 0
+    assert remote_run(kit, "stage-b", staging_dir=str(kit.tmp / "stage-b")) == 0
+    for name in ("stage-a", "stage-b"):
+        assert len(list((kit.tmp / name).glob("*/run/final/config.json"))) == 1
+        assert fsspec.filesystem("memory").exists(f"/wmtp-keys-{name}/runs/run/final/_COMPLETE.json")
+
+
+def flaky_uploads(kit: Kit, failures: int) -> list[float]:
+    """Make the next `failures` uploads fail; returns the list the mirror's backoff sleeps are recorded in."""
+    import fsspec.implementations.memory
+
+    import wmtp.mirror
+
+    left = [failures]
+    original = fsspec.implementations.memory.MemoryFileSystem.put_file
+
+    def put_file(self, *args, **kwargs):
+        if left[0] > 0:
+            left[0] -= 1
+            raise ConnectionError("the store is unreachable")
+        return original(self, *args, **kwargs)
+
+    sleeps: list[float] = []
+    kit.monkeypatch.setattr(fsspec.implementations.memory.MemoryFileSystem, "put_file", put_file)
+    kit.monkeypatch.setattr(wmtp.mirror.time, "sleep", sleeps.append)
+    return sleeps
+
+
+def check_upload_retries(kit: Kit) -> None:
+    """`storage.upload_retries`: a failed upload is tried again that many times before the run stops."""
+    flaky_uploads(kit, 2)
+    assert remote_run(kit, "retry-ok", upload_retries=2, staging_dir=str(kit.tmp / "s1")) == 0
+    flaky_uploads(kit, 2)
+    assert remote_run(kit, "retry-fail", upload_retries=1, staging_dir=str(kit.tmp / "s2")) == 1
+    err = kit.capsys.readouterr().err
+    assert "failed after 2 tries: ConnectionError: the store is unreachable" in err
+
+
+def check_retry_backoff_seconds(kit: Kit) -> None:
+    """`storage.retry_backoff_seconds` is the wait before the first retry, doubled for each next one."""
+    sleeps = flaky_uploads(kit, 2)
+    assert remote_run(kit, "backoff", upload_retries=3, retry_backoff_seconds=0.25,
+                      staging_dir=str(kit.tmp / "s3")) == 0
+    assert sleeps == [0.25, 0.5] or sorted(sleeps) == [0.25, 0.25]  # one file twice, or two files once each
+
+
 def check_log_every(kit: Kit) -> None:
     """`logging.log_every` is the number of steps between training-metric logs (and the last step is logged)."""
     def logged_steps(every):
@@ -1119,6 +1206,11 @@ KEY_CHECKS: dict[str, Callable[[Kit], None]] = {
     "config.mlflow.tracking_uri": check_tracking_uri,
     "config.mlflow.experiment": check_experiment,
     "config.mlflow.log_model": check_log_model,
+    "config.mlflow.log_model_max_size": check_log_model_max_size,
+    "config.mlflow.artifact_location": check_artifact_location,
+    "config.storage.staging_dir": check_staging_dir,
+    "config.storage.upload_retries": check_upload_retries,
+    "config.storage.retry_backoff_seconds": check_retry_backoff_seconds,
     "config.logging.log_every": check_log_every,
     "config.logging.progress": check_progress,
     "recipe.algorithm": check_algorithm,
@@ -1165,6 +1257,7 @@ KEY_CHECKS: dict[str, Callable[[Kit], None]] = {
     "recipe.train.early_stopping.patience": check_early_stopping_patience,
     "recipe.train.early_stopping.min_delta": check_early_stopping_min_delta,
     **CRITIC_KEY_CHECKS,
+    **GRADNORM_KEY_CHECKS,
 }
 
 

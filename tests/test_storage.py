@@ -13,38 +13,6 @@ from tiny_run import SNIPPETS, train_args
 from wmtp.cli import main
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3(s3_server, tmp_path, monkeypatch):
-    """A bucket on the server, credentials in the environment (the standard chain), and a fresh cache."""
-    import boto3
-    import fsspec
-
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "wmtp-test")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wmtp-test-secret")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", s3_server)
-    monkeypatch.setenv("WMTP_CACHE", str(tmp_path / "cache"))
-    fsspec.config.conf.clear()
-    fsspec.config.set_conf_env(fsspec.config.conf)
-    fsspec.filesystem("s3").clear_instance_cache()
-    client = boto3.client("s3", endpoint_url=s3_server)
-    bucket = f"wmtp-{tmp_path.name.lower().replace('_', '-')[-40:]}"
-    client.create_bucket(Bucket=bucket)
-    yield client, bucket
-    fsspec.config.conf.clear()
-
-
 def upload_directory(client, bucket: str, directory, prefix: str) -> None:
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(directory).as_posix()}")
@@ -115,14 +83,12 @@ def test_a_missing_object_or_bucket_is_a_clear_error(s3, tmp_path, capsys, key, 
     assert err.startswith(f"wmtp: error: model path {url}: {message}") and len(err.splitlines()) == 1
 
 
-def test_fetch_command_and_remote_output_dir(s3, tmp_path, capsys):
+def test_fetch_command(s3, tmp_path, capsys):
     client, bucket = s3
     client.put_object(Bucket=bucket, Key="one.json", Body=b"{}")
     assert main(["fetch", f"s3://{bucket}/one.json"]) == 0
     assert str(tmp_path / "cache") in capsys.readouterr().out
     assert main(["fetch", "/not/a/url"]) == 1
-    assert main(train_args(tmp_path, "x", config={"output_dir": f"s3://{bucket}/runs"})) == 1
-    assert "writing runs to object storage is not supported yet" in capsys.readouterr().err
 
 
 def test_local_paths_and_file_urls_are_left_alone(tmp_path):

@@ -103,9 +103,10 @@ def save_model(model: MTPModel, directory: Path, tokenizer, info: DistInfo, max_
 
 def save_checkpoint(run_dir: Path, step: int, model: MTPModel, optimizer: torch.optim.Optimizer, scheduler,
                     trainer_state: dict, tokenizer, info: DistInfo, keep_last: int,
-                    scheme_tensors: dict[str, torch.Tensor] | None = None) -> Path | None:
+                    scheme_tensors: dict[str, torch.Tensor] | None = None, prune: bool = True) -> Path:
     """Every rank writes its shards and RNG state in parallel; rank 0 then writes the rest, `trainer_state.json`
-    last, renames the directory into place and prunes old checkpoints. Returns the path on rank 0."""
+    last, renames the directory into place and (with `prune`) removes old checkpoints. Returns the checkpoint's
+    path. On a node whose disk rank 0 does not share, the other ranks rename their own part into place."""
     root = run_dir / "checkpoints"
     target = root / checkpoint_name(step)
     partial = root / f".{target.name}.partial"
@@ -113,6 +114,7 @@ def save_checkpoint(run_dir: Path, step: int, model: MTPModel, optimizer: torch.
         remove_partial_checkpoints(run_dir)
         partial.mkdir(parents=True)
     _barrier(info)
+    partial.mkdir(parents=True, exist_ok=True)  # a node that does not share rank 0's disk
     state = {"model": get_model_state_dict(model)}
     # Before the first step there is no optimizer state, and get_optimizer_state_dict would create it with a
     # zero-lr step (advancing Adam's step count): such a checkpoint holds the model alone.
@@ -136,10 +138,12 @@ def save_checkpoint(run_dir: Path, step: int, model: MTPModel, optimizer: torch.
         if target.exists():
             shutil.rmtree(target)
         partial.rename(target)
-        for old in list_checkpoints(run_dir)[:-keep_last]:
+        for old in list_checkpoints(run_dir)[:-keep_last] if prune else ():
             shutil.rmtree(old)
     _barrier(info)
-    return target if info.is_main else None
+    if not info.is_main and partial.is_dir() and not target.exists():
+        partial.rename(target)
+    return target
 
 
 def read_trainer_state(path: Path) -> dict:

@@ -16,6 +16,7 @@ from .config import ConfigError, dump_masked, load_config, load_recipe, parse_si
 from .evaluate.settings import EvalSettings, ExecuteSettings, Sampling, Scoring
 from .execution import BENCHMARKS
 from .execution.sandbox import Limits
+from .storage import StorageError
 from .tracking import tracking_uri
 
 
@@ -27,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--recipe", required=True, type=Path)
     train.add_argument("--run-name", help="directory under output_dir (default: <recipe name>-<time>)")
     train.add_argument("--tags", default="", help="comma-separated MLflow tags, e.g. a,b or key=value")
-    train.add_argument("--resume", help="a checkpoint directory, or `auto` for the run's latest checkpoint")
+    train.add_argument("--resume", help="a checkpoint directory or URL, or `auto` for the run's latest checkpoint "
+                       "(with a remote output_dir: local or remote, whichever is newer)")
     train.add_argument("--dry-run", action="store_true", help="validate everything and print the plan; no training")
     train.add_argument("--verbose", action="store_true", help="print the resolved config and tracebacks")
     train.add_argument("--device-memory", type=_size, help="with --dry-run: say whether the plan fits, e.g. 80GB")
@@ -130,9 +132,11 @@ def _tags(text: str) -> dict[str, str]:
     return tags
 
 
-def _summary(result: dict, run_dir: Path) -> str:
+def _summary(result: dict, run_dir: Path, run_url: str | None = None) -> str:
     lines = [f"run {run_dir}: {result['status'].lower()} at step {result['step']}/{result['total_steps']} "
              f"({result['reason']})"]
+    if run_url:
+        lines.append(f"uploaded to {run_url} (checkpoints/ and final/, each complete with its _COMPLETE.json)")
     ev = result["eval"]
     if "val/loss" in ev:
         initial = ev.get("initial_val_loss")
@@ -162,42 +166,68 @@ def train_command(args: argparse.Namespace) -> int:
         print(f"# config {args.config}\n{dump_masked(config)}# recipe {args.recipe}\n{dump_masked(recipe)}")
     if args.resume == "auto" and not args.run_name:
         raise ConfigError("--resume auto needs --run-name (the run whose latest checkpoint to continue)")
-    if args.resume and args.resume != "auto":
-        run_dir = Path(args.resume).resolve().parent.parent
-    else:
-        run_dir = Path(config.output_dir) / (args.run_name or f"{args.recipe.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir, run_url = _run_location(config, args)
 
     from . import distributed as dist_utils
     from .checkpoint import TOKENIZER_DIR
+    from .mirror import RunMirror, check_writable, remote_run_exists
     from .setup import describe_plan, dry_run_report, prepare
     from .train import Trainer, find_resume
 
-    resume = find_resume(args.resume, run_dir)
-    if resume is None and not args.dry_run and run_dir.is_dir() and any(run_dir.iterdir()):
-        raise ConfigError(f"{run_dir} already holds a run: pass --resume auto to continue it or another --run-name")
     info = dist_utils.init_distributed(config.compute.device, config.compute.timeout_minutes)
     try:
+        if run_url is not None and info.is_main:
+            check_writable(run_url)
+        resume = find_resume(args.resume, run_dir, info, run_url)
+        if resume is None and not args.dry_run and info.is_main and (
+                (run_dir.is_dir() and any(run_dir.iterdir())) or (run_url and remote_run_exists(run_url))):
+            raise ConfigError(f"{run_url or run_dir} already holds a run: pass --resume auto to continue it or "
+                              "another --run-name")
         setup = prepare(config, recipe, info, tokenizer_dir=resume / TOKENIZER_DIR if resume else None)
         if args.dry_run:
             report = dry_run_report(setup)
             if info.is_main:
-                tracking = (tracking_uri(config.mlflow, Path(config.output_dir)) if config.mlflow.enabled
-                            else "disabled")
-                print(describe_plan(setup, run_dir, report, tracking))
+                tracking = (tracking_uri(config.mlflow, run_dir.parent) if config.mlflow.enabled else "disabled")
+                where = f"{run_url} (written first to {run_dir})" if run_url else str(run_dir)
+                print(describe_plan(setup, where, report, tracking))
                 print(_memory_lines(config, recipe, info.world_size, args.device_memory, len(setup.tokenizer)))
                 print("dry run: configuration, data, tokenizer, model and weighting are valid; nothing was trained "
                       "or written")
             return 0
-        if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        storage = config.storage
+        mirror = None if run_url is None else RunMirror(
+            run_dir, run_url, rank=info.rank, world_size=info.world_size, keep_last=config.checkpoint.keep_last,
+            retries=storage.upload_retries, backoff_seconds=storage.retry_backoff_seconds,
+            wait_seconds=config.compute.timeout_minutes * 60)
         trainer = Trainer(setup, run_dir, run_name=run_dir.name, tags=_tags(args.tags), resume=resume,
-                          config_files=(args.config, args.recipe))
+                          config_files=(args.config, args.recipe), mirror=mirror)
         result = trainer.run()
         if info.is_main:
-            print(_summary(result, run_dir))
+            print(_summary(result, run_dir, run_url))
         return 0
     finally:
         dist_utils.shutdown()
+
+
+def _run_location(config, args: argparse.Namespace) -> tuple[Path, str | None]:
+    """The local run directory and, for a remote output_dir (or a remote --resume checkpoint), the run's URL."""
+    from .mirror import staging_dir
+    from .storage import is_remote
+
+    staging = config.storage.staging_dir
+    if args.resume and args.resume != "auto":
+        if is_remote(args.resume):  # <output_dir>/<run>/checkpoints/step-N
+            run_url = args.resume.rstrip("/").rsplit("/", 2)[0]
+            output_dir, name = run_url.rsplit("/", 1)
+            return staging_dir(output_dir, staging) / name, run_url
+        run_dir = Path(args.resume).resolve().parent.parent
+        return run_dir, (f"{config.output_dir.rstrip('/')}/{run_dir.name}" if is_remote(config.output_dir) and
+                         run_dir.parent == staging_dir(config.output_dir, staging).resolve() else None)
+    name = args.run_name or f"{args.recipe.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if is_remote(config.output_dir):
+        return staging_dir(config.output_dir, staging) / name, f"{config.output_dir.rstrip('/')}/{name}"
+    return Path(config.output_dir) / name, None
 
 
 def _memory_lines(config, recipe, world_size: int, device_memory: int | None, vocab_size: int | None) -> str:
@@ -368,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "verbose", False):
             traceback.print_exc()
         message = str(exc).splitlines()[0] if str(exc) else ""
-        if not isinstance(exc, ConfigError | OSError):  # an unexpected error: name its kind
+        if not isinstance(exc, ConfigError | OSError | StorageError):  # an unexpected error: name its kind
             message = f"{type(exc).__name__}: {message}"
         print(f"wmtp: error: {message}", file=sys.stderr)
         return 1

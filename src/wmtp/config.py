@@ -152,9 +152,33 @@ class Checkpointing(Strict):
 
 class Tracking(Strict):
     enabled: bool = True
-    tracking_uri: str | None = Field(None, description="default: sqlite store under the run directory")
+    tracking_uri: str | None = Field(None, description="default: sqlite store under the output directory (a "
+                                     "tracking server: http://host:5000)")
     experiment: str = "wmtp"
+    artifact_location: str | None = Field(
+        None, description="where a new experiment keeps its artifacts (e.g. s3://bucket/mlflow); default: the "
+        "store's own (a local store: <output_dir>/mlartifacts)")
     log_model: bool = Field(True, description="upload the final model directory as a run artifact")
+    log_model_max_size: str = Field("2GB", description="a final model larger than this is not uploaded to MLflow "
+                                    "(a 7B model is not copied by accident); its location is logged instead")
+
+    @property
+    def log_model_max_bytes(self) -> int:
+        return parse_size(self.log_model_max_size)
+
+    @model_validator(mode="after")
+    def _size(self) -> Tracking:
+        self.log_model_max_bytes  # noqa: B018  (parses, or raises naming the value)
+        return self
+
+
+class StorageSettings(Strict):
+    staging_dir: str | None = Field(
+        None, description="local directory where a run whose output_dir is a storage URL is written before its "
+        "upload (default $WMTP_CACHE/runs)")
+    upload_retries: int = Field(5, ge=0, description="retries of a failed upload, with exponential backoff, before "
+                                "the run stops with an error")
+    retry_backoff_seconds: float = Field(2.0, ge=0, description="wait before the first retry; doubled each time")
 
 
 class Logging(Strict):
@@ -172,10 +196,12 @@ class Config(Strict):
         None, description="Rho-1: file of reference CEs written by `wmtp score-reference`; read instead of "
         "running the reference (a fingerprint mismatch is an error)")
     datasets: dict[str, str] = Field(default_factory=dict, description="name -> file or directory")
-    output_dir: str = "runs"
+    output_dir: str = Field("runs", description="a directory, or a storage URL (s3://bucket/runs) that runs are "
+                            "uploaded to")
     compute: Compute = Compute()
     checkpoint: Checkpointing = Checkpointing()
     mlflow: Tracking = Tracking()
+    storage: StorageSettings = StorageSettings()
     logging: Logging = Logging()
 
     @property

@@ -94,11 +94,8 @@ def check_run_settings(config: Config, recipe: Recipe, info: DistInfo, data: Run
     """The checks of config and recipe values that need the data or the device."""
     if config.compute.precision == "fp16" and info.device.type != "cuda":
         raise ConfigError("compute.precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
-    if is_remote(config.output_dir):
-        raise ConfigError(f"{config.source}: output_dir: {config.output_dir}: writing runs to object storage is not "
-                          "supported yet; use a local or mounted directory")
     output = Path(config.output_dir)
-    if output.exists() and not output.is_dir():
+    if not is_remote(config.output_dir) and output.exists() and not output.is_dir():
         raise ConfigError(f"{config.source}: output_dir: {output} is a file, expected a directory")
     rule = recipe.train.early_stopping
     if rule is not None and data.val_set is None:
@@ -164,7 +161,7 @@ def dry_run_report(setup: RunSetup) -> dict:
                         max_batches=1)
 
 
-def describe_plan(setup: RunSetup, run_dir: Path, report: dict, tracking: str) -> str:
+def describe_plan(setup: RunSetup, run_dir: Path | str, report: dict, tracking: str) -> str:
     """What `--dry-run` prints: the model, the data, the steps, the device and where outputs go."""
     model, recipe, info, plan = setup.model, setup.recipe, setup.info, setup.plan
     total = sum(p.numel() for p in model.parameters())

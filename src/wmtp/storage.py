@@ -24,6 +24,10 @@ MANIFEST = ".wmtp-manifest.json"
 WORKERS = 8
 
 
+class StorageError(RuntimeError):
+    """A transfer to or from object storage that failed after its retries (a run stops with it)."""
+
+
 def is_remote(spec: str | os.PathLike) -> bool:
     """A URL with a scheme other than file:// (hub ids, paths and `pkg:` specs are not)."""
     text = str(spec)
@@ -40,6 +44,16 @@ def local_path(spec: str | os.PathLike, what: str = "path") -> str:
     if text.startswith("file://"):
         return text[len("file://"):]
     return str(fetch(text, what)) if is_remote(text) else text
+
+
+def explain(exc: BaseException) -> str:
+    """A storage error in one line (never a credential: the libraries do not put them in their messages)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, FileNotFoundError):
+        return f"not found ({first})"
+    if isinstance(exc, PermissionError):
+        return f"access denied; check the storage credentials ({first})"
+    return f"{type(exc).__name__}: {first}"
 
 
 def _md5(path: Path) -> str:
@@ -64,12 +78,8 @@ def fetch(url: str, what: str = "path") -> Path:
             files = {name[len(root.rstrip("/")) + 1:]: meta for name, meta in found.items()}
         else:
             files = {Path(root).name: info}
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{what} {url}: not found ({exc})") from None
-    except PermissionError as exc:
-        raise ConfigError(f"{what} {url}: access denied; check the storage credentials ({exc})") from None
     except Exception as exc:  # the storage library's own errors (no credentials, bad endpoint): one line, the URL
-        raise ConfigError(f"{what} {url}: {type(exc).__name__}: {exc}") from None
+        raise ConfigError(f"{what} {url}: {explain(exc)}") from None
     if not files:
         raise ConfigError(f"{what} {url}: an empty directory")
     target = cache_root() / hashlib.sha256(url.encode()).hexdigest()[:24]
@@ -83,6 +93,17 @@ def fetch(url: str, what: str = "path") -> Path:
     if complete and manifest.is_file() and json.loads(manifest.read_text()) == {"url": url, "files": expected}:
         return result
     manifest.unlink(missing_ok=True)  # another version, or an incomplete copy: fetch (matching files are kept)
+    sources = ({rel: f"{root.rstrip('/')}/{rel}" for rel in expected} if info["type"] == "directory"
+               else {Path(root).name: root})
+    download_files(fs, sources, expected, local, f"{what} {url}")
+    manifest.write_text(json.dumps({"url": url, "files": expected}))
+    return result
+
+
+def download_files(fs, sources: dict[str, str], expected: dict[str, dict], local: Path, what: str) -> None:
+    """Download `sources` (relative name -> remote path) under `local` in parallel, each to a temporary name renamed
+    when its size (`expected[rel]["size"]`) and MD5 (a plain `etag`) check out; files already there and intact are
+    kept (a resumed download). Errors name `what`."""
     local.mkdir(parents=True, exist_ok=True)
 
     def download(rel: str) -> None:
@@ -92,27 +113,24 @@ def fetch(url: str, what: str = "path") -> Path:
             return  # resumed: already here
         destination.parent.mkdir(parents=True, exist_ok=True)
         partial = destination.with_name(f".{destination.name}.partial")
-        source = f"{root.rstrip('/')}/{rel}" if info["type"] == "directory" else root
-        fs.get_file(source, str(partial))
+        fs.get_file(sources[rel], str(partial))
         if partial.stat().st_size != meta["size"] or not _checks(partial, meta):
             partial.unlink(missing_ok=True)
-            raise ConfigError(f"{what} {url}: {rel} arrived damaged (size or checksum differs); fetch again")
+            raise ConfigError(f"{what}: {rel} arrived damaged (size or checksum differs); fetch again")
         os.replace(partial, destination)
 
     try:
-        with ThreadPoolExecutor(max_workers=min(WORKERS, len(expected))) as pool:
-            list(pool.map(download, sorted(expected)))
+        with ThreadPoolExecutor(max_workers=max(1, min(WORKERS, len(sources)))) as pool:
+            list(pool.map(download, sorted(sources)))
     except ConfigError:
         raise
     except Exception as exc:  # as above, during the transfer
-        raise ConfigError(f"{what} {url}: download failed: {type(exc).__name__}: {exc}") from None
-    manifest.write_text(json.dumps({"url": url, "files": expected}))
-    return result
+        raise ConfigError(f"{what}: download failed: {explain(exc)}") from None
 
 
 def _checks(path: Path, meta: dict) -> bool:
     """A plain ETag (no `-N` multipart suffix) is the object's MD5: compare it; otherwise the size must do."""
-    etag = meta["etag"].strip('"')
+    etag = meta.get("etag", "").strip('"')
     if len(etag) == 32 and "-" not in etag:
         return _md5(path) == etag
     return True

@@ -39,13 +39,28 @@ class Tracker:
             # a local store keeps its artifacts under output_dir (MLflow's default is ./mlruns in the CWD);
             # a tracking server decides for itself
             local = self.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in self.tracking_uri
-            artifacts = (output_dir / "mlartifacts").as_uri() if local else None
+            artifacts = settings.artifact_location or ((output_dir / "mlartifacts").as_uri() if local else None)
             experiment_id = mlflow.create_experiment(settings.experiment, artifact_location=artifacts)
         else:
             experiment_id = experiment.experiment_id
+        if resume_run_id is not None and not self._known(resume_run_id):
+            # a resumed run whose store is gone (a local store on a lost machine): a new run that says so
+            tags = {**(tags or {}), "wmtp.resumed_from_run_id": resume_run_id}
+            print(f"MLflow run {resume_run_id} is not in {self.tracking_uri}: the resumed run is tracked as a new "
+                  "run", file=sys.stderr)
+            resume_run_id = None
         run = mlflow.start_run(run_id=resume_run_id, experiment_id=None if resume_run_id else experiment_id,
                                run_name=None if resume_run_id else run_name, tags=tags or None)
         self.run_id = run.info.run_id
+
+    def _known(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._mlflow.get_run(run_id)
+            return True
+        except MlflowException:
+            return False
 
     def log_params(self, params: dict[str, str]) -> None:
         if self.active:
@@ -56,6 +71,10 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.active:
             self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.active:
+            self._mlflow.set_tags(tags)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.active:

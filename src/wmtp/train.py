@@ -36,9 +36,11 @@ from .data import labels_for
 from .distributed import DistInfo
 from .head_quality import head_quality, quality_metrics
 from .loss import IGNORE_INDEX, loss_denominator
+from .mirror import COMPLETE, RunMirror, download_checkpoint, latest_checkpoint, remote_checkpoints
 from .optim import lr_lambda, make_optimizer
 from .plan import flops_per_token, peak_flops
 from .setup import RunSetup
+from .storage import StorageError, is_remote
 from .tracking import Progress, Tracker
 from .weighting.base import RunHooks, StepBatch
 
@@ -143,8 +145,10 @@ class EarlyStopper:
 # ------------------------------------------------------------------------------------------------ trainer
 class Trainer:
     def __init__(self, setup: RunSetup, run_dir: Path, *, run_name: str, tags: dict[str, str] | None = None,
-                 resume: Path | None = None, config_files: tuple[Path, Path] | None = None) -> None:
+                 resume: Path | None = None, config_files: tuple[Path, Path] | None = None,
+                 mirror: RunMirror | None = None) -> None:
         self.s, self.info, self.plan = setup, setup.info, setup.plan
+        self.mirror = mirror  # uploads to a remote output_dir (mirror.py); None for a local one
         self.recipe, self.config = setup.recipe, setup.config
         self.model, self.wrapped, self.scheme, self.autocast = setup.model, setup.wrapped, setup.scheme, setup.autocast
         self.run_dir = run_dir
@@ -159,7 +163,7 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.stop_signal: str | None = None
         state = self._restore(resume) if resume is not None else {}
-        self.tracker = Tracker(self.config.mlflow, Path(self.config.output_dir), run_name, active=self.info.is_main,
+        self.tracker = Tracker(self.config.mlflow, run_dir.parent, run_name, active=self.info.is_main,
                                tags=tags, resume_run_id=state.get("mlflow_run_id"))
         if resume is None:
             self.tracker.log_params({**flatten(self.config, "config"), **flatten(self.recipe, "recipe"),
@@ -268,14 +272,18 @@ class Trainer:
         return evaluation
 
     # checkpoints and signals --------------------------------------------------------------------------------
-    def save(self) -> Path | None:
+    def save(self) -> Path:
         scheme_tensors, scheme_state = self.scheme.state()
         state = {"best": self.early_stopping.best, "bad_evals": self.early_stopping.bad_evals,
                  "last_eval": self.last_eval, "mlflow_run_id": self.tracker.run_id,
                  "micro_batches_done": self.step * self.plan.grad_accum_steps,
                  **({"scheme": scheme_state} if scheme_state else {})}
-        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, state,
-                               self.s.tokenizer, self.info, self.config.checkpoint.keep_last, scheme_tensors)
+        path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, state,
+                               self.s.tokenizer, self.info, self.config.checkpoint.keep_last, scheme_tensors,
+                               prune=self.mirror is None)  # a mirror prunes what it has uploaded
+        if self.mirror is not None:
+            self.mirror.checkpoint(path)
+        return path
 
     def _restore(self, resume: Path) -> dict:
         state = load_checkpoint(resume, self.model, self.optimizer, self.scheduler, self.info)
@@ -291,9 +299,30 @@ class Trainer:
         return RunHooks(self.run_dir, self.tracker.log_metrics, self.stop_requested)
 
     def stop_requested(self) -> bool:
-        """Whether SIGTERM/SIGINT reached any rank (all-reduced, so every rank stops at the same step)."""
-        flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.info.device)
-        return bool(dist_utils.all_reduce_sum(flag, self.info).item() > 0)
+        """Whether SIGTERM/SIGINT reached any rank (all-reduced, so every rank stops at the same step). An upload
+        that failed on any rank stops every rank with its error."""
+        flags = torch.tensor([1.0 if self.stop_signal else 0.0, 1.0 if self.mirror and self.mirror.failed() else 0.0],
+                             device=self.info.device)
+        flags = dist_utils.all_reduce_sum(flags, self.info)
+        if flags[1].item() > 0:
+            self._upload_failed()
+        return bool(flags[0].item() > 0)
+
+    def _upload_failed(self) -> None:
+        self.mirror.raise_if_failed()
+        raise StorageError("an upload on another rank failed (its log names it); the run stops")
+
+    def _finish_uploads(self) -> None:
+        """Wait for every upload (on every rank); any rank's failure fails them all."""
+        if self.mirror is None:
+            return
+        try:
+            self.mirror.close()
+        except StorageError:
+            pass  # reported below, after the ranks agree
+        failed = torch.tensor([1.0 if self.mirror.failed() else 0.0], device=self.info.device)
+        if dist_utils.all_reduce_sum(failed, self.info).item() > 0:
+            self._upload_failed()
 
     @contextmanager
     def _signals(self) -> Iterator[None]:
@@ -354,6 +383,7 @@ class Trainer:
                 self._write_artifacts()
                 if status == "FINISHED":
                     final = self._save_final()
+                self._finish_uploads()
         except BaseException:
             self.tracker.end("FAILED")
             raise
@@ -373,22 +403,69 @@ class Trainer:
     def _save_final(self) -> Path | None:
         final = save_model(self.model, self.run_dir / "final", self.s.tokenizer, self.info,
                            self.config.checkpoint.max_shard_bytes)
-        if final is not None:
+        if final is not None:  # rank 0
             self.scheme.finish(final)
-            if self.config.mlflow.log_model:
-                self.tracker.log_artifact(final, "model")
+            self._log_model(final)
+            if self.mirror is not None:
+                self.mirror.final(final)
         return final
 
+    def _log_model(self, final: Path) -> None:
+        """The final model as an MLflow artifact, unless it is larger than `mlflow.log_model_max_size`."""
+        if not self.config.mlflow.log_model:
+            return
+        size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
+        if size > self.config.mlflow.log_model_max_bytes:
+            where = f"{self.mirror.url}/final" if self.mirror is not None else str(final.resolve())
+            limit = self.config.mlflow.log_model_max_size
+            self.tracker.set_tags({"wmtp.model_location": where,
+                                   "wmtp.model_not_logged": f"{size / 1e9:.2f} GB > log_model_max_size {limit}"})
+            return
+        self.tracker.log_artifact(final, "model")
 
-def find_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """`auto` → the run directory's latest complete checkpoint (None when there is none); a path → that
-    checkpoint. Leftovers of a save that was killed mid-write are removed first."""
+
+def find_resume(resume: str | None, run_dir: Path, info: DistInfo | None = None,
+                run_url: str | None = None) -> Path | None:
+    """`auto` → the run's latest complete checkpoint (None when there is none); a path → that checkpoint. Leftovers
+    of a save that was killed mid-write are removed first. With a remote run (`run_url`) the latest complete
+    checkpoint, local or remote, is used; a remote one is downloaded into `run_dir` by rank 0, and by another rank
+    only when its node does not share rank 0's disk."""
     if resume is None:
         return None
+    if info is None or not info.distributed:
+        return _find_resume(resume, run_dir, run_url)
+    found: tuple[str, str | None] = ("", None)  # (error, checkpoint name)
+    if info.is_main:
+        try:
+            path = _find_resume(resume, run_dir, run_url)
+            found = ("", str(path) if path else None)
+        except ConfigError as exc:
+            found = (str(exc), None)
+    error, chosen = dist_utils.broadcast_object(found, info)
+    if error:
+        raise ConfigError(error)
+    if chosen is None:
+        return None
+    path = Path(chosen)
+    if not info.is_main and not (path / STATE_FILE).is_file() and run_url is not None:
+        for _, url, marker in remote_checkpoints(run_url):
+            if url.endswith("/" + path.name):
+                download_checkpoint(url, marker, path)
+    return path
+
+
+def _find_resume(resume: str, run_dir: Path, run_url: str | None) -> Path | None:
     if resume == "auto":
         remove_partial_checkpoints(run_dir)
         found = list_checkpoints(run_dir)
+        if run_url is not None:
+            return latest_checkpoint(run_dir, run_url, found)
         return found[-1] if found else None
+    if is_remote(resume):
+        for _, url, marker in remote_checkpoints(run_url):
+            if url.rstrip("/") == resume.rstrip("/"):
+                return download_checkpoint(url, marker, run_dir / "checkpoints" / url.rsplit("/", 1)[-1])
+        raise ConfigError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE} marker)")
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise ConfigError(f"--resume {resume}: not a checkpoint directory (no {STATE_FILE})")
