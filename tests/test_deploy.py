@@ -61,6 +61,9 @@ def test_compose_wires_mlflow_to_the_s3_store_and_wmtp_to_mlflow():
     assert "s3://mlflow" in services["mlflow"]["command"]
     wmtp = services["wmtp"]
     assert wmtp["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert wmtp["environment"]["WMTP_OUTPUT_DIR"].startswith("s3://wmtp/")  # a bucket the `buckets` service makes
+    assert wmtp["environment"]["FSSPEC_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert "local/wmtp" in " ".join(services["buckets"]["entrypoint"])
     assert wmtp["build"]["dockerfile"] == "docker/Dockerfile.cpu" and "mlflow" in wmtp["depends_on"]
     config = wmtp["command"][wmtp["command"].index("--config") + 1]
     from wmtp.config import load_config

@@ -27,10 +27,10 @@ import transformers
 import yaml
 from conftest import tiny_llama
 from critic_key_checks import CRITIC_KEY_CHECKS, check_incorrect_solutions
-from gradnorm_key_checks import GRADNORM_KEY_CHECKS
 from pydantic import BaseModel, ValidationError
 from tiny_run import CONFIG, RECIPE, SNIPPETS, merge
 
+import wmtp.distributed
 import wmtp.model
 from wmtp.cli import main
 from wmtp.config import Config, ConfigError, DataSettings, ModelSource, Recipe, ScratchModel, Tracking, Training
@@ -371,11 +371,17 @@ def check_output_dir(kit: Kit) -> None:
 
 
 def check_device(kit: Kit) -> None:
-    """`compute.device` picks the device: cuda is refused without CUDA, auto takes CUDA when there is one."""
+    """`compute.device` picks the device: cuda (mps) is refused without CUDA (MPS), auto takes CUDA when there is
+    one, else MPS (tests/test_mps.py runs the MPS path where there is one)."""
     kit.monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto", 1) == torch.device("cuda", 1)
     assert resolve_device("cpu", 1) == torch.device("cpu")
     kit.monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    kit.monkeypatch.setattr(wmtp.distributed, "mps_available", lambda: True)
+    assert resolve_device("auto") == resolve_device("mps") == torch.device("mps")
+    kit.monkeypatch.setattr(wmtp.distributed, "mps_available", lambda: False)
+    assert kit.cli(kit.raw_config(compute={"device": "mps"}), None, "--dry-run") == 1
+    assert "MPS is not available" in kit.capsys.readouterr().err
     assert kit.cli(kit.raw_config(compute={"device": "cpu"}), None, "--dry-run") == 0
     assert kit.cli(kit.raw_config(compute={"device": "cuda"}), None, "--dry-run") == 1
     assert "no CUDA device" in kit.capsys.readouterr().err
@@ -1257,7 +1263,6 @@ KEY_CHECKS: dict[str, Callable[[Kit], None]] = {
     "recipe.train.early_stopping.patience": check_early_stopping_patience,
     "recipe.train.early_stopping.min_delta": check_early_stopping_min_delta,
     **CRITIC_KEY_CHECKS,
-    **GRADNORM_KEY_CHECKS,
 }
 
 

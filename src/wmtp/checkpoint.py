@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .config import ConfigError
-from .distributed import DistInfo
+from .distributed import DistInfo, mps_available
 from .model import MTPConfig, MTPModel, read_tensors
 
 STATE_FILE = "trainer_state.json"
@@ -73,6 +73,8 @@ def rng_state() -> dict:
     state = {"torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available():
         state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    if mps_available():
+        state["mps"] = torch.mps.get_rng_state().tolist()
     return state
 
 
@@ -80,6 +82,8 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    if "mps" in state and mps_available():
+        torch.mps.set_rng_state(torch.tensor(state["mps"], dtype=torch.uint8))
 
 
 @contextmanager

@@ -91,9 +91,11 @@ class FSDPSettings(Strict):
 
 
 class Compute(Strict):
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="auto: CUDA, else Apple MPS, else CPU")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="autocast dtype for the forward; fp16 needs CUDA and uses a gradient scaler")
+        "fp32", description="autocast dtype for the forward; fp16 needs CUDA and uses a gradient scaler; bf16 on "
+        "MPS needs macOS 14+")
     distributed: Literal["ddp", "fsdp2"] = Field("ddp", description="used when WORLD_SIZE > 1 (torchrun)")
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")

@@ -37,11 +37,21 @@ class DistInfo:
         return self.world_size > 1
 
 
+def mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+
+
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+    """`compute.device`: cuda (this process's GPU), mps (Apple silicon), cpu, or auto (CUDA, else MPS, else CPU)."""
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("compute.device is cuda but no CUDA device is available")
         return torch.device("cuda", local_rank)
+    if requested == "mps" or (requested == "auto" and mps_available()):
+        if not mps_available():
+            raise RuntimeError("compute.device is mps but MPS is not available (it needs Apple silicon, macOS 12.3+ "
+                               "and a PyTorch built with MPS)")
+        return torch.device("mps")
     return torch.device("cpu")
 
 
@@ -50,6 +60,9 @@ def init_distributed(requested_device: str, timeout_minutes: float = 30.0) -> Di
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(requested_device, local_rank)
+    if world > 1 and device.type == "mps":
+        raise RuntimeError("torchrun with MPS is not supported (one Apple GPU, no collective backend): run one "
+                           "process, or set compute.device: cpu")
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)

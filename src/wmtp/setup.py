@@ -93,7 +93,7 @@ def load_run_data(config: Config, recipe: Recipe, *, tokenizer_dir: Path | None 
 def check_run_settings(config: Config, recipe: Recipe, info: DistInfo, data: RunData, n_heads: int) -> None:
     """The checks of config and recipe values that need the data or the device."""
     if config.compute.precision == "fp16" and info.device.type != "cuda":
-        raise ConfigError("compute.precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+        raise ConfigError("compute.precision fp16 needs a CUDA device (use bf16 or fp32 on CPU or MPS)")
     output = Path(config.output_dir)
     if not is_remote(config.output_dir) and output.exists() and not output.is_dir():
         raise ConfigError(f"{config.source}: output_dir: {output} is a file, expected a directory")
