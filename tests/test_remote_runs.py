@@ -258,3 +258,44 @@ def test_two_ranks_upload_their_own_shards_and_rank0_marks_the_checkpoint_comple
     for rel, size in marker["files"].items():
         head = client.head_object(Bucket=bucket, Key=f"runs/two/checkpoints/step-00000004/{rel}")
         assert head["ContentLength"] == size, rel
+
+
+@pytest.mark.slow
+def test_a_remote_tracking_server_with_artifacts_in_s3(s3, s3_server, tmp_path):
+    """`mlflow server` over HTTP (as on a cluster), proxying artifacts to S3: the run, its metrics and its model
+    arrive, and the artifacts are objects in the bucket."""
+    from mlflow import MlflowClient
+
+    client, bucket = s3
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--artifacts-destination", f"s3://{bucket}/mlflow-artifacts"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                connection.request("GET", "/health")
+                if connection.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "the MLflow server did not start"
+            time.sleep(0.5)
+        config = {"mlflow": {"enabled": True, "tracking_uri": uri, "experiment": "remote", "log_model": True}}
+        assert main(train_args(tmp_path, "tracked", config=config, recipe={"train": {"max_steps": 2}})) == 0
+        tracking = MlflowClient(uri)
+        (run,) = tracking.search_runs([tracking.get_experiment_by_name("remote").experiment_id])
+        assert run.info.status == "FINISHED" and run.data.metrics["train/loss"] > 0
+        assert "model" in [a.path for a in tracking.list_artifacts(run.info.run_id)]
+        objects = keys(client, bucket, "mlflow-artifacts/")
+        assert [k for k in objects if k.endswith(f"{run.info.run_id}/artifacts/model/model.safetensors")]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
