@@ -27,6 +27,7 @@ from ..execution.problems import load_problems
 from ..execution.samples import execute, read_generations
 from ..execution.sandbox import Sandbox
 from ..head_quality import head_quality
+from ..mirror import local_output_dir
 from ..model import HEADS_FILE, MTPModel
 from ..runtime import autocast_for, quiet_library_progress
 from ..storage import local_path
@@ -164,7 +165,8 @@ def flat_metrics(results: dict) -> dict[str, float]:
 
 
 def log_to_mlflow(config: Config, results: dict, files: list[Path], name: str, run_dir: Path) -> None:
-    tracker = Tracker(config.mlflow, Path(config.output_dir), name, active=True,
+    # the store next to the training runs (a remote output_dir's local staging directory)
+    tracker = Tracker(config.mlflow, local_output_dir(config.output_dir, config.storage.staging_dir), name, active=True,
                       tags={"kind": "evaluation", "checkpoint": results.get("checkpoint", "")})
     try:
         tracker.log_metrics(flat_metrics(results), step=0)
