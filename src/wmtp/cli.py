@@ -100,6 +100,19 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", type=Path, help="evaluation directories or training run directories")
     report.add_argument("--out", type=Path, default=Path("report"))
     report.add_argument("--verbose", action="store_true", help="print tracebacks")
+    compare = sub.add_parser("compare", help="training runs grouped over seeds: mean ± std of final metrics, paired "
+                             "differences against a baseline with 95%% t intervals, learning curves")
+    compare.add_argument("runs", nargs="+", help="run directories, directories of runs, or mlflow:<experiment>")
+    compare.add_argument("--group-by", type=_names, default=["algorithm"],
+                         help="comma-separated parameters (recipe.* or config.*; `algorithm` = recipe.algorithm) or "
+                         "`name` (the run name without its -s<seed> suffix); default: algorithm")
+    compare.add_argument("--metric", action="append", help="final metric to compare (repeatable; default val/loss, "
+                         "which adds every val/ce_head<h>)")
+    compare.add_argument("--baseline", help="the group the others are compared with (default: the one whose label "
+                         "holds `baseline`, else the first)")
+    compare.add_argument("--out", type=Path, help="write report.md, compare.json and curve_*.png here")
+    compare.add_argument("--tracking-uri", help="MLflow store of mlflow:<experiment> sources")
+    compare.add_argument("--verbose", action="store_true", help="print tracebacks")
     return parser
 
 
@@ -383,12 +396,24 @@ def report_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def compare_command(args: argparse.Namespace) -> int:
+    from .evaluate.compare import run_compare
+
+    _, report = run_compare(args.runs, group_by=args.group_by, metrics=args.metric or ["val/loss"],
+                            baseline=args.baseline, out=args.out, tracking_uri=args.tracking_uri)
+    print(report)
+    if args.out is not None:
+        print(f"wrote {args.out / 'report.md'}, {args.out / 'compare.json'} and the learning curves")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     commands = {"train": train_command, "plan": plan_command, "fetch": fetch_command,
                 "convert-meta": convert_meta_command, "score-reference": score_reference_command,
-                "eval": eval_command, "execute": execute_command, "report": report_command}
+                "eval": eval_command, "execute": execute_command, "report": report_command,
+                "compare": compare_command}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

@@ -1,4 +1,9 @@
-"""MLflow tracking and console progress. Only rank 0 tracks; other ranks get a tracker that does nothing.
+"""MLflow tracking, the run's own record, and console progress. Only rank 0 tracks; other ranks get a tracker that
+does nothing.
+
+Besides MLflow (when enabled), a training run keeps its own record in its directory, readable without MLflow:
+`run.json` (name, parameters, status) and `metrics.jsonl` (one line per logged step: {"step": s, name: value}).
+`wmtp compare` reads either.
 
 By default the store is a local sqlite file shared by all runs under the output directory
 (`<output_dir>/mlflow.db`, artifacts in `<output_dir>/mlartifacts`), so runs can be compared side by side
@@ -7,11 +12,13 @@ with `mlflow ui --backend-store-uri sqlite:///<output_dir>/mlflow.db`.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 from pathlib import Path
 
+from .atomic import atomic_file
 from .config import Tracking
 
 
@@ -19,12 +26,20 @@ def tracking_uri(settings: Tracking, output_dir: Path) -> str:
     return settings.tracking_uri or f"sqlite:///{output_dir.resolve() / 'mlflow.db'}"
 
 
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+
+
 class Tracker:
     def __init__(self, settings: Tracking, output_dir: Path, run_name: str, *, active: bool,
-                 tags: dict[str, str] | None = None, resume_run_id: str | None = None) -> None:
+                 tags: dict[str, str] | None = None, resume_run_id: str | None = None,
+                 record_dir: Path | None = None) -> None:
         self.active = active and settings.enabled
         self.run_id: str | None = None
         self.tracking_uri: str | None = None
+        self.record_dir = record_dir if active else None  # run.json and metrics.jsonl (rank 0)
+        if self.record_dir is not None:
+            self._update_record(name=run_name, status="RUNNING", **({"tags": tags} if tags else {}))
         if not self.active:
             return
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -62,13 +77,26 @@ class Tracker:
         except MlflowException:
             return False
 
+    def _update_record(self, **fields) -> None:
+        path = self.record_dir / RUN_FILE
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        record.update(fields)
+        self.record_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(record, indent=1))
+
     def log_params(self, params: dict[str, str]) -> None:
+        if self.record_dir is not None:
+            self._update_record(params=params)
         if self.active:
             items = list(params.items())
             for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
                 self._mlflow.log_params({k: v[:6000] for k, v in items[i:i + 100]})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.record_dir is not None:
+            with (self.record_dir / METRICS_FILE).open("a") as f:
+                f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
         if self.active:
             self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
@@ -84,6 +112,8 @@ class Tracker:
                 self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
     def end(self, status: str = "FINISHED") -> None:
+        if self.record_dir is not None:
+            self._update_record(status=status, mlflow_run_id=self.run_id, tracking_uri=self.tracking_uri)
         if self.active:
             self._mlflow.end_run(status=status)
 

@@ -164,7 +164,7 @@ class Trainer:
         self.stop_signal: str | None = None
         state = self._restore(resume) if resume is not None else {}
         self.tracker = Tracker(self.config.mlflow, run_dir.parent, run_name, active=self.info.is_main,
-                               tags=tags, resume_run_id=state.get("mlflow_run_id"))
+                               tags=tags, resume_run_id=state.get("mlflow_run_id"), record_dir=run_dir)
         if resume is None:
             self.tracker.log_params({**flatten(self.config, "config"), **flatten(self.recipe, "recipe"),
                                      **flatten(setup.scheme_settings, "recipe")})
