@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from wmtp.weighting import SCHEMES
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "wmtp"
 
@@ -110,8 +112,8 @@ def test_execution_imports_nothing_from_training_or_evaluation():
 
 
 def test_nothing_outside_weighting_branches_on_the_algorithm_name():
-    names = r"[\"'](baseline-mtp|rho1|critic)[\"']"
-    branch = re.compile(rf"algorithm\s*(==|!=|\bin\b|\bnot in\b)|\.(rho1|critic|pretrain)\b|[=!]=\s*{names}"
+    names = r"[\"'](baseline-mtp|rho1|critic|gradnorm)[\"']"
+    branch = re.compile(rf"algorithm\s*(==|!=|\bin\b|\bnot in\b)|\.(rho1|critic|pretrain|gradnorm)\b|[=!]=\s*{names}"
                         rf"|{names}\s*(==|!=|\bin\b)|\bin\s*\(?{names}")
     found = []
     for path in PACKAGE.rglob("*.py"):
@@ -170,7 +172,7 @@ def test_a_scheme_section_error_names_the_file_and_key_without_transformers(tmp_
 
 
 @pytest.mark.parametrize(("sections", "message"), [
-    ("algorithm: nope\n", "algorithm: unknown `nope` (choose from baseline-mtp, critic, rho1)"),
+    ("algorithm: nope\n", f"algorithm: unknown `nope` (choose from {', '.join(sorted(SCHEMES))})"),
     ("rho1:\n  mode: topk\n", "rho1: the `rho1` section goes with algorithm: rho1, not baseline-mtp"),
     ("algorithm: critic\npretrain: {}\n", "critic: required key missing"),
     ("extra_section: 1\n", "extra_section: unknown key"),

@@ -122,27 +122,90 @@ def test_head_coefficients_scale_heads():
 
 
 def plain_mean1_clip(w, valid, eps, w_max):
+    """docs/method.md §4 one value at a time: bisection on the scale s of mean(clip(s·w, eps, w_max)) = 1."""
     vals = [float(v) for v, m in zip(w.flatten(), valid.flatten(), strict=True) if m]
-    mean = sum(vals) / len(vals)
-    vals = [min(max(v / mean, eps), w_max) for v in vals]
-    mean = sum(vals) / len(vals)
-    it = iter(v / mean for v in vals)
+
+    def mean_at(s):
+        return sum(min(max(s * v, eps), w_max) for v in vals) / len(vals)
+
+    lo, hi = 0.0, 1.0
+    while mean_at(hi) < 1:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_at(mid) < 1 else (lo, mid)
+    it = iter(min(max(hi * v, eps), w_max) for v in vals)
     return torch.tensor([next(it) if m else 0.0 for m in valid.flatten()]).view(w.shape)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_mean1_clip_matches_plain(seed):
+def heavy_tailed(seed, shape=(3, 40, 2)):
+    """Raw scores where a few pairs dominate: Pareto(α 0.5) draws, as exp(z/T) gives for a sharp T."""
     g = torch.Generator().manual_seed(seed)
-    w = torch.rand(3, 8, 2, generator=g).pow(4) * 10
-    valid = torch.rand(3, 8, 2, generator=g) > 0.3
-    got = mean1_clip(w, valid, eps=0.05, w_max=3.0)
-    assert torch.allclose(got, plain_mean1_clip(w, valid, 0.05, 3.0), rtol=1e-5)
-    assert math.isclose(got[valid].mean().item(), 1.0, rel_tol=1e-5)
-    assert (got[~valid] == 0).all()
+    u = torch.rand(shape, generator=g, dtype=torch.float64).clamp_min(1e-12)
+    return u.pow(-2.0), torch.rand(shape, generator=g) > 0.3
 
 
-def test_mean1_clip_no_valid_pairs():
-    assert (mean1_clip(torch.rand(2, 3), torch.zeros(2, 3, dtype=torch.bool)) == 0).all()
+@pytest.mark.parametrize(("eps", "w_max"), [(0.05, 3.0), (0.0, 2.0), (0.3, 1.5), (0.0, 100.0)])
+@pytest.mark.parametrize("seed", range(6))
+def test_mean1_clip_matches_plain_and_keeps_its_bounds(seed, eps, w_max):
+    w, valid = heavy_tailed(seed)
+    if seed % 2:
+        w = torch.rand(w.shape, generator=torch.Generator().manual_seed(seed)).pow(4) * 10
+    got = mean1_clip(w, valid, eps=eps, w_max=w_max)
+    assert torch.allclose(got, plain_mean1_clip(w, valid, eps, w_max).float(), rtol=1e-5, atol=1e-7)
+    assert math.isclose(got[valid].double().mean().item(), 1.0, abs_tol=1e-5)
+    assert got[valid].max() <= w_max and got[valid].min() >= eps
+    assert (got[~valid] == 0).all() and got.dtype == torch.float32
+
+
+def test_mean1_clip_bounds_the_values_not_only_their_ratio():
+    # the old normalise-clip-normalise gave (0.063, 0.063, 0.063, 3.81) here: w_max bounded only the ratio
+    w = torch.tensor([0.01, 0.01, 0.01, 10.0])
+    got = mean1_clip(w, torch.ones(4, dtype=torch.bool), eps=0.05, w_max=3.0)
+    assert torch.allclose(got, torch.tensor([1 / 3, 1 / 3, 1 / 3, 3.0]))
+    # a few pairs dominating a large step (the critic's end-of-document case) stay at w_max
+    w = torch.ones(10_000, dtype=torch.float64)
+    w[:30] = 1e30
+    got = mean1_clip(w, torch.ones_like(w, dtype=torch.bool))
+    assert got.max() == 3.0 and math.isclose(got.double().mean().item(), 1.0, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-3, 7.0, 1e25])
+def test_mean1_clip_ignores_the_scale_of_its_input(scale):
+    w, valid = heavy_tailed(11)
+    base = mean1_clip(w, valid)
+    assert torch.allclose(mean1_clip(w * scale, valid), base, rtol=1e-5, atol=1e-7)
+
+
+def test_mean1_clip_detaches_and_ignores_invalid_pairs_even_nan():
+    w, valid = heavy_tailed(12)
+    w = w.float().requires_grad_(True)
+    got = mean1_clip(w, valid)
+    assert not got.requires_grad and got.grad_fn is None
+    poisoned = w.detach().clone()
+    poisoned[~valid] = float("nan")
+    assert torch.equal(mean1_clip(poisoned, valid), got)
+
+
+def test_mean1_clip_degenerate_cases():
+    every = torch.ones(6, dtype=torch.bool)
+    assert (mean1_clip(torch.rand(2, 3), torch.zeros(2, 3, dtype=torch.bool)) == 0).all()  # no valid pair
+    assert torch.equal(mean1_clip(torch.zeros(6), every), torch.ones(6))  # nothing to rank: uniform
+    assert torch.equal(mean1_clip(torch.full((6,), 4.2), every), torch.ones(6))  # equal weights: 1
+    # 5 zeros, one positive weight: the best is 3.0 for it and eps for the zeros, mean 0.2083 < 1
+    short = mean1_clip(torch.tensor([0, 0, 0, 0, 0, 1.0]), every, eps=0.05, w_max=3.0)
+    assert torch.allclose(short, torch.tensor([0.05] * 5 + [3.0]))
+    # enough positive weights: the zeros stay at eps and the mean is 1
+    some = mean1_clip(torch.tensor([0, 0, 1.0, 2.0, 3.0, 4.0]), every, eps=0.05, w_max=3.0)
+    assert torch.allclose(some[:2], torch.tensor([0.05, 0.05])) and math.isclose(some.mean().item(), 1, rel_tol=1e-6)
+    assert torch.equal(mean1_clip(torch.rand(6), every, eps=1.0, w_max=1.0), torch.ones(6))
+    assert torch.allclose(mean1_clip(torch.tensor([1.0, 0, 0]), every[:3], eps=1.0, w_max=5.0), torch.ones(3))
+    for eps, w_max in ((1.5, 3.0), (0.05, 0.8), (-0.1, 3.0)):
+        with pytest.raises(ValueError, match="0 <= eps <= 1 <= w_max"):
+            mean1_clip(torch.rand(6), every, eps=eps, w_max=w_max)
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="finite weights >= 0"):
+            mean1_clip(torch.tensor([1.0, bad, 2.0]), every[:3])
 
 
 @pytest.mark.parametrize("reduction", ["token_mean", "weight_mean"])

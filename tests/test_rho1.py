@@ -136,7 +136,7 @@ def test_weighted_mode_statistics_and_clip():
     for h in range(2):
         head = w[0][..., h]
         assert head.mean().item() == pytest.approx(1.0, rel=1e-5)
-        assert head.max() / head.min() <= 2.0 / 0.1 + 1e-4  # the clip bounds each head's dynamic range
+        assert head.max() <= 2.0 and head.min() >= 0.1  # mean1_clip keeps every weight in [eps, w_max]
     assert not w[0].requires_grad
 
 

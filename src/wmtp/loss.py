@@ -10,6 +10,10 @@ Two implementations of the same loss:
   shared unembedding, walks over chunks of valid (token, head) pairs, and keeps only one chunk of logits
   alive at a time. The gradient of each chunk is taken right away (the weights are known before the
   forward), so no logits are stored for the backward pass (the trick of Liger's fused linear CE).
+
+The gradient-norm scheme's per-pair signal ‖∂ℓ/∂logits‖² comes in the same two forms: `logit_grad_norm_sq` on
+given logits, and `fused_linear_grad_norm_sq`, chunked from the heads' hidden states without gradient
+(docs/method.md §5.4).
 """
 
 from __future__ import annotations
@@ -181,24 +185,55 @@ def weighted_mtp_loss(
 def mean1_clip(weights: torch.Tensor, valid: torch.Tensor, eps: float = 0.05, w_max: float = 3.0) -> torch.Tensor:
     """Weight post-processing `mean1_clip(ε, w_max)` over the valid pairs (docs/method.md §4).
 
-    w ← w / mean_valid(w); w ← clip(w, ε, w_max); w ← w / mean_valid(w). Invalid pairs get 0.
-    weights, valid: same shape. With no valid pair, all zeros.
+    Returns clip(s·w, ε, w_max) on valid pairs and 0 elsewhere, fp32 and detached, where s > 0 is the scale that
+    makes the mean over the valid pairs exactly 1: every weight lies in [ε, w_max] and they average 1.
+    weights, valid: same shape; the valid weights must be finite and >= 0 (raw scores such as exp(z/T)). Needs
+    0 <= ε <= 1 <= w_max. Degenerate inputs: no valid pair → all zeros; every valid weight 0 → 1 on every valid
+    pair; so many zero weights that even with every positive weight at w_max the mean stays below 1 → w_max on
+    the positive weights and ε on the zero ones (their mean falls short of 1).
     """
-    if not 0 <= eps <= w_max:
-        raise ValueError(f"mean1_clip needs 0 <= eps <= w_max, got eps={eps}, w_max={w_max}")
+    if not 0 <= eps <= 1 <= w_max:
+        raise ValueError(f"mean1_clip needs 0 <= eps <= 1 <= w_max, got eps={eps}, w_max={w_max}")
     valid = valid.bool()
-    w = weights.detach().float()
-    zero = torch.zeros((), device=w.device)
-    count = valid.sum()
-    if int(count) == 0:
-        return torch.zeros_like(w)
+    out = torch.zeros(weights.shape, dtype=torch.float32, device=weights.device)
+    # float64: raw scores can span many decades, so s can be far from 1; the mean must still be 1 after rounding.
+    x = weights.detach()[valid].to(torch.float64)
+    if x.numel() == 0:
+        return out
+    if not bool(torch.isfinite(x).all()) or bool((x < 0).any()):
+        raise ValueError("mean1_clip needs finite weights >= 0 on the valid pairs")
+    out[valid] = _clip_to_mean1(x, eps, w_max).float()
+    return out
 
-    def normalise(x: torch.Tensor) -> torch.Tensor:
-        mean = torch.where(valid, x, zero).sum() / count
-        return x / mean.clamp_min(torch.finfo(torch.float32).tiny)
 
-    w = normalise(torch.where(valid, w, zero)).clamp(eps, w_max)
-    return torch.where(valid, normalise(torch.where(valid, w, zero)), zero)
+def _clip_to_mean1(x: torch.Tensor, eps: float, w_max: float) -> torch.Tensor:
+    """clip(s·x, eps, w_max) with mean exactly 1, x: [N] float64 >= 0 (degenerate cases as in `mean1_clip`).
+
+    f(s) = mean(clip(s·x, eps, w_max)) is continuous, non-decreasing and linear between its kinks s = eps/x_i and
+    s = w_max/x_i, from f(0+) = eps to f(∞) = (eps·#zeros + w_max·#positive)/N. It is evaluated at every kink
+    with sorted x and prefix sums, and s is interpolated linearly inside the interval where f crosses 1.
+    """
+    n = x.numel()
+    positive = torch.sort(x[x > 0]).values
+    p = positive.numel()
+    if p == 0 or eps == w_max:  # nothing to rank (or eps = w_max = 1): every pair weighs 1
+        return torch.ones_like(x)
+    at_zero = eps * (n - p)  # a zero weight stays at eps whatever s
+    if at_zero + w_max * p < n:
+        return torch.where(x > 0, w_max, eps).to(x.dtype)
+    kinks = torch.cat([eps / positive, w_max / positive])
+    kinks = torch.sort(kinks[kinks > 0]).values
+    prefix = torch.cat([positive.new_zeros(1), torch.cumsum(positive, 0)])
+    low = torch.searchsorted(positive, eps / kinks, right=True)  # s·x <= eps: raised to eps
+    high = p - torch.searchsorted(positive, w_max / kinks)  # s·x >= w_max: cut to w_max
+    mid = prefix[p - high] - prefix[low]
+    f = (at_zero + eps * low.to(x.dtype) + w_max * high.to(x.dtype) + kinks * mid) / n
+    f = torch.cummax(f, 0).values  # monotone, also after rounding
+    k = min(int(torch.searchsorted(f, torch.ones(1, dtype=f.dtype, device=f.device))), f.numel() - 1)
+    s_hi, f_hi = float(kinks[k]), float(f[k])
+    s_lo, f_lo = (float(kinks[k - 1]), float(f[k - 1])) if k > 0 else (0.0, eps)
+    s = s_lo + (1.0 - f_lo) * (s_hi - s_lo) / (f_hi - f_lo) if f_hi > f_lo else s_hi
+    return (s * x).clamp(eps, w_max)
 
 
 class _FusedLinearMTPCrossEntropy(torch.autograd.Function):
@@ -302,3 +337,62 @@ def fused_linear_mtp_ce(
     correct = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
     correct.view(-1)[flat_index] = pair_correct
     return total, ce, correct
+
+
+def _grad_norm_sq_(buf: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """‖softmax(buf) − e_y‖² per row of an fp32 buffer [P, V], which it overwrites (one [P, V] buffer in all)."""
+    rows = torch.arange(buf.shape[0], device=buf.device)
+    peak = buf.max(dim=-1).values
+    buf.sub_(peak[:, None]).exp_()  # e_i = exp(logit_i − max) ∈ [0, 1]
+    target = buf[rows, targets]
+    buf[rows, targets] = 0.0
+    others = buf.sum(dim=-1)  # Σ_{i≠y} e_i
+    total = others + target  # Σ_i e_i ≥ 1, so p_i = e_i / total
+    # p_i² = exp(2·(logit_i − logsumexp)) ∈ [0, 1]: nothing overflows in fp32 whatever the logits' dtype, and the
+    # terms that underflow are below 1e-38. Σ_i p_i² − 2·p_y + 1 is summed as Σ_{i≠y} p_i² + (1 − p_y)², with
+    # 1 − p_y = Σ_{i≠y} e_i / total: only non-negative terms, so nothing cancels when p_y → 1 or p_y → 0.
+    buf.div_(total[:, None]).square_()
+    return buf.sum(dim=-1) + (others / total).square()
+
+
+def logit_grad_norm_sq(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The squared norm of the CE's gradient at the logits, ‖p − e_y‖² = Σ_i p_i² − 2·p_y + 1 with p = softmax
+    (docs/method.md §5.4), in fp32 whatever the logits' dtype. logits: [P, V]; targets: [P]. Returns [P] in [0, 2].
+    """
+    return _grad_norm_sq_(logits.to(torch.float32, copy=True), targets)
+
+
+@torch.no_grad()
+def fused_linear_grad_norm_sq(
+    head_hidden: list[torch.Tensor],
+    unembedding: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    chunk_size: int = 256,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """`logit_grad_norm_sq` of every valid pair without materialising [B, S, n, V] and without any backward.
+
+    head_hidden: n tensors [B, S, D] (after the shared final norm); unembedding: [V, D]; labels: [B, S, n].
+    As in `fused_linear_mtp_ce`, only valid pairs are computed, `chunk_size` rows at a time, the matmul in the
+    hidden states' dtype and the softmax in one fp32 [chunk, V] buffer. Returns [B, S, n] fp32, 0 on ignored pairs.
+    """
+    if len(head_hidden) != labels.shape[-1]:
+        raise ValueError(f"got {len(head_hidden)} head hidden states for labels with {labels.shape[-1]} heads")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    hidden = torch.stack(head_hidden, dim=2)  # [B, S, n, D]
+    flat_index = (labels != ignore_index).reshape(-1).nonzero().squeeze(1)
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_index)
+    targets = labels.reshape(-1).index_select(0, flat_index)
+    weight = unembedding.to(rows.dtype)
+    b = None if bias is None else bias.to(rows.dtype)
+    pair = torch.empty(targets.shape, dtype=torch.float32, device=rows.device)
+    with torch.autocast(device_type=rows.device.type, enabled=False):
+        for start in range(0, rows.shape[0], chunk_size):
+            end = min(start + chunk_size, rows.shape[0])
+            pair[start:end] = _grad_norm_sq_(F.linear(rows[start:end], weight, b).float(), targets[start:end])
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    out.view(-1)[flat_index] = pair
+    return out

@@ -38,6 +38,7 @@ from .loss import (
     IGNORE_INDEX,
     _check_weights,
     _safe_divide,
+    fused_linear_grad_norm_sq,
     fused_linear_mtp_ce,
     loss_denominator,
     pair_coefficients,
@@ -67,13 +68,15 @@ class MTPConfig:
 
 @dataclass
 class MTPOutput:
-    """What a forward returns. Shapes: ce, correct [B, S, n]; logits [B, S, n, V]; trunk_hidden [B, S, D]."""
+    """What a forward returns. Shapes: ce, correct, grad_norm_sq [B, S, n]; logits [B, S, n, V];
+    trunk_hidden [B, S, D]."""
 
     loss: torch.Tensor | None = None
     ce: torch.Tensor | None = None
     correct: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     trunk_hidden: torch.Tensor | None = None
+    grad_norm_sq: torch.Tensor | None = None
 
 
 class ResidualHead(nn.Module):
@@ -267,12 +270,15 @@ class MTPModel(nn.Module):
         allow_negative: bool = False,
         return_logits: bool = False,
         chunk_size: int = 256,
+        grad_norm_sq: bool = False,
     ) -> MTPOutput:
         """input_ids, attention_mask: [B, S]; labels: [B, S, n] from `mtp_labels`; weights: [B, S, n] detached.
 
         With labels, computes the weighted loss on the fast path (no [B, S, n, V] tensor), with the same
         meaning as `weighted_mtp_loss`. `return_logits` also returns all heads' logits [B, S, n, V]: for
-        small inputs and for the reference path only.
+        small inputs and for the reference path only. `grad_norm_sq` (with labels) returns each pair's
+        ‖∂ℓ/∂logits‖² instead of the loss, chunked and without gradient: the scoring pass of gradient-norm
+        weighting, which goes through the forward so that DDP and FSDP2 gather the parameters as usual.
         """
         hidden, z = self.head_hidden_states(input_ids, attention_mask, position_ids)
         output = MTPOutput(trunk_hidden=z)
@@ -282,6 +288,10 @@ class MTPModel(nn.Module):
             return output
         if labels.shape != (*input_ids.shape, self.n_heads):
             raise ValueError(f"labels must be [B, S, n]={(*input_ids.shape, self.n_heads)}, got {tuple(labels.shape)}")
+        if grad_norm_sq:
+            output.grad_norm_sq = fused_linear_grad_norm_sq(hidden, self.unembedding.weight, labels,
+                                                            bias=self.unembedding.bias, chunk_size=chunk_size)
+            return output
         _check_weights(weights, labels, reduction, allow_negative)
         if normalizer is None:
             normalizer = loss_denominator(labels, weights, head_coef=head_coef, reduction=reduction)

@@ -20,6 +20,7 @@ SCHEMES: dict[str, str] = {
     "baseline-mtp": "uniform",
     "rho1": "rho1",
     "critic": "critic",
+    "gradnorm": "gradnorm",
 }
 
 
@@ -38,7 +39,10 @@ def scheme_settings(recipe: Recipe) -> BaseModel:
     sections = recipe.sections
     for name in sections:
         if name not in chosen.settings.model_fields:
-            owners = [a for a in sorted(SCHEMES) if name in plugin(a).settings.model_fields]
+            # the schemes that own the section, those that need it first (a hybrid accepts every scheme's
+            # sections and needs none of them)
+            owners = sorted((a for a in SCHEMES if name in plugin(a).settings.model_fields),
+                            key=lambda a: (not plugin(a).settings.model_fields[name].is_required(), a))
             if owners:
                 raise ConfigError(f"{where}: {name}: the `{name}` section goes with algorithm: {owners[0]}, not "
                                   f"{recipe.algorithm}")

@@ -67,8 +67,8 @@ class CriticSettings(Strict):
     advantage: Literal["td", "gae"] = Field(
         "td", description="per-token signal: the one-step TD error δ, or the GAE(λ) advantage")
     temperature: float = Field(1.0, gt=0, description="w = exp(z/T), z the per-head standardised signal")
-    eps: float = Field(0.05, ge=0, description="mean1_clip floor")
-    w_max: float = Field(3.0, gt=0, description="mean1_clip ceiling before the final renormalisation")
+    eps: float = Field(0.05, ge=0, le=1, description="mean1_clip floor: no weight lies below it")
+    w_max: float = Field(3.0, ge=1, description="mean1_clip ceiling: no weight lies above it")
     value_hidden: int = Field(256, ge=0, description="width of the value head's hidden layer (0: linear)")
     value_head_path: str | None = Field(
         None, description="a value head saved by stage 1 (value_head.safetensors or its run directory): "
@@ -77,12 +77,6 @@ class CriticSettings(Strict):
     value_lr: float = Field(1e-4, gt=0, description="stage 2 learning rate of the value head's own group")
     value_schedule: Schedule = Field(
         default_factory=lambda: Schedule(kind="constant"), description="stage 2 schedule of the value head's lr")
-
-    @model_validator(mode="after")
-    def _eps(self) -> CriticSettings:
-        if self.eps > self.w_max:
-            raise ValueError("eps must be <= w_max")
-        return self
 
 
 class PretrainSettings(Strict):

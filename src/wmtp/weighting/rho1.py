@@ -11,7 +11,8 @@ Modes:
 - `topk`: keep the top ⌈k·N⌉ valid pairs per head (the paper's 60% at 1B, 70% at 7B).
 Tie rule for the selection modes: pairs are ranked by e, descending; equal values keep the order of the step
 (rank, then micro-batch, then position, then head), so exactly the stated number is kept.
-`min_ce_diff`: pairs with e below it are never selected, and in `weighted` mode never weighted above 1.
+`min_ce_diff`: pairs with e below it are never selected, and in `weighted` mode their raw exp(z/T) is capped at 1
+(the raw weight of a pair of average excess) before `mean1_clip`.
 `train_head0_fully`: head 0 keeps weight 1 on every valid pair; only heads 1… are re-weighted.
 
 The reference runs online (frozen, in eval mode, its CE computed in chunks from its hidden states) or is read
@@ -50,9 +51,10 @@ class Rho1Settings(Strict):
 
     mode: Literal["weighted", "token_skip", "topk"] = "weighted"
     temperature: float = Field(0.7, gt=0, description="weighted: w = exp(z/T) (the seed's 0.7)")
-    eps: float = Field(0.05, ge=0, description="weighted: mean1_clip floor (the seed's 0.05)")
-    w_max: float = Field(3.0, gt=0, description="weighted: mean1_clip clip ceiling before the final renormalisation "
-                         "(the seed's 3.0); bounds each head's max/min weight ratio by w_max/eps")
+    eps: float = Field(0.05, ge=0, le=1, description="weighted: mean1_clip floor, no weight lies below it (the "
+                       "seed's 0.05)")
+    w_max: float = Field(3.0, ge=1, description="weighted: mean1_clip ceiling, no weight lies above it (the seed's "
+                         "3.0)")
     skip_fraction: float = Field(0.3, ge=0, lt=1, description="token_skip: drop this bottom fraction per head")
     keep_fraction: float = Field(0.6, gt=0, le=1, description="topk: keep this top fraction per head (paper: 0.6 at "
                                  "1B, 0.7 at 7B)")
@@ -66,8 +68,6 @@ class Rho1Settings(Strict):
         for key in self.model_fields_set:
             if key in owners and owners[key] != self.mode:
                 raise ValueError(f"`{key}` only applies to mode {owners[key]}, not {self.mode}")
-        if self.eps > self.w_max:
-            raise ValueError("eps must be <= w_max")
         return self
 
 
