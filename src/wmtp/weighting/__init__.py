@@ -21,6 +21,7 @@ SCHEMES: dict[str, str] = {
     "rho1": "rho1",
     "critic": "critic",
     "gradnorm": "gradnorm",
+    "hybrid": "hybrid",
 }
 
 
