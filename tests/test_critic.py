@@ -272,3 +272,22 @@ def test_critic_weights_against_a_plain_computation():
             len(p))), rel=1e-5)
     for w, lab in zip(weights, labels, strict=True):
         assert (w[lab == IGNORE_INDEX] == 0).all()
+
+
+def test_critic_weights_survive_a_dominant_pair_at_low_temperature():
+    """One pair's signal dwarfs the rest and T = 0.05 puts z/T far beyond fp32's exp: finite weights, mean 1,
+    within [eps, w_max]; the equal others share one weight."""
+    from wmtp.loss import mtp_labels
+    from wmtp.weighting.critic import critic_weights
+
+    labels = [mtp_labels(torch.arange(60).reshape(3, 20) % 17, 2)]
+    valid = labels[0] != IGNORE_INDEX
+    signal = torch.where(valid, torch.full(labels[0].shape, 0.01), torch.zeros(()))
+    signal[0, 0, 0] = 50.0
+    (w,), _, _ = critic_weights([signal], labels, temperature=0.05, eps=0.05, w_max=3.0,
+                                info=DistInfo(0, 1, 0, torch.device("cpu")))
+    head0 = w[..., 0][valid[..., 0]]
+    assert torch.isfinite(w).all() and float(head0.mean()) == pytest.approx(1.0, abs=1e-5)
+    assert float(head0.max()) == pytest.approx(3.0, abs=1e-5) and float(head0.min()) >= 0.05
+    others = head0[head0 < 3.0]
+    assert torch.allclose(others, others[0].expand_as(others))

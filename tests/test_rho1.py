@@ -268,3 +268,19 @@ def test_chunked_reference_ce_equals_the_full_logits_path(make):
             chunked = score_reference_batch(reference, ids, mask, contextlib.nullcontext(), chunk)
             torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
     assert full[1, 13:].abs().sum() == 0 and full[:, 0].abs().sum() == 0
+
+
+def test_weighted_mode_survives_a_dominant_pair_at_low_temperature():
+    """z/T far beyond fp32's exp range (one pair's excess dwarfs the rest, T = 0.05): the weights stay finite,
+    with mean 1 and within [eps, w_max] (exp is taken of z/T shifted by its maximum)."""
+    labels = [mtp_labels(torch.arange(60).reshape(3, 20) % 17, 2)]
+    excess = [torch.where(labels[0] != IGNORE_INDEX, torch.full(labels[0].shape, 0.01), torch.zeros(()))]
+    excess[0][0, 0, 0] = 50.0
+    (w,), _ = weights_for(excess, labels, mode="weighted", temperature=0.05)
+    valid = labels[0] != IGNORE_INDEX
+    assert torch.isfinite(w).all()
+    for h in range(2):
+        head = w[..., h][valid[..., h]]
+        assert float(head.mean()) == pytest.approx(1.0, abs=1e-5)
+        assert float(head.min()) >= 0.05 - 1e-6 and float(head.max()) <= 3.0 + 1e-6
+    assert float(w[0, 0, 0]) == pytest.approx(3.0, abs=1e-5)

@@ -240,7 +240,10 @@ def critic_weights(signals: list[torch.Tensor], labels: list[torch.Tensor], *, t
             continue
         mean, std = values.mean(), values.std(unbiased=False)
         z = (values - mean) / std if float(std) > 0 else torch.zeros_like(values)
-        head_w = mean1_clip(torch.exp(z / temperature), torch.ones_like(values, dtype=torch.bool), eps=eps,
+        # exp of z/T shifted by its maximum and in float64: mean1_clip does not see the scale, exp cannot
+        # overflow, and the others of a dominant pair stay positive down to exp(−745)
+        head_w = mean1_clip(torch.exp((z / temperature - (z / temperature).max()).double()),
+                            torch.ones_like(values, dtype=torch.bool), eps=eps,
                             w_max=w_max)
         p = head_w / head_w.sum()
         entropy = float(-(p * p.clamp_min(1e-30).log()).sum()) / math.log(count) if count > 1 else 1.0

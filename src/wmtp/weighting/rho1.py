@@ -145,9 +145,12 @@ def rho1_weights(excess: list[torch.Tensor], labels: list[torch.Tensor], *, mode
             head_w = torch.ones(count, device=values.device)
         elif mode == "weighted":
             z = (values - mean) / std if float(std) > 0 else torch.zeros_like(values)
-            head_w = torch.exp(z / temperature)
+            log_w = z / temperature  # in log space: exp(z/T) overflows fp32 beyond z/T ≈ 88
             if min_ce_diff is not None:
-                head_w = torch.where(values < min_ce_diff, head_w.clamp(max=1.0), head_w)
+                log_w = torch.where(values < min_ce_diff, log_w.clamp(max=0.0), log_w)
+            # shifted by the maximum (mean1_clip does not see the scale) and in float64, where the others of a
+            # dominant pair stay positive down to exp(−745)
+            head_w = torch.exp((log_w - log_w.max()).double())
             head_w = mean1_clip(head_w, torch.ones_like(head_w, dtype=torch.bool), eps=eps, w_max=w_max)
         else:
             fraction = keep_fraction if mode == "topk" else 1.0 - skip_fraction
