@@ -262,3 +262,18 @@ def test_fused_path_scales_with_upstream_gradient_and_runs_in_bf16():
     assert torch.isclose(loss16, loss, rtol=2e-2)
     assert grads16[0].dtype == torch.float32 and grads16[1].dtype == torch.bfloat16
     assert torch.allclose(grads16[0], once[0], atol=2e-2)
+
+
+def test_a_pass_without_gradient_computes_the_same_ce_and_no_gradient():
+    """Under no_grad (a scheme's scoring pass) the fused path computes only the CE: the same CE, loss and top-1 as
+    the training pass, and a loss that carries no gradient."""
+    g = torch.Generator().manual_seed(4)
+    labels = mtp_labels(torch.randint(0, 40, (3, 11), generator=g), 3)
+    hidden = [torch.randn(3, 11, 8, generator=g, requires_grad=True) for _ in range(3)]
+    unembedding = torch.randn(40, 8, generator=g, requires_grad=True)
+    coef = pair_coefficients(labels, None) / 7.0
+    loss, ce, correct = fused_linear_mtp_ce(hidden, unembedding, labels, coef, chunk_size=5)
+    with torch.no_grad():
+        loss_ng, ce_ng, correct_ng = fused_linear_mtp_ce(hidden, unembedding, labels, coef, chunk_size=5)
+    assert torch.equal(ce, ce_ng) and torch.equal(correct, correct_ng) and torch.equal(loss.detach(), loss_ng)
+    assert loss.requires_grad and not loss_ng.requires_grad

@@ -240,15 +240,17 @@ class _FusedLinearMTPCrossEntropy(torch.autograd.Function):
     """Σ coef·CE over selected pairs, with the gradient taken chunk by chunk during the forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, coef, chunk_size):
+    def forward(ctx, hidden, weight, bias, targets, coef, chunk_size, compute_grad=True):
         # hidden: [P, D] rows of the valid pairs; targets, coef: [P]. Autocast is off in here: the matmuls run
-        # in the hidden states' dtype and the softmax in fp32.
+        # in the hidden states' dtype and the softmax in fp32. Without `compute_grad` (a pass under no_grad: a
+        # scheme's scoring) only the CE is computed: one [chunk, V] matmul instead of three.
         compute_dtype = hidden.dtype
         w = weight.to(compute_dtype)
         b = None if bias is None else bias.to(compute_dtype)
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        if compute_grad:
+            grad_hidden = torch.empty_like(hidden)
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
         ce = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
         correct = torch.empty(targets.shape, dtype=torch.bool, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -270,6 +272,9 @@ class _FusedLinearMTPCrossEntropy(torch.autograd.Function):
             ce[start:end] = pair_ce
             correct[start:end] = argmax == y
             total += (c * pair_ce).sum()
+            if not compute_grad:
+                del buf
+                continue
             buf.div_(total_exp[:, None])
             buf[r, y] -= 1.0
             buf.mul_(c[:, None])
@@ -282,6 +287,9 @@ class _FusedLinearMTPCrossEntropy(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias += buf.sum(dim=0)
             del buf, grad_logits
+        if not compute_grad:
+            ctx.mark_non_differentiable(total, ce, correct)
+            return total, ce, correct
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
         ctx.has_bias = bias is not None
@@ -298,7 +306,7 @@ class _FusedLinearMTPCrossEntropy(torch.autograd.Function):
         grad_weight = grad_weight.to(ctx.weight_dtype)
         if ctx.has_bias:
             grad_bias = grad_bias.to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def fused_linear_mtp_ce(
@@ -329,9 +337,10 @@ def fused_linear_mtp_ce(
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_index)
     targets = labels.reshape(-1).index_select(0, flat_index)
     pair_coef = coef.reshape(-1).index_select(0, flat_index).float()
+    compute_grad = torch.is_grad_enabled() and (rows.requires_grad or unembedding.requires_grad)
     with torch.autocast(device_type=rows.device.type, enabled=False):
         total, pair_ce, pair_correct = _FusedLinearMTPCrossEntropy.apply(
-            rows, unembedding, bias, targets, pair_coef, chunk_size)
+            rows, unembedding, bias, targets, pair_coef, chunk_size, compute_grad)
     ce = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     ce.view(-1)[flat_index] = pair_ce
     correct = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
