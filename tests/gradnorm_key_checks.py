@@ -86,7 +86,19 @@ def check_direction(kit) -> None:
         assert (w_up.diff() >= 0).all() and (w_down.diff() <= 0).all() and w_up[-1] > w_up[0]
 
 
+def check_gradnorm_scoring(kit) -> None:
+    """`gradnorm.scoring`: see test_keys.check_scoring (the same weights on a one-micro-batch step, not on two)."""
+    from test_keys import check_scoring
+
+    def trainer_for(scoring: str, recipe: dict | None = None):
+        return kit.trainer(recipe={"algorithm": "gradnorm", "gradnorm": {"scoring": scoring}, **(recipe or {})},
+                           name=f"gradnorm-{scoring}")
+
+    check_scoring(kit, trainer_for)
+
+
 GRADNORM_KEY_CHECKS = {
+    "recipe.gradnorm.scoring": check_gradnorm_scoring,
     "recipe.gradnorm.signal": check_signal,
     "recipe.gradnorm.smoothing": check_smoothing,
     "recipe.gradnorm.ema_decay": check_ema_decay,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -77,6 +78,7 @@ class MTPOutput:
     logits: torch.Tensor | None = None
     trunk_hidden: torch.Tensor | None = None
     grad_norm_sq: torch.Tensor | None = None
+    weights: torch.Tensor | None = None  # the weights `weights_fn` made from this forward's hidden states
 
 
 class ResidualHead(nn.Module):
@@ -271,6 +273,7 @@ class MTPModel(nn.Module):
         return_logits: bool = False,
         chunk_size: int = 256,
         grad_norm_sq: bool = False,
+        weights_fn: Callable[[list[torch.Tensor], MTPModel], torch.Tensor] | None = None,
     ) -> MTPOutput:
         """input_ids, attention_mask: [B, S]; labels: [B, S, n] from `mtp_labels`; weights: [B, S, n] detached.
 
@@ -279,6 +282,8 @@ class MTPModel(nn.Module):
         small inputs and for the reference path only. `grad_norm_sq` (with labels) returns each pair's
         ‖∂ℓ/∂logits‖² instead of the loss, chunked and without gradient: the scoring pass of gradient-norm
         weighting, which goes through the forward so that DDP and FSDP2 gather the parameters as usual.
+        `weights_fn` (instead of `weights`) makes the weights from this forward's own head hidden states (detached,
+        under no_grad) before the loss is taken on the same hidden states: a weighting scheme's one-forward mode.
         """
         hidden, z = self.head_hidden_states(input_ids, attention_mask, position_ids)
         output = MTPOutput(trunk_hidden=z)
@@ -292,6 +297,12 @@ class MTPModel(nn.Module):
             output.grad_norm_sq = fused_linear_grad_norm_sq(hidden, self.unembedding.weight, labels,
                                                             bias=self.unembedding.bias, chunk_size=chunk_size)
             return output
+        if weights_fn is not None:
+            if weights is not None:
+                raise ValueError("pass weights or weights_fn, not both")
+            with torch.no_grad():
+                weights = weights_fn([h.detach() for h in hidden], self).detach()
+            output.weights = weights
         _check_weights(weights, labels, reduction, allow_negative)
         if normalizer is None:
             normalizer = loss_denominator(labels, weights, head_coef=head_coef, reduction=reduction)

@@ -122,7 +122,8 @@ def prepare(config: Config, recipe: Recipe, info: DistInfo, *, tokenizer_dir: Pa
     autocast = autocast_for(info.device, config.compute.precision)
     context = SchemeContext(model=model, wrapped=wrapped, autocast=autocast, info=info, plan=plan,
                             train_set=data.train_set, val_set=data.val_set, train_examples=data.train_examples,
-                            val_examples=data.val_examples, tokenizer=data.tokenizer, config=config)
+                            val_examples=data.val_examples, tokenizer=data.tokenizer, config=config,
+                            recipe=recipe)
     scheme = plugin(recipe.algorithm).build(settings, context)
     return RunSetup(config, recipe, info, data, model, wrapped, autocast, plan, settings, scheme)
 

@@ -193,7 +193,7 @@ class Trainer:
         self.model.train()
         for k, (batch, w) in enumerate(zip(batches, weights, strict=True)):
             out = self.forward_backward(k, batch, w, normalizer, sync=k == len(batches) - 1)
-            totals.add(out, batch, w)
+            totals.add(out, batch, out.weights if out.weights is not None else w)
         lr, grad_norm = self.optimizer_step()
         self.scheme.after_backward(self.recipe.optim.grad_clip)
         totals.all_reduce(self.info)
@@ -227,7 +227,8 @@ class Trainer:
             out = self.wrapped(batch.input_ids, batch.attention_mask, labels=batch.labels, weights=weights,
                                head_coef=self.recipe.mtp.head_coef, reduction=self.recipe.loss.reduction,
                                normalizer=normalizer, chunk_size=self.plan.chunk_size,
-                               allow_negative=self.scheme.allow_negative)
+                               allow_negative=self.scheme.allow_negative,
+                               weights_fn=self.scheme.weights_in_forward(index, batch))
         aux = self.scheme.auxiliary_loss(index, batch, out)
         loss = out.loss if aux is None else out.loss + aux
         self.scaler.scale(loss * self.info.world_size).backward()

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from ..distributed import DistInfo, all_gather_concat
 
 if TYPE_CHECKING:
-    from ..config import Config
+    from ..config import Config, Recipe
     from ..data import Example, SequenceSet, StepPlan
     from ..model import MTPModel
 
@@ -51,7 +51,8 @@ class SchemeContext:
     model: the unwrapped MTP model; wrapped: the form the trainer steps (DDP/FSDP2, or the model itself);
     autocast: the forward's autocast context (re-entrant); plan: how the data is cut into steps;
     train_examples / val_examples: the documents behind the sequence sets (for rewards);
-    config: the run's config (model and reference sources, caches, compute)."""
+    config: the run's config (model and reference sources, caches, compute); recipe: the run's recipe (the loss
+    reduction, the data's sequence length)."""
 
     model: MTPModel
     wrapped: torch.nn.Module
@@ -64,6 +65,7 @@ class SchemeContext:
     val_examples: list[Example]
     tokenizer: Any
     config: Config
+    recipe: Recipe
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,14 @@ class WeightingScheme:
         """An extra loss for micro-batch `index` of the step, added to the weighted MTP loss before backward."""
         return None
 
+    def weights_in_forward(self, index: int, batch: StepBatch) -> Callable | None:
+        """For a scheme that weighs inside the training forward (one trunk forward per micro-batch): a function
+        from the forward's detached head hidden states and the model to the micro-batch's weights [B, S, n]
+        (`MTPModel.forward(weights_fn=...)`); its `step_weights` then returns None for every micro-batch, and the
+        run's reduction must be token_mean (whose normaliser does not depend on the weights). None: weights come
+        from `step_weights` alone."""
+        return None
+
     def after_backward(self, grad_clip: float | None) -> None:
         """Called after the model's optimizer step: step the scheme's own optimizer."""
 
@@ -125,6 +135,15 @@ class SchemePlugin:
 
     settings: type[BaseModel]
     build: Callable[[Any, SchemeContext], WeightingScheme]
+
+
+def running_mean(previous: dict[str, float], new: dict[str, float]) -> dict[str, float]:
+    """The metrics of a step's micro-batches so far, averaged (for schemes that weigh per micro-batch); the count
+    is kept under `_count`, which `metrics()` leaves out."""
+    count = previous.get("_count", 0.0)
+    merged = {k: (previous.get(k, v) * count + v) / (count + 1) for k, v in new.items()}
+    merged["_count"] = count + 1
+    return merged
 
 
 # ------------------------------------------------------------------- per-head weights over a whole step

@@ -28,9 +28,9 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from ..config import Strict
+from ..config import ConfigError, Strict
 from ..distributed import DistInfo
-from ..loss import IGNORE_INDEX, mean1_clip
+from ..loss import IGNORE_INDEX, fused_linear_grad_norm_sq, mean1_clip
 from .base import (
     SchemeContext,
     SchemePlugin,
@@ -38,6 +38,7 @@ from .base import (
     WeightingScheme,
     gather_head,
     histogram_artifact,
+    running_mean,
     scatter_head,
     weight_histogram,
 )
@@ -56,6 +57,11 @@ class GradNormSettings(Strict):
     temperature: float = Field(1.0, gt=0, description="w = exp(±z/T), z the per-head standardised signal")
     eps: float = Field(0.05, ge=0, le=1, description="mean1_clip floor: no weight lies below it")
     w_max: float = Field(3.0, ge=1, description="mean1_clip ceiling: no weight lies above it")
+    scoring: Literal["separate_pass", "in_forward"] = Field(
+        "separate_pass", description="separate_pass: a no-grad forward over the whole step first, statistics over "
+        "the step; in_forward: the signal from the training forward's own hidden states, statistics per "
+        "micro-batch (one trunk forward; with ema, the averages move per micro-batch; needs loss.reduction "
+        "token_mean)")
     direction: Literal["up", "down"] = Field(
         "up", description="up: exp(z/T), hard pairs weigh more; down: exp(−z/T), hard pairs weigh less (a noise "
         "filter)")
@@ -124,8 +130,9 @@ class GradNormWeighting(WeightingScheme):
     whole step. With `smoothing: ema` the per-head (μ, σ) carry over steps and are checkpointed."""
 
     def __init__(self, settings: GradNormSettings, grad_norm_sq: Callable[[StepBatch], torch.Tensor],
-                 info: DistInfo) -> None:
+                 info: DistInfo, chunk_size: int = 256) -> None:
         self.settings = settings
+        self.chunk_size = chunk_size
         self.grad_norm_sq = grad_norm_sq
         self.info = info
         self.smoothed: torch.Tensor | None = None  # [n, 2] (μ, σ) per head, with smoothing: ema
@@ -133,20 +140,38 @@ class GradNormWeighting(WeightingScheme):
         self.histogram: torch.Tensor | None = None  # per-head weight counts summed over the run
 
     def step_weights(self, batches: list[StepBatch]) -> list[torch.Tensor | None]:
+        if self.settings.scoring == "in_forward":
+            self._metrics = {}
+            return [None for _ in batches]
+        return self._weights([self.grad_norm_sq(b) for b in batches], [b.labels for b in batches])
+
+    def _weights(self, squared: list[torch.Tensor], labels: list[torch.Tensor]) -> list[torch.Tensor]:
         s = self.settings
-        squared = [self.grad_norm_sq(b) for b in batches]
         signals = squared if s.signal == "squared" else [g.sqrt() for g in squared]
         ema_decay = s.ema_decay if s.smoothing == "ema" else None
-        weights, self._metrics, histogram, used = gradnorm_weights(
-            signals, [b.labels for b in batches], temperature=s.temperature, eps=s.eps, w_max=s.w_max,
+        weights, metrics, histogram, used = gradnorm_weights(
+            signals, labels, temperature=s.temperature, eps=s.eps, w_max=s.w_max,
             direction=s.direction, info=self.info, ema_decay=ema_decay, smoothed=self.smoothed)
         if ema_decay is not None:
             self.smoothed = used
+        self._metrics = metrics if s.scoring == "separate_pass" else running_mean(self._metrics, metrics)
         self.histogram = histogram if self.histogram is None else self.histogram + histogram
         return weights
 
+    def weights_in_forward(self, index: int, batch: StepBatch):
+        if self.settings.scoring != "in_forward":
+            return None
+
+        def weights_fn(hidden: list[torch.Tensor], model) -> torch.Tensor:
+            squared = fused_linear_grad_norm_sq(hidden, model.unembedding.weight, batch.labels,
+                                                bias=model.unembedding.bias, chunk_size=self.chunk_size)
+            (weights,) = self._weights([squared], [batch.labels])
+            return weights
+
+        return weights_fn
+
     def metrics(self) -> dict[str, float]:
-        return self._metrics
+        return {k: v for k, v in self._metrics.items() if k != "_count"}
 
     def artifacts(self) -> dict[str, str]:
         return histogram_artifact("gradnorm", self.histogram)
@@ -171,7 +196,11 @@ def build(settings: GradNormRecipe, context: SchemeContext) -> GradNormWeighting
             return context.wrapped(batch.input_ids, batch.attention_mask, labels=batch.labels, chunk_size=chunk_size,
                                    grad_norm_sq=True).grad_norm_sq
 
-    return GradNormWeighting(settings.gradnorm, grad_norm_sq, context.info)
+    if settings.gradnorm.scoring == "in_forward" and context.recipe.loss.reduction != "token_mean":
+        raise ConfigError(f"{context.recipe.source}: gradnorm.scoring: in_forward makes the weights inside each "
+                          "micro-batch's forward, after the step's loss normaliser; it needs loss.reduction "
+                          f"token_mean, not {context.recipe.loss.reduction}")
+    return GradNormWeighting(settings.gradnorm, grad_norm_sq, context.info, chunk_size)
 
 
 PLUGIN = SchemePlugin(settings=GradNormRecipe, build=build)

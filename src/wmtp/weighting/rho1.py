@@ -33,7 +33,7 @@ from pydantic import Field, model_validator
 from ..config import Config, ConfigError, Recipe, ReferenceSource, Strict
 from ..data import SequenceSet
 from ..distributed import DistInfo
-from ..loss import IGNORE_INDEX, mean1_clip, per_target_to_heads
+from ..loss import IGNORE_INDEX, fused_linear_mtp_ce, mean1_clip, per_target_to_heads
 from .base import (
     SchemeContext,
     SchemePlugin,
@@ -41,6 +41,7 @@ from .base import (
     WeightingScheme,
     gather_head,
     histogram_artifact,
+    running_mean,
     scatter_head,
     weight_histogram,
 )
@@ -60,6 +61,10 @@ class Rho1Settings(Strict):
                                  "1B, 0.7 at 7B)")
     min_ce_diff: float | None = Field(None, description="pairs with excess below it are never selected/up-weighted")
     train_head0_fully: bool = Field(False, description="head 0 keeps weight 1 on every valid pair")
+    scoring: Literal["separate_pass", "in_forward"] = Field(
+        "separate_pass", description="separate_pass: a no-grad forward over the whole step first, statistics over "
+        "the step; in_forward: the model's CE from the training forward's own hidden states, statistics per "
+        "micro-batch (one trunk forward; needs loss.reduction token_mean)")
 
     @model_validator(mode="after")
     def _keys_of_mode(self) -> Rho1Settings:
@@ -190,12 +195,14 @@ def check_tokenizers_compatible(trained, reference, where: str = "reference_mode
 
 class Rho1Weighting(WeightingScheme):
     """Per step: the model's own per-pair CE (a no-grad pass), the reference's CE per target token, the signed
-    excess, then per-head weights over the whole step."""
+    excess, then per-head weights over the whole step. With `scoring: in_forward` the same per micro-batch, the
+    model's CE taken from the training forward's own hidden states (`weights_in_forward`)."""
 
     def __init__(self, settings: Rho1Settings, model_ce: Callable[[StepBatch], torch.Tensor],
                  reference_ce: Callable[[StepBatch], torch.Tensor], info: DistInfo,
-                 reference: torch.nn.Module | None = None) -> None:
+                 reference: torch.nn.Module | None = None, chunk_size: int = 256) -> None:
         self.settings = settings
+        self.chunk_size = chunk_size
         self.reference = reference  # the online reference model; None when its CEs come from the cache
         self.model_ce = model_ce
         self.reference_ce = reference_ce
@@ -204,20 +211,41 @@ class Rho1Weighting(WeightingScheme):
         self.histogram: torch.Tensor | None = None  # per-head weight counts summed over the run
 
     def step_weights(self, batches: list[StepBatch]) -> list[torch.Tensor | None]:
+        if self.settings.scoring == "in_forward":
+            self._metrics = {}
+            return [None for _ in batches]
+        return self._weights([excess_loss(self.model_ce(b), self.reference_ce(b), b.labels) for b in batches],
+                             [b.labels for b in batches])
+
+    def _weights(self, excess: list[torch.Tensor], labels: list[torch.Tensor]) -> list[torch.Tensor]:
         s = self.settings
-        excess = [excess_loss(self.model_ce(b), self.reference_ce(b), b.labels) for b in batches]
-        weights, self._metrics, histogram = rho1_weights(
-            excess, [b.labels for b in batches], mode=s.mode, temperature=s.temperature, eps=s.eps, w_max=s.w_max,
+        weights, metrics, histogram = rho1_weights(
+            excess, labels, mode=s.mode, temperature=s.temperature, eps=s.eps, w_max=s.w_max,
             skip_fraction=s.skip_fraction, keep_fraction=s.keep_fraction, min_ce_diff=s.min_ce_diff,
             train_head0_fully=s.train_head0_fully, info=self.info)
+        self._metrics = metrics if s.scoring == "separate_pass" else running_mean(self._metrics, metrics)
         self.histogram = histogram if self.histogram is None else self.histogram + histogram
         return weights
+
+    def weights_in_forward(self, index: int, batch: StepBatch):
+        if self.settings.scoring != "in_forward":
+            return None
+
+        def weights_fn(hidden: list[torch.Tensor], model) -> torch.Tensor:
+            zero = torch.zeros(batch.labels.shape, device=batch.labels.device)
+            _, model_ce, _ = fused_linear_mtp_ce(hidden, model.unembedding.weight, batch.labels, zero,
+                                                 bias=model.unembedding.bias, chunk_size=self.chunk_size)
+            (weights,) = self._weights([excess_loss(model_ce, self.reference_ce(batch), batch.labels)],
+                                       [batch.labels])
+            return weights
+
+        return weights_fn
 
     def artifacts(self) -> dict[str, str]:
         return histogram_artifact("rho1", self.histogram)
 
     def metrics(self) -> dict[str, float]:
-        return self._metrics
+        return {k: v for k, v in self._metrics.items() if k != "_count"}
 
 
 # ------------------------------------------------------------------------------------------------ the reference
@@ -330,7 +358,11 @@ def build(settings: Rho1Recipe, context: SchemeContext) -> Rho1Weighting:
             return score_reference_batch(reference, batch.input_ids, batch.attention_mask, context.autocast,
                                          chunk_size)
 
-    return Rho1Weighting(settings.rho1, model_ce, reference_ce, context.info, reference)
+    if settings.rho1.scoring == "in_forward" and context.recipe.loss.reduction != "token_mean":
+        raise ConfigError(f"{context.recipe.source}: rho1.scoring: in_forward makes the weights inside each "
+                          "micro-batch's forward, after the step's loss normaliser; it needs loss.reduction "
+                          f"token_mean, not {context.recipe.loss.reduction}")
+    return Rho1Weighting(settings.rho1, model_ce, reference_ce, context.info, reference, chunk_size)
 
 
 PLUGIN = SchemePlugin(settings=Rho1Recipe, build=build)
