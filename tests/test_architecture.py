@@ -112,9 +112,9 @@ def test_execution_imports_nothing_from_training_or_evaluation():
 
 
 def test_nothing_outside_weighting_branches_on_the_algorithm_name():
-    names = r"[\"'](baseline-mtp|rho1|critic|gradnorm|hybrid)[\"']"
-    branch = re.compile(rf"algorithm\s*(==|!=|\bin\b|\bnot in\b)|\.(rho1|critic|pretrain|gradnorm)\b|[=!]=\s*{names}"
-                        rf"|{names}\s*(==|!=|\bin\b)|\bin\s*\(?{names}")
+    names = r"[\"'](baseline-mtp|rho1|critic|gradnorm|hybrid|grpo)[\"']"
+    branch = re.compile(rf"algorithm\s*(==|!=|\bin\b|\bnot in\b)|\.(rho1|critic|pretrain|gradnorm|grpo)\b"
+                        rf"|[=!]=\s*{names}|{names}\s*(==|!=|\bin\b)|\bin\s*\(?{names}")
     found = []
     for path in PACKAGE.rglob("*.py"):
         if "weighting" in path.parts:

@@ -28,6 +28,7 @@ import yaml
 from conftest import tiny_llama
 from critic_key_checks import CRITIC_KEY_CHECKS, check_incorrect_solutions
 from gradnorm_key_checks import GRADNORM_KEY_CHECKS
+from grpo_key_checks import GRPO_KEY_CHECKS
 from hybrid_key_checks import HYBRID_KEY_CHECKS
 from pydantic import BaseModel, ValidationError
 from tiny_run import CONFIG, RECIPE, SNIPPETS, merge
@@ -1302,6 +1303,7 @@ KEY_CHECKS: dict[str, Callable[[Kit], None]] = {
     "recipe.train.early_stopping.min_delta": check_early_stopping_min_delta,
     **CRITIC_KEY_CHECKS,
     **GRADNORM_KEY_CHECKS,
+    **GRPO_KEY_CHECKS,
     **HYBRID_KEY_CHECKS,
 }
 

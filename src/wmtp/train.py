@@ -1,7 +1,8 @@
 """The training loop over a prepared run (`setup.prepare`): optimizer steps that read top to bottom.
 
 One optimizer step (`Trainer.train_step`):
-1. take this rank's slice of the step's `grad_accum_steps` global micro-batches (a fixed order per epoch);
+1. take this rank's slice of the step's `grad_accum_steps` global micro-batches (a fixed order per epoch),
+   or what the scheme trains on instead (`scheme.step_batches`: GRPO's sampled completions);
 2. build per-head labels, ask the weighting scheme for detached weights over the whole step;
 3. sum the loss denominators of all micro-batches, all-reduce it over ranks (the global normaliser,
    docs/method.md §3);
@@ -186,7 +187,7 @@ class Trainer:
     # one step -----------------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         started = time.monotonic()
-        batches = self.step_batches()
+        batches = self.scheme.step_batches(self.step, self.step_batches())  # or the scheme's own samples
         weights = self.scheme.step_weights(batches)
         normalizer = self.global_normalizer(batches, weights)
         totals = StepTotals.zeros(self.model.n_heads, self.info.device)

@@ -22,6 +22,7 @@ SCHEMES: dict[str, str] = {
     "critic": "critic",
     "gradnorm": "gradnorm",
     "hybrid": "hybrid",
+    "grpo": "grpo",
 }
 
 

@@ -83,6 +83,11 @@ class WeightingScheme:
 
     allow_negative = False  # a scheme that produces negative weights must say so (docs/method.md §3)
 
+    def step_batches(self, step: int, batches: list[StepBatch]) -> list[StepBatch]:
+        """What optimizer step `step` trains on, given this rank's micro-batches of the data: by default those
+        micro-batches; a scheme that trains on its own samples (GRPO's rollouts) returns as many of its own."""
+        return batches
+
     def step_weights(self, batches: list[StepBatch]) -> list[torch.Tensor | None]:
         raise NotImplementedError
 
