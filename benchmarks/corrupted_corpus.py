@@ -64,7 +64,17 @@ VARIANTS = {
     # GAE with λ = 1 carries the end-of-document reward surprise back to every token of the document
     "critic-parses-gae": {"algorithm": "critic", "critic": {"reward": {"kind": "verifiable", "check": "parses"},
                                                             "advantage": "gae", "lam": 1.0}},
+    "gradnorm-up": {"algorithm": "gradnorm", "gradnorm": {"direction": "up"}},
+    "gradnorm-down": {"algorithm": "gradnorm", "gradnorm": {"direction": "down"}},
+    # learnable pairs (Rho-1) that are not outliers of the model's own gradient (gradnorm down)
+    "hybrid-rho1-gradnorm-down": {"algorithm": "hybrid", "hybrid": {"components": ["rho1", "gradnorm"]},
+                                  "rho1": {"mode": "weighted"}, "gradnorm": {"direction": "down"}},
 }
+
+
+def uses_reference(variant: str) -> bool:
+    v = VARIANTS[variant]
+    return v["algorithm"] == "rho1" or "rho1" in v.get("hybrid", {}).get("components", [])
 
 
 def pool_of(name: str) -> str:
@@ -143,7 +153,9 @@ def write_jsonl(path: Path, docs: list[str]) -> None:
             f.write(json.dumps({"text": doc}) + "\n")
 
 
-def run(name: str, out: Path, config: dict, recipe: dict) -> dict:
+def run(name: str, out: Path, config: dict, recipe: dict, threads: int | None = None) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
     cfg, rec = Config.model_validate(config), Recipe.model_validate(recipe)
     info = DistInfo(0, 1, 0, resolve_device(cfg.compute.device))
     setup = prepare(cfg, rec, info)
@@ -181,6 +193,12 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--eval-every", type=int, default=None, help="validation every N steps (default: at the end)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes; use --threads 1)")
+    p.add_argument("--hidden-size", type=int, default=MODEL["hidden_size"])
+    p.add_argument("--num-layers", type=int, default=MODEL["num_layers"])
+    p.add_argument("--intermediate-size", type=int, default=MODEL["intermediate_size"])
+    p.add_argument("--attention-heads", type=int, default=MODEL["num_attention_heads"])
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -205,11 +223,16 @@ def main(argv=None) -> int:
         return 0
 
     def config(seed: int, reference: Path | None = None) -> dict:
-        c = {"model": {"from_scratch": MODEL, "tokenizer": str(tok_dir)},
+        model = {**MODEL, "hidden_size": args.hidden_size, "num_layers": args.num_layers,
+                 "intermediate_size": args.intermediate_size, "num_attention_heads": args.attention_heads}
+        c = {"model": {"from_scratch": model, "tokenizer": str(tok_dir)},
              "datasets": {n: str(out / f"{n}.jsonl") for n in pools},
              "output_dir": str(out), "compute": {"device": args.device, "precision": args.precision, "seed": seed},
              "checkpoint": {"every_steps": 10_000, "keep_last": 1},
-             "mlflow": {"experiment": "corrupted-corpus", "tracking_uri": f"sqlite:///{out}/mlflow.db"},
+             # several runs in parallel would share one sqlite store: with --jobs > 1 the runs keep only their own
+             # records (run.json, metrics.jsonl), which `wmtp compare` reads
+             "mlflow": {"enabled": args.jobs == 1, "experiment": "corrupted-corpus",
+                        "tracking_uri": f"sqlite:///{out}/mlflow.db"},
              "logging": {"log_every": 50, "progress": False}}
         if reference is not None:
             c["reference_model"] = {"path": str(reference)}
@@ -222,7 +245,7 @@ def main(argv=None) -> int:
                       "max_length": args.max_length, "packing": True, "shuffle_seed": seed},
              "optim": {"lr": args.lr, "weight_decay": 0.1, "grad_clip": 1.0},
              "schedule": {"kind": "cosine", "warmup_steps": 10, "min_lr_ratio": 0.1},
-             "train": {"micro_batch_size": args.batch, "max_steps": steps, "eval_every": steps}}
+             "train": {"micro_batch_size": args.batch, "max_steps": steps, "eval_every": args.eval_every or steps}}
         r.update(override)
         if r.get("algorithm") == "critic":
             r["pretrain"] = {"max_steps": args.critic_pretrain_steps, "lr": 1e-3, "eval_every": 20,
@@ -230,16 +253,23 @@ def main(argv=None) -> int:
         return r
 
     started = time.monotonic()
-    needs_reference = any(VARIANTS[v]["algorithm"] == "rho1" for v in args.variants)
+    needs_reference = any(uses_reference(v) for v in args.variants)
     reference = (run("reference", out, config(0), recipe("reference", args.reference_steps, 1, 0))
                  if needs_reference else None)
     results: dict[str, list[dict]] = {v: [] for v in args.variants}
-    for seed in args.seeds:
-        for variant in args.variants:
-            uses_reference = reference is not None and VARIANTS[variant]["algorithm"] == "rho1"
-            ref_path = Path(reference["final_model"]) if uses_reference else None
-            results[variant].append(run(f"{variant}-seed{seed}", out, config(seed, ref_path),
-                                         recipe("train", args.steps, args.n_heads, seed, **VARIANTS[variant])))
+    grid = [(seed, variant) for seed in args.seeds for variant in args.variants]
+    jobs = {}
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+        for seed, variant in grid:
+            ref_path = Path(reference["final_model"]) if reference is not None and uses_reference(variant) else None
+            jobs[seed, variant] = pool.submit(run, f"{variant}-seed{seed}", out, config(seed, ref_path),
+                                              recipe("train", args.steps, args.n_heads, seed, **VARIANTS[variant]),
+                                              args.threads)
+        for (_, variant), job in jobs.items():
+            results[variant].append(job.result())
 
     def stats(variant: str, key: str) -> tuple[float, float]:
         values = [r["eval"][key] for r in results[variant]]
