@@ -55,17 +55,13 @@ def resident_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(config_path: str, recipe_path: str, steps: int, out: str) -> None:
-    """One rank: set-up (measuring the resident set just before the model), steps, and the peak."""
+def mark_model_build(info) -> dict:
+    """Make the set-up read the resident set (and, on CUDA, reset the peak and read the allocated memory) just
+    before it builds the model; returns the dict it fills (`rss`, `cuda`)."""
     import torch
 
-    from wmtp import distributed as dist_utils
     from wmtp import setup as setup_module
-    from wmtp.config import load_config, load_recipe
-    from wmtp.train import Trainer
 
-    config, recipe = load_config(config_path), load_recipe(recipe_path)
-    info = dist_utils.init_distributed(config.compute.device)
     before = {}
     build = setup_module.build_model
 
@@ -77,6 +73,21 @@ def measure(config_path: str, recipe_path: str, steps: int, out: str) -> None:
         return build(*args, **kwargs)
 
     setup_module.build_model = build_and_mark
+    return before
+
+
+def measure(config_path: str, recipe_path: str, steps: int, out: str) -> None:
+    """One rank: set-up (measuring the resident set just before the model), steps, and the peak."""
+    import torch
+
+    from wmtp import distributed as dist_utils
+    from wmtp import setup as setup_module
+    from wmtp.config import load_config, load_recipe
+    from wmtp.train import Trainer
+
+    config, recipe = load_config(config_path), load_recipe(recipe_path)
+    info = dist_utils.init_distributed(config.compute.device)
+    before = mark_model_build(info)
     setup = setup_module.prepare(config, recipe, info)
     trainer = Trainer(setup, Path(tempfile.mkdtemp()), run_name="scale")
     for _ in range(steps):

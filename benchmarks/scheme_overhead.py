@@ -75,13 +75,9 @@ def files(directory: Path, args, name: str) -> tuple[Path, Path]:
     return config_path, recipe_path
 
 
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def measure(config_path: str, recipe_path: str, warmup: int, steps: int, out: str) -> None:
     import torch
+    from scale import mark_model_build  # benchmarks/scale.py: the same memory measure
 
     from wmtp import setup as setup_module
     from wmtp.config import load_config, load_recipe
@@ -90,17 +86,7 @@ def measure(config_path: str, recipe_path: str, warmup: int, steps: int, out: st
 
     config, recipe = load_config(config_path), load_recipe(recipe_path)
     info = DistInfo(0, 1, 0, resolve_device(config.compute.device))
-    before = {}
-    build = setup_module.build_model
-
-    def build_and_mark(*a, **k):
-        before["rss"] = resident_bytes()
-        if info.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            before["cuda"] = torch.cuda.memory_allocated()
-        return build(*a, **k)
-
-    setup_module.build_model = build_and_mark
+    before = mark_model_build(info)
     setup = setup_module.prepare(config, recipe, info)
     trainer = Trainer(setup, Path(tempfile.mkdtemp()), run_name="overhead")
     trainer.scheme.before_training(trainer.hooks())

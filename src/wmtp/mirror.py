@@ -217,7 +217,7 @@ class RunMirror:
         self._upload(directory, remote, mine, what)
         if self.rank != 0:
             self._mark(remote, RANK_MARKER.format(rank=self.rank), {"files": mine}, what)
-            self._retry(f"{what} (then removing older local checkpoints)", self._prune_local)
+            self._retry(f"{what} (then removing older local checkpoints)", lambda: self._prune_local(None))
             return
         self._wait_for_ranks(remote, what)
         sizes = {}
@@ -230,9 +230,10 @@ class RunMirror:
             for f in marker["files"]:
                 if f not in sizes:
                     sizes[f] = self.fs.info(f"{remote}/{f}")["size"]
-        self._mark(remote, COMPLETE, {"step": int(directory.name.split("-")[1]), "files": sizes}, what)
+        step = int(directory.name.split("-")[1])
+        self._mark(remote, COMPLETE, {"step": step, "files": sizes}, what)
         self._retry(f"{what} (then removing older checkpoints)", self._prune_remote)
-        self._retry(f"{what} (then removing older local checkpoints)", self._prune_local)
+        self._retry(f"{what} (then removing older local checkpoints)", lambda: self._prune_local(step))
 
     def _wait_for_ranks(self, remote: str, what: str) -> None:
         deadline = time.monotonic() + self.wait_seconds
@@ -257,16 +258,19 @@ class RunMirror:
         files = [f for f in self._files(directory) if f.split("/")[0] not in (CHECKPOINTS, FINAL)]
         self._upload(directory, self.root, files, what)
 
-    def _prune_local(self) -> None:
+    def _prune_local(self, newest_complete: int | None) -> None:
         """Delete local checkpoints older than the newest `keep_last`, up to the newest one complete remotely (rank 0
-        uploads in order, so every older one is complete or abandoned and no longer read by an upload)."""
+        uploads in order, so every older one is complete or abandoned and no longer read by an upload). Rank 0
+        passes the step it has just marked complete; another rank asks the store."""
         root = self.local / CHECKPOINTS
-        complete = remote_checkpoints(self.url)
-        if not root.is_dir() or not complete:
+        if newest_complete is None:
+            complete = remote_checkpoints(self.url)
+            newest_complete = complete[-1][0] if complete else None
+        if not root.is_dir() or newest_complete is None:
             return
         local = sorted(p for p in root.iterdir() if p.is_dir() and _STEP.match(p.name))
         for old in local[:-self.keep_last]:
-            if int(old.name.split("-")[1]) <= complete[-1][0]:
+            if int(old.name.split("-")[1]) <= newest_complete:
                 shutil.rmtree(old, ignore_errors=True)
 
     def _prune_remote(self) -> None:

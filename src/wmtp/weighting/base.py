@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import BaseModel
 
+from ..config import ConfigError
 from ..distributed import DistInfo, all_gather_concat
 
 if TYPE_CHECKING:
@@ -144,11 +145,26 @@ class SchemePlugin:
 
 def running_mean(previous: dict[str, float], new: dict[str, float]) -> dict[str, float]:
     """The metrics of a step's micro-batches so far, averaged (for schemes that weigh per micro-batch); the count
-    is kept under `_count`, which `metrics()` leaves out."""
+    is kept under `_count`, which `reported` leaves out."""
     count = previous.get("_count", 0.0)
     merged = {k: (previous.get(k, v) * count + v) / (count + 1) for k, v in new.items()}
     merged["_count"] = count + 1
     return merged
+
+
+def reported(metrics: dict[str, float]) -> dict[str, float]:
+    """What `metrics()` returns of metrics kept with `running_mean`."""
+    return {k: v for k, v in metrics.items() if k != "_count"}
+
+
+def check_in_forward(section: str, scoring: str, context: SchemeContext) -> None:
+    """`<section>.scoring: in_forward` makes the weights inside each micro-batch's forward, after the step's loss
+    normaliser was taken: only token_mean, whose normaliser does not depend on the weights, allows that."""
+    reduction = context.recipe.loss.reduction
+    if scoring == "in_forward" and reduction != "token_mean":
+        raise ConfigError(f"{context.recipe.source}: {section}.scoring: in_forward makes the weights inside each "
+                          "micro-batch's forward, after the step's loss normaliser; it needs loss.reduction "
+                          f"token_mean, not {reduction}")
 
 
 # ------------------------------------------------------------------- per-head weights over a whole step

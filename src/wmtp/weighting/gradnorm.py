@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from ..config import ConfigError, Strict
+from ..config import Strict
 from ..distributed import DistInfo
 from ..loss import IGNORE_INDEX, fused_linear_grad_norm_sq, mean1_clip
 from .base import (
@@ -36,8 +36,10 @@ from .base import (
     SchemePlugin,
     StepBatch,
     WeightingScheme,
+    check_in_forward,
     gather_head,
     histogram_artifact,
+    reported,
     running_mean,
     scatter_head,
     weight_histogram,
@@ -171,7 +173,7 @@ class GradNormWeighting(WeightingScheme):
         return weights_fn
 
     def metrics(self) -> dict[str, float]:
-        return {k: v for k, v in self._metrics.items() if k != "_count"}
+        return reported(self._metrics)
 
     def artifacts(self) -> dict[str, str]:
         return histogram_artifact("gradnorm", self.histogram)
@@ -196,10 +198,7 @@ def build(settings: GradNormRecipe, context: SchemeContext) -> GradNormWeighting
             return context.wrapped(batch.input_ids, batch.attention_mask, labels=batch.labels, chunk_size=chunk_size,
                                    grad_norm_sq=True).grad_norm_sq
 
-    if settings.gradnorm.scoring == "in_forward" and context.recipe.loss.reduction != "token_mean":
-        raise ConfigError(f"{context.recipe.source}: gradnorm.scoring: in_forward makes the weights inside each "
-                          "micro-batch's forward, after the step's loss normaliser; it needs loss.reduction "
-                          f"token_mean, not {context.recipe.loss.reduction}")
+    check_in_forward("gradnorm", settings.gradnorm.scoring, context)
     return GradNormWeighting(settings.gradnorm, grad_norm_sq, context.info, chunk_size)
 
 

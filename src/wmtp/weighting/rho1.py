@@ -39,8 +39,10 @@ from .base import (
     SchemePlugin,
     StepBatch,
     WeightingScheme,
+    check_in_forward,
     gather_head,
     histogram_artifact,
+    reported,
     running_mean,
     scatter_head,
     weight_histogram,
@@ -245,7 +247,7 @@ class Rho1Weighting(WeightingScheme):
         return histogram_artifact("rho1", self.histogram)
 
     def metrics(self) -> dict[str, float]:
-        return {k: v for k, v in self._metrics.items() if k != "_count"}
+        return reported(self._metrics)
 
 
 # ------------------------------------------------------------------------------------------------ the reference
@@ -358,10 +360,7 @@ def build(settings: Rho1Recipe, context: SchemeContext) -> Rho1Weighting:
             return score_reference_batch(reference, batch.input_ids, batch.attention_mask, context.autocast,
                                          chunk_size)
 
-    if settings.rho1.scoring == "in_forward" and context.recipe.loss.reduction != "token_mean":
-        raise ConfigError(f"{context.recipe.source}: rho1.scoring: in_forward makes the weights inside each "
-                          "micro-batch's forward, after the step's loss normaliser; it needs loss.reduction "
-                          f"token_mean, not {context.recipe.loss.reduction}")
+    check_in_forward("rho1", settings.rho1.scoring, context)
     return Rho1Weighting(settings.rho1, model_ce, reference_ce, context.info, reference, chunk_size)
 
 
