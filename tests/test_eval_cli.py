@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +17,8 @@ from tiny_run import files, train_args
 
 from wmtp.cli import main
 from wmtp.evaluate.checkpoint_eval import flat_metrics
-from wmtp.evaluate.generation import Sampling, generate_samples
-from wmtp.execution.problems import Problem
+from wmtp.evaluate.generation import Sampling, StopOnSequences, generate_samples
+from wmtp.execution.problems import STOP, Problem
 from wmtp.model import MTPModel
 
 MBPP = Path(__file__).resolve().parents[1] / "data" / "mbpp"
@@ -135,3 +139,81 @@ def test_sampling_is_seeded_and_greedy_needs_one_sample():
     assert len({r["completion"] for r in a}) > 1
     with pytest.raises(ValueError, match="greedy"):
         Sampling(n=2, temperature=0.0)
+
+
+def test_incremental_stop_check_agrees_with_decoding_the_whole_continuation(trained):
+    """Step by step over random continuations made of the trained BPE tokenizer's tokens (biased towards those
+    holding newlines and stop fragments), the windowed check fires in the same step as `stop in decode(all)`."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(trained[2]))
+    vocab = list(range(len(tok)))
+    stops = [STOP["humaneval"], STOP["mbpp"], ["\n    return", "é\n"], []]
+    pieces = ["\n", "def", " ", "class", "#", "é", "\n    return", "assert", "print(", "x",
+              *(stop for row in stops for stop in row)]
+    hinted = [tok(piece, add_special_tokens=False)["input_ids"] for piece in pieces]
+    rng = random.Random(0)
+    fired = 0
+
+    def continuation() -> list[int]:
+        ids: list[int] = []
+        while len(ids) < 30:
+            ids += rng.choice(hinted) if rng.random() < 0.3 else [rng.choice(vocab)]
+        return ids[:30]
+
+    for _ in range(40):
+        prompt = [rng.choice(vocab) for _ in range(rng.randint(1, 6))]
+        rows = [prompt + continuation() for _ in stops]
+        check = StopOnSequences(tok, len(prompt), stops)
+        for t in range(len(prompt) + 1, len(rows[0]) + 1):
+            got = check(torch.tensor([r[:t] for r in rows]), None).tolist()
+            texts = tok.batch_decode([r[len(prompt):t] for r in rows], skip_special_tokens=True)
+            assert got == [any(s in text for s in row_stops) for text, row_stops in zip(texts, stops, strict=True)]
+        fired += sum(got)
+    assert fired > 20  # the stop sequences did occur (the check is not vacuously "never")
+
+
+def torchrun_eval(trained, out: Path, nproc: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+               "-m", "wmtp", *eval_args(trained, out, "--no-heads", "--speculative-prompts", "0", "--samples", "2",
+                                        "--temperature", "0.8", "--batch-size", "4")[:]]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_data_parallel_eval_under_torchrun_writes_what_one_process_writes(trained, tmp_path):
+    """Two ranks take alternate batches of the same partition, each batch seeded by its index: the merged
+    generations file is byte for byte the one-process file (sampled, so the seeds matter too)."""
+    one = torchrun_eval(trained, tmp_path / "one", 1)
+    two = torchrun_eval(trained, tmp_path / "two", 2)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    lines = (tmp_path / "one" / "generations.jsonl").read_text().splitlines()
+    assert len(lines) == 12 and (tmp_path / "two" / "generations.jsonl").read_text().splitlines() == lines
+    assert two.stdout.count("generation:") == 1 and "2 process(es)" in two.stdout  # rank 0 alone reports
+    generation = json.loads((tmp_path / "two" / "results.json").read_text())["passk"]["generation"]
+    assert generation["processes"] == 2 and generation["batches"] == 3 and generation["generated_tokens"] > 0
+
+
+def test_eval_without_checkpoint_evaluates_the_config_model_as_is(trained, tmp_path, capsys):
+    """A plain causal LM (no wmtp heads) in model.path: evaluated unmodified, head 0 only, under output_dir."""
+    import yaml
+
+    config, recipe, final = trained
+    plain = tmp_path / "plain"
+    model = MTPModel.from_pretrained(final)
+    del model.base.config.wmtp  # the settings the wmtp directory's config carried: a plain causal LM has none
+    model.base.save_pretrained(plain)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(final)).save_pretrained(plain)
+    settings = yaml.safe_load(config.read_text())
+    settings["model"] = {"path": str(plain)}
+    settings["output_dir"] = str(tmp_path / "runs")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(settings))
+    assert main(["eval", "--config", str(tmp_path / "config.yaml"), "--recipe", str(recipe), "--benchmarks",
+                 "humaneval", "--limit", "2", "--max-new-tokens", "6"]) == 0
+    (out,) = (tmp_path / "runs").glob("eval-base-*")
+    results = json.loads((out / "results.json").read_text())
+    assert results["checkpoint"] == f"{plain} (as is)"
+    assert [h["head"] for h in results["heads"]["heads"]] == [0] and "speculative" not in results
+    assert len((out / "generations.jsonl").read_text().splitlines()) == 2

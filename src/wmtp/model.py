@@ -177,6 +177,15 @@ def load_causal_lm(spec: str | os.PathLike, *, dtype: torch.dtype | None = None,
     return AutoModelForCausalLM.from_pretrained(str(spec), **kwargs)
 
 
+def is_wmtp_model_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` is a directory written by `MTPModel.save_pretrained` (its config.json has the `wmtp` key)."""
+    config_path = Path(path) / "config.json"
+    try:
+        return config_path.is_file() and json.loads(config_path.read_text()).get(CONFIG_KEY) is not None
+    except (OSError, ValueError):
+        return False
+
+
 class MTPModel(nn.Module):
     """A causal LM with n output heads sharing the final norm and the unembedding (docs/method.md §2)."""
 

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from .config import ConfigError, ModelSource, MTPShape
 from .meta_checkpoint import convert_sentencepiece, is_meta_checkpoint, load_meta_mtp_checkpoint
-from .model import CONFIG_KEY, MTPModel, load_causal_lm
+from .model import MTPModel, is_wmtp_model_dir, load_causal_lm
 from .storage import is_remote, local_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -108,7 +108,6 @@ def _build_model(source: ModelSource, shape: MTPShape, tokenizer) -> MTPModel:
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
         return MTPModel.from_base(base.to(DTYPES[source.dtype]), n_heads=shape.n_heads, head_type=shape.head_type)
     path = resolve_model_path(source.path)
-    config_file = Path(path) / "config.json"
     dtype = DTYPES[source.dtype]
     if is_meta_checkpoint(path):
         model = load_meta_mtp_checkpoint(path, dtype=dtype)
@@ -116,7 +115,7 @@ def _build_model(source: ModelSource, shape: MTPShape, tokenizer) -> MTPModel:
             raise ConfigError(f"{path}: Meta's checkpoint has {model.n_heads} transformer heads (n_future_tokens), "
                               f"the recipe asks for {shape.n_heads} {shape.head_type} heads")
         return model
-    if config_file.is_file() and CONFIG_KEY in config_file.read_text():
+    if is_wmtp_model_dir(path):
         model = MTPModel.from_pretrained(path, dtype=dtype)
         if (model.n_heads, model.mtp_config.head_type) != (shape.n_heads, shape.head_type):
             raise ConfigError(f"{path}: a wmtp model with {model.n_heads} {model.mtp_config.head_type} heads, "
@@ -124,3 +123,20 @@ def _build_model(source: ModelSource, shape: MTPShape, tokenizer) -> MTPModel:
         return model
     base = load_causal_lm(path, dtype=dtype, token=secret(source.hf_token))
     return MTPModel.from_base(base, n_heads=shape.n_heads, head_type=shape.head_type)
+
+
+def load_model_as_is(source: ModelSource) -> MTPModel:
+    """A config's pretrained `model.path` as it is, for evaluation: a wmtp model or Meta's release with its own
+    heads, any other causal LM with head 0 alone (n_heads 1: the unmodified model)."""
+    if source.path is None:
+        raise ConfigError("model.from_scratch: a model built from scratch has nothing to evaluate; give --checkpoint")
+    path = resolve_model_path(source.path)
+    dtype = DTYPES[source.dtype]
+    try:
+        if is_meta_checkpoint(path):
+            return load_meta_mtp_checkpoint(path, dtype=dtype)
+        if is_wmtp_model_dir(path):
+            return MTPModel.from_pretrained(path, dtype=dtype)
+        return MTPModel.from_base(load_causal_lm(path, dtype=dtype, token=secret(source.hf_token)), n_heads=1)
+    except OSError as exc:
+        raise ConfigError(f"model.path {source.path}: {str(exc).splitlines()[0]}") from exc

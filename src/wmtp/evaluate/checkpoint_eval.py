@@ -16,20 +16,21 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from transformers import AutoTokenizer
 
 from ..atomic import atomic_file
 from ..checkpoint import STATE_FILE, TOKENIZER_DIR, load_checkpoint_model
 from ..config import Config, ConfigError, Recipe
 from ..data import load_examples, recipe_sequences
-from ..distributed import resolve_device
-from ..execution.problems import load_problems
+from ..distributed import DistInfo, broadcast_object, init_distributed, shutdown
+from ..execution.problems import Problem, load_problems
 from ..execution.samples import execute, read_generations
 from ..execution.sandbox import Sandbox
 from ..head_quality import head_quality
 from ..mirror import local_output_dir
 from ..model import HEADS_FILE, MTPModel
-from ..runtime import autocast_for, quiet_library_progress
+from ..runtime import autocast_for, load_model_as_is, load_tokenizer_from, quiet_library_progress, secret
 from ..storage import local_path
 from ..tracking import Tracker
 from .generation import generate_samples
@@ -66,17 +67,42 @@ def run_passk(records: list[dict], scoring: Scoring, out: Path, generation: dict
 
 
 def evaluate_checkpoint(config: Config, recipe: Recipe, settings: EvalSettings) -> tuple[Path, dict]:
-    if not config.logging.progress:
+    """Evaluate; under torchrun every rank generates its share of the batches and rank 0 does the rest (returns
+    ({}, out) on the other ranks)."""
+    info = init_distributed(config.compute.device)
+    try:
+        return _evaluate(config, recipe, settings, info)
+    finally:
+        shutdown()
+
+
+def load_for_evaluation(config: Config, settings: EvalSettings) -> tuple[MTPModel, object, Path]:
+    """(model, tokenizer, directory the evaluation goes under) of --checkpoint, or without it of the config's
+    model as it is (the unmodified model; its evaluations go under the config's output_dir)."""
+    if settings.checkpoint is not None:
+        return load_evaluated_model(Path(local_path(settings.checkpoint, "--checkpoint")))
+    source = config.model
+    tokenizer = load_tokenizer_from(source.tokenizer or source.path, secret(source.hf_token)) if source.path else None
+    model = load_model_as_is(source)
+    return model, tokenizer, local_output_dir(config.output_dir, config.storage.staging_dir)
+
+
+def _evaluate(config: Config, recipe: Recipe, settings: EvalSettings, info: DistInfo) -> tuple[Path, dict]:
+    if not config.logging.progress or not info.is_main:
         quiet_library_progress()
-    device = resolve_device(config.compute.device)
-    model, tokenizer, run_dir = load_evaluated_model(Path(local_path(settings.checkpoint, "--checkpoint")))
+    device = info.device
+    model, tokenizer, run_dir = load_for_evaluation(config, settings)
     model = model.to(device).eval()
     tokenizer.padding_side = "left"
     autocast = autocast_for(device, config.compute.precision)
-    out = settings.out or run_dir / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"checkpoint": str(settings.checkpoint), "device": str(device),
-                     "precision": config.compute.precision}
+    name = settings.checkpoint or f"{config.model.path} (as is)"
+    default_out = run_dir / f"eval-{'' if settings.checkpoint else 'base-'}{time.strftime('%Y%m%d-%H%M%S')}"
+    out = settings.out or broadcast_object(default_out, info)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"checkpoint": str(name), "device": str(device), "precision": config.compute.precision,
+                     "dtype": str(model.unembedding.weight.dtype).removeprefix("torch."),
+                     "processes": info.world_size}
 
     problems = []
     for benchmark in settings.benchmarks:
@@ -84,18 +110,23 @@ def evaluate_checkpoint(config: Config, recipe: Recipe, settings: EvalSettings) 
                                   limit=settings.limit)
     if problems:
         sampling = settings.sampling
-        started = time.monotonic()
+        stats: dict = {}
         with autocast:
-            records = generate_samples(model, tokenizer, problems, sampling, device=device,
-                                       model_name=str(settings.checkpoint))
+            records = generate_samples(model, tokenizer, problems, sampling, device=device, model_name=str(name),
+                                       rank=info.rank, world_size=info.world_size, stats=stats)
+        records, stats = gather_generations(records, stats, problems, info)
+        if not info.is_main:
+            return out, {}
         write_jsonl(out / "generations.jsonl", records)
-        generation = records[0]["generation"] | {"seconds": round(time.monotonic() - started, 1)}
+        generation = records[0]["generation"] | stats
         results["generations"] = str(out / "generations.jsonl")
         if settings.scoring.allow_code_execution:
             results["passk"] = run_passk(records, settings.scoring, out, generation)
         else:
             results["passk"] = {"generation": generation, "ks": list(settings.scoring.ks), "benchmarks": {},
                                 "note": "not executed (no --allow-code-execution)"}
+    elif not info.is_main:
+        return out, {}
     if settings.heads:
         results["heads"] = held_out_head_quality(model, tokenizer, config, recipe, device, autocast,
                                                  settings.head_batches)
@@ -107,6 +138,25 @@ def evaluate_checkpoint(config: Config, recipe: Recipe, settings: EvalSettings) 
     log_to_mlflow(config, results, [out / "results.json", *files] + [p for p in (out / "generations.jsonl",
                   out / "executions.jsonl") if p.is_file()], out.name, run_dir)
     return out, results
+
+
+def gather_generations(records: list[dict], stats: dict, problems: list[Problem],
+                       info: DistInfo) -> tuple[list[dict], dict]:
+    """Every rank's records in problem order (on every rank), and the generation statistics: tokens summed over
+    ranks, seconds of the slowest rank, tokens per second of the whole job."""
+    if info.distributed:
+        everything: list = [None] * info.world_size
+        dist.all_gather_object(everything, (records, stats))
+        records = [r for rank_records, _ in everything for r in rank_records]
+        position = {(p.benchmark, p.task_id): i for i, p in enumerate(problems)}
+        records.sort(key=lambda r: (position[(r["benchmark"], r["task_id"])], r["sample"]))
+        stats = {"generated_tokens": sum(s["generated_tokens"] for _, s in everything),
+                 "batches": sum(s["batches"] for _, s in everything),
+                 "seconds": max(s["seconds"] for _, s in everything)}
+    seconds = stats["seconds"]
+    return records, {"generated_tokens": stats["generated_tokens"], "batches": stats["batches"],
+                     "seconds": round(seconds, 1), "processes": info.world_size,
+                     "tokens_per_second": round(stats["generated_tokens"] / seconds, 2) if seconds else None}
 
 
 def held_out_head_quality(model, tokenizer, config: Config, recipe: Recipe, device, autocast,

@@ -1,11 +1,22 @@
 """Sampling completions for benchmark problems with the model's head 0 (Hugging Face `generate`, KV cache).
 
-Batched over (problem, sample) pairs with left padding; temperature 0 is greedy (then n must be 1); each
-completion is cut at the benchmark's first stop sequence. Deterministic given the seed, batch size and device.
+Batching: the (problem, sample) jobs are sorted by prompt length, longest first (so a batch that does not fit
+fails at once, and rows of a batch need little padding), cut into batches of `batch_size`, left-padded. Rows
+that finish early are padded until the batch's last row stops, so larger batches pay for their longest row;
+on CPUs in bfloat16 a step costs about the same for 1 or 32 rows, so large batches win (README, "Real model").
+
+Stop sequences are checked incrementally: each step decodes only the last few tokens of each unfinished row
+(`StopOnSequences`), not the whole continuation, so checking costs the same at token 10 and token 400.
+
+Determinism: greedy decoding depends on the batch (padding changes the arithmetic slightly), sampling on the
+seed; both depend only on the seed, the batch size and the device, not on the number of processes: batch b is
+sampled with seed (seed, b), and under torchrun rank r generates batches r, r + W, r + 2W, ... of the same
+partition (`rank`, `world_size`), so the merged file equals one process's.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 
 import torch
@@ -15,43 +26,89 @@ from ..execution.problems import STOP, Problem, truncate_at_stop
 from .settings import Sampling
 
 
-class _StopOnSequences(StoppingCriteria):
-    """Done when every row's continuation contains one of its stop sequences (checked on decoded text)."""
+class StopOnSequences(StoppingCriteria):
+    """Marks a row done once its continuation contains one of its stop sequences; done rows stay done.
+
+    Each call decodes only a row's last `window` tokens, enough to hold any stop sequence: every token decodes
+    to at least one byte, so a stop sequence of L bytes that has just been completed lies in the last L tokens
+    (two more cover a decoder that drops a leading space or a partial character at the window's start). A stop
+    sequence therefore is found in the step that completes it, as decoding the whole continuation would find it.
+    """
 
     def __init__(self, tokenizer, prompt_length: int, stops: list[list[str]]) -> None:
         self.tokenizer, self.prompt_length, self.stops = tokenizer, prompt_length, stops
+        self.window = max((len(s.encode("utf-8")) for row in stops for s in row), default=0) + 2
+        self.done = torch.zeros(len(stops), dtype=torch.bool)
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
-        done = [any(s in text for s in stops) for text, stops in zip(texts, self.stops, strict=True)]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        rows = [i for i in range(len(self.stops)) if not self.done[i] and self.stops[i]]
+        if rows:
+            start = max(self.prompt_length, input_ids.shape[1] - self.window)
+            tails = self.tokenizer.batch_decode(input_ids[rows, start:].tolist(), skip_special_tokens=True)
+            for row, text in zip(rows, tails, strict=True):
+                self.done[row] = any(s in text for s in self.stops[row])
+        return self.done.to(input_ids.device)
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """The torch seed of batch `index` of a run with seed `seed` (distinct for distinct pairs, below 2**63)."""
+    return (seed * 1_000_003 + index) % (2**63)
+
+
+def _generated_lengths(rows: torch.Tensor, pad: int, eos: int | None) -> list[int]:
+    """Tokens each row generated before it finished: up to and including its first eos, else until the first pad
+    that follows only pads (the row was stopped by a stop sequence and padded), else all of them."""
+    lengths = []
+    for row in rows.tolist():
+        n = len(row)
+        if eos is not None and eos in row:
+            n = row.index(eos) + 1
+        else:
+            while n and row[n - 1] == pad:
+                n -= 1
+        lengths.append(n)
+    return lengths
 
 
 @torch.inference_mode()
 def generate_samples(model, tokenizer, problems: list[Problem], sampling: Sampling, *, device: torch.device,
-                     model_name: str = "") -> list[dict]:
-    """One generations record per (problem, sample), in problem order (see execution.py for the format)."""
+                     model_name: str = "", rank: int = 0, world_size: int = 1,
+                     stats: dict | None = None) -> list[dict]:
+    """One generations record per (problem, sample) of this rank's batches (all of them with one process), in
+    problem order (see execution.py for the format). `stats`, when given, receives `generated_tokens` (tokens
+    generated by this rank, padding excluded), `batches` and `seconds`."""
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    jobs = [(p, i) for p in problems for i in range(sampling.n)]
+    encoded = [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
+    jobs = [(index, i) for index in range(len(problems)) for i in range(sampling.n)]
+    order = sorted(range(len(jobs)), key=lambda j: (-len(encoded[jobs[j][0]]), j))
+    batches = [order[s:s + sampling.batch_size] for s in range(0, len(order), sampling.batch_size)]
     settings = {**asdict(sampling), "model": model_name}
-    torch.manual_seed(sampling.seed)
-    records = []
-    for start in range(0, len(jobs), sampling.batch_size):
-        batch = jobs[start:start + sampling.batch_size]
-        encoded = [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p, _ in batch]
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
-        sample_args = ({"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
-                       if sampling.temperature > 0 else {"do_sample": False})
-        stops = StoppingCriteriaList([_StopOnSequences(tokenizer, width, [STOP[p.benchmark] for p, _ in batch])])
+    sample_args = ({"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
+                   if sampling.temperature > 0 else {"do_sample": False})
+    records: dict[int, dict] = {}
+    generated = 0
+    started = time.monotonic()
+    for b, batch in enumerate(batches):
+        if b % world_size != rank:
+            continue
+        rows = [encoded[jobs[j][0]] for j in batch]
+        width = max(len(ids) for ids in rows)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in rows], device=device)
+        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in rows], device=device)
+        stops = StopOnSequences(tokenizer, width, [STOP[problems[jobs[j][0]].benchmark] for j in batch])
+        torch.manual_seed(batch_seed(sampling.seed, b))
         out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=sampling.max_new_tokens,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, stopping_criteria=stops,
-                             top_k=None, **sample_args)
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                             stopping_criteria=StoppingCriteriaList([stops]), top_k=None, **sample_args)
+        generated += sum(_generated_lengths(out[:, width:], pad, tokenizer.eos_token_id))
         texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        for (problem, i), text in zip(batch, texts, strict=True):
-            records.append({"benchmark": problem.benchmark, "task_id": problem.task_id, "sample": i,
-                            "prompt": problem.prompt, "completion": truncate_at_stop(text, STOP[problem.benchmark]),
-                            "tests": problem.tests, "generation": settings})
-    return records
+        for j, text in zip(batch, texts, strict=True):
+            problem, i = problems[jobs[j][0]], jobs[j][1]
+            records[j] = {"benchmark": problem.benchmark, "task_id": problem.task_id, "sample": i,
+                          "prompt": problem.prompt, "completion": truncate_at_stop(text, STOP[problem.benchmark]),
+                          "tests": problem.tests, "generation": settings}
+    if stats is not None:
+        stats.update(generated_tokens=generated, batches=len(batches[rank::world_size]),
+                     seconds=time.monotonic() - started)
+    return [records[j] for j in sorted(records)]

@@ -17,7 +17,7 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     max_new_tokens: int = 384
-    batch_size: int = 8
+    batch_size: int = 16
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -45,7 +45,7 @@ class Scoring:
 class EvalSettings:
     """`wmtp eval`: which checkpoint, which benchmarks, how to sample, what else to measure, where to write."""
 
-    checkpoint: str  # a path or a storage URL
+    checkpoint: str | None = None  # a path or a storage URL; None: the config's model as it is
     benchmarks: tuple[str, ...] = ("mbpp", "humaneval")
     split: str = "test"
     limit: int | None = None
