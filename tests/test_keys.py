@@ -724,6 +724,26 @@ def check_head_coef(kit: Kit) -> None:
     assert uniform["train/loss"] != pytest.approx(uniform["train/ce_head0"], rel=1e-3)
 
 
+def check_trainable(kit: Kit) -> None:
+    """`mtp.trainable: heads` trains heads 1…n-1 alone: the base model (head 0) is bit for bit unchanged after
+    steps, the heads move, and the optimizer holds the heads' parameters only; `all` moves the base model too."""
+    frozen = kit.trainer(recipe={"mtp": {"trainable": "heads"}})
+    base_before = {k: v.clone() for k, v in frozen.model.base.state_dict().items()}
+    heads_before = {k: v.clone() for k, v in frozen.model.heads.state_dict().items()}
+    frozen.train_step()
+    frozen.train_step()
+    assert all(torch.equal(v, base_before[k]) for k, v in frozen.model.base.state_dict().items())
+    assert any(not torch.equal(v, heads_before[k]) for k, v in frozen.model.heads.state_dict().items())
+    in_optimizer = {id(p) for group in frozen.optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for p in frozen.model.heads.parameters()}
+    full = kit.trainer(recipe={"mtp": {"trainable": "all"}}, name="full")
+    before = {k: v.clone() for k, v in full.model.base.state_dict().items()}
+    full.train_step()
+    assert any(not torch.equal(v, before[k]) for k, v in full.model.base.state_dict().items())
+    with pytest.raises(ValidationError, match="trainable: heads needs extra heads"):
+        kit.recipe(mtp={"n_heads": 1, "trainable": "heads"})
+
+
 class RandomWeights(WeightingScheme):
     """Non-uniform positive weights, the same on every call with the same batches."""
 
@@ -1270,6 +1290,7 @@ KEY_CHECKS: dict[str, Callable[[Kit], None]] = {
     "recipe.mtp.n_heads": check_n_heads,
     "recipe.mtp.head_type": check_head_type,
     "recipe.mtp.head_coef": check_head_coef,
+    "recipe.mtp.trainable": check_trainable,
     "recipe.loss.reduction": check_reduction,
     "recipe.loss.chunk_size": check_chunk_size,
     **{f"recipe.data.{where}[].{key}": partial(check, where=where)

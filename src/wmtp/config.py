@@ -218,9 +218,15 @@ class MTPShape(Strict):
     head_type: Literal["transformer", "linear"] = "transformer"
     head_coef: list[float] | None = Field(
         None, description="λ_h per head (default all 1, Meta); DeepSeek-V3 style: [1, β/(n-1), ...]")
+    trainable: Literal["all", "heads"] = Field(
+        "all", description="all: full fine-tuning; heads: only the extra heads 1…n-1 train, the base model (head 0, "
+        "trunk, norm, embeddings, unembedding) stays frozen: drafts for self-speculative decoding on an unchanged "
+        "model")
 
     @model_validator(mode="after")
     def _coef_length(self) -> MTPShape:
+        if self.trainable == "heads" and self.n_heads < 2:
+            raise ValueError("trainable: heads needs extra heads to train (n_heads >= 2)")
         if self.head_coef is not None:
             if len(self.head_coef) != self.n_heads:
                 raise ValueError(f"head_coef has {len(self.head_coef)} values for n_heads={self.n_heads}")

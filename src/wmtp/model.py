@@ -199,6 +199,15 @@ class MTPModel(nn.Module):
         self.mtp_config = config
 
     # construction -----------------------------------------------------------------------------------------
+    def set_trainable(self, trainable: str) -> MTPModel:
+        """`all`: every parameter trains; `heads`: only the extra heads 1…n-1 (the base model is frozen, so head 0
+        stays the base model bit for bit and no gradient flows through the trunk)."""
+        if trainable not in ("all", "heads"):
+            raise ValueError(f"trainable must be all or heads, got {trainable!r}")
+        self.base.requires_grad_(trainable == "all")
+        self.heads.requires_grad_(True)
+        return self
+
     @classmethod
     def from_base(cls, model_or_path: PreTrainedModel | str | os.PathLike, n_heads: int = 4,
                   head_type: str = "transformer", *, dtype: torch.dtype | None = None) -> MTPModel:

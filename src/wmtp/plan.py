@@ -168,7 +168,8 @@ def meta_model(source, shape, vocab_size: int | None = None) -> nn.Module:
             base = AutoModelForCausalLM.from_config(config)
         if shape is None:
             return base
-        return MTPModel.from_base(base, n_heads=shape.n_heads, head_type=shape.head_type)
+        model = MTPModel.from_base(base, n_heads=shape.n_heads, head_type=shape.head_type)
+        return model.set_trainable(shape.trainable)
 
 
 def estimate(model: nn.Module, inputs: PlanInputs) -> MemoryPlan:

@@ -92,7 +92,7 @@ def build_model(source: ModelSource, shape: MTPShape, tokenizer) -> MTPModel:
     """The MTP model of a config's `model` source with the recipe's head shape: from scratch (sized to the
     tokenizer), a saved wmtp model or Meta's release (their heads must match), or any causal LM with new heads."""
     try:
-        return _build_model(source, shape, tokenizer)
+        return _build_model(source, shape, tokenizer).set_trainable(shape.trainable)
     except OSError as exc:  # missing files, no network, unknown hub id: name what was asked for
         raise ConfigError(f"model.path {source.path}: {str(exc).splitlines()[0]}") from exc
 
