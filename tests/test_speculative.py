@@ -9,7 +9,7 @@ from conftest import VOCAB, tiny_gpt2, tiny_llama
 from transformers import GenerationConfig
 
 from wmtp import MTPModel, mtp_labels
-from wmtp.evaluate.speculative import SpeculativeResult, speculative_generate
+from wmtp.evaluate.speculative import SpeculativeResult, speculative_generate, speculative_generate_batch
 
 N_HEADS = 4
 # A fixed cycle of distinct ordinary tokens (ids 0-2 are pad/bos/eos): a model trained on it predicts every
@@ -210,6 +210,93 @@ def test_rejects_batches_and_bad_arguments():
         speculative_generate(model, torch.randint(3, VOCAB, (1, 5)), 4, n_draft=N_HEADS)
     with pytest.raises(ValueError, match="max_new_tokens"):
         speculative_generate(model, torch.randint(3, VOCAB, (1, 5)), -1)
+
+
+@pytest.mark.parametrize("arch,head_type", [("llama", "transformer"), ("llama", "linear"), ("gpt2", "transformer")])
+def test_batched_rows_equal_greedy_each(arch, head_type):
+    """Rows of different prompt lengths and different acceptance, in one batch: every row's tokens are its own
+    greedy decoding (alone, no padding), with and without an eos; rows accept different numbers of drafts."""
+    model = trained(head_type) if arch == "llama" else mtp_model(arch, head_type)
+    prompts = cycle_prompts(9, seed=11)
+    for eos in (None, int(CYCLE[4])):
+        results = speculative_generate_batch(model, [p[0].tolist() for p, _ in prompts], 20, eos_token_id=eos)
+        for (prompt, _), result in zip(prompts, results, strict=True):
+            assert result.tokens == greedy(model, prompt, 20, eos_token_id=eos), prompt.tolist()
+            check_counts(result, eos_stopped=True)
+    if arch == "llama":
+        per_row = {round(r.mean_accepted_length, 3) for r in results}
+        assert len(per_row) > 1 and max(per_row) > 1.5  # rows really did accept different lengths
+
+
+def exact_distribution(model: MTPModel, prompt: list[int], vocab: int, length: int, temperature: float) -> torch.Tensor:
+    """P(x_1…x_length | prompt) of the base model at `temperature` over every sequence, from one batched forward."""
+    sequences = torch.cartesian_prod(*[torch.arange(vocab)] * length).view(-1, length)
+    ids = torch.cat([torch.tensor(prompt).expand(len(sequences), -1), sequences], dim=1)
+    with torch.no_grad():
+        logits = model.base(ids).logits[:, len(prompt) - 1:-1].float()
+    logp = torch.log_softmax(logits / temperature, -1).gather(2, sequences[..., None])[..., 0]
+    return logp.sum(1).exp()
+
+
+def head_distribution(model: MTPModel, prompt: list[int], length: int, temperature: float) -> torch.Tensor:
+    """The joint a decoder that accepted every draft unchecked would sample: x_1 from head 0, x_{1+h} from head h,
+    all at the prompt's last position (the heads do not see the tokens drafted before theirs)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]), return_logits=True).logits[0, -1, :length].float()
+    probs = torch.softmax(logits / temperature, -1)
+    joint = probs[0]
+    for h in range(1, length):
+        joint = (joint[:, None] * probs[h][None, :]).flatten()
+    return joint
+
+
+def test_speculative_sampling_follows_the_base_model_distribution():
+    """Counting on a 6-token vocabulary: 3 tokens sampled self-speculatively (3 heads drafting, so drafts are
+    accepted, rejected and resampled) follow the base model's exact joint at T = 0.7 (chi-square over the 216
+    sequences), while the heads' own joint, which an unchecked decoder would produce, is clearly rejected by the
+    same test: it has the power to see the difference."""
+    from scipy.stats import chisquare
+
+    vocab, length, temperature = 6, 3, 0.7
+    torch.manual_seed(0)
+    model = randomise_heads(MTPModel.from_base(tiny_llama(vocab=vocab), n_heads=3).eval(), seed=1)
+    prompt = [3, 1, 4, 1, 5]
+    exact = exact_distribution(model, prompt, vocab, length, temperature)
+    unchecked = head_distribution(model, prompt, length, temperature)
+    assert (exact - unchecked).abs().sum() > 0.3  # the heads propose from a different distribution
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(vocab ** length)
+    accepted = proposed = 0
+    for _ in range(4):
+        for result in speculative_generate_batch(model, [prompt] * 3000, length, temperature=temperature,
+                                                 generator=generator):
+            index = sum(t * vocab ** (length - 1 - i) for i, t in enumerate(result.tokens))
+            counts[index] += 1
+            accepted, proposed = accepted + sum(result.accepted), proposed + sum(result.proposed)
+    assert 0 < accepted < proposed  # drafts were accepted and rejected
+    n = counts.sum()
+    keep = exact * n >= 5  # chi-square needs expected counts of about 5 or more; the rest are pooled in one bin
+
+    def bins(values: torch.Tensor) -> torch.Tensor:
+        return torch.cat([values[keep], values[~keep].sum().view(1)]) if (~keep).any() else values[keep]
+
+    observed = bins(counts).double()
+    for expected, must_fit in ((exact, True), (unchecked, False)):
+        pooled = bins(expected.double())
+        pooled = pooled * n / pooled.sum()
+        p_value = chisquare(observed.numpy(), pooled.numpy()).pvalue
+        assert (p_value > 1e-3) if must_fit else (p_value < 1e-9), (must_fit, p_value)
+
+
+def test_sampling_is_seeded_and_greedy_at_zero_temperature():
+    model = trained("linear")
+    prompt = CYCLE[:4].unsqueeze(0)
+    a, b = (speculative_generate(model, prompt, 12, temperature=1.0, generator=torch.Generator().manual_seed(3))
+            for _ in range(2))
+    assert a.tokens == b.tokens and len(a.tokens) == 12
+    assert speculative_generate(model, prompt, 12, temperature=0.0).tokens == greedy(model, prompt, 12)
+    with pytest.raises(ValueError, match="temperature"):
+        speculative_generate(model, prompt, 4, temperature=-1.0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

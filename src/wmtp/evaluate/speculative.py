@@ -1,25 +1,39 @@
-"""Self-speculative greedy decoding with the MTP heads (docs/method.md §6).
+"""Self-speculative decoding with the MTP heads (docs/method.md §6): greedy or sampled, one row or a batch.
 
 One step: the draft heads 1…k propose k tokens from the last accepted position at once; the next forward runs
 the base model over [last token, draft 1, …, draft k] with its KV cache, and head 0 (the base model) verifies
-them: the longest prefix of drafts equal to head 0's greedy choice is accepted, plus head 0's own token after
-it, so every forward yields at least one token and the output is the base model's greedy output. The same
-forward gives the next drafts: the heads read the trunk state at the last accepted position, so no extra
-trunk pass is needed.
+them, so every forward yields at least one token. The same forward gives the next drafts: the heads read the
+trunk state at the last accepted position, so no extra trunk pass is needed.
+
+Verification:
+- greedy (temperature 0): the longest prefix of drafts equal to head 0's greedy choices is accepted, plus head
+  0's own token after it: the output is the base model's greedy output.
+- sampling (temperature T > 0): speculative sampling (Leviathan et al. 2023; Chen et al. 2023). Draft j is
+  sampled from head j's distribution q_j (logits / T) and accepted with probability min(1, p_j(x)/q_j(x)),
+  p_j being head 0's distribution (logits / T) at that position given the drafts before it; at the first
+  rejection the token is drawn from max(0, p_j − q_j) renormalised, and when every draft is accepted one more
+  from head 0. Every emitted token then follows the base model's own distribution at temperature T, whatever
+  the heads propose (the heads only change how many tokens a forward yields); a counting test checks it.
+
+Batches. Rows accept different numbers of drafts, so their caches would go ragged. Instead every row keeps
+every position in the caches; a row's rejected drafts are masked out of its attention mask, and each row gets
+its own position ids (prompt length + tokens so far), so what a row attends to and its rotary positions are
+those of decoding it alone. Positions rejected by every row are cropped from the caches, so one row never keeps
+a masked position. Prompts are left-padded (masked the same way). A row that has finished keeps riding in the
+batch until the last one finishes; its extra tokens are dropped.
 
 Caches. The base model keeps an HF `DynamicCache`. A transformer head is a decoder layer that attends over
 its own keys and values of earlier positions, so each one keeps its own `DynamicCache`, fed with the same
-positions as the base cache; both always hold the same length, which lets a head reuse the attention mask and
-rotary embeddings the base model built for its last layer (captured by a forward pre-hook, as
-`MTPModel.head_hidden_states` does). The heads run on every position of the verify forward (their caches
-need the accepted ones, and which are accepted is known only after head 0's logits); then every cache is
-cropped back to the accepted length. Linear heads read the base model's final hidden state and keep no cache.
+positions as the base cache; both always hold the same length, which lets a head reuse the attention mask,
+position ids and rotary embeddings the base model built for its last layer (captured by a forward pre-hook,
+as `MTPModel.head_hidden_states` does). The heads run on every position of the verify forward (their caches
+need the accepted ones, and which are accepted is known only after head 0's logits). Linear heads read the base
+model's final hidden state and keep no cache.
 
-Limits: greedy only; batch size 1 (sequences in a batch accept different numbers of drafts, so their caches
-would go ragged); no attention mask or padding; attention-only decoders (the caches are plain `DynamicCache`s,
-which can be cropped back; a state-space or linear-attention layer's state cannot). The output equals ordinary
-greedy decoding up to floating-point near-ties: head 0 scores k+1 positions in one forward where `generate`
-scores one, and a near-tie (likelier in bf16) can round the other way.
+Limits: attention-only decoders (the caches are plain `DynamicCache`s that can be cropped and masked; a
+state-space layer's state cannot). Greedy output equals ordinary greedy decoding up to floating-point
+near-ties: head 0 scores k+1 positions in one forward where `generate` scores one, and a near-tie (likelier in
+bf16) can round the other way.
 """
 
 from __future__ import annotations
@@ -63,7 +77,7 @@ class SpeculativeResult:
 
 
 class _Forward:
-    """Forwards of the base model and the first k draft heads over new positions, with their KV caches; batch 1."""
+    """Forwards of the base model and the first k draft heads over new positions, with their KV caches."""
 
     def __init__(self, model: MTPModel, n_draft: int) -> None:
         self.model = model
@@ -80,16 +94,19 @@ class _Forward:
         self.head_caches = [DynamicCache() for _ in self.heads]
         self.head_input: torch.Tensor | None = None
 
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids: [1, q], the positions after those in the caches; every cache grows by q positions.
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids, position_ids: [B, q], the positions after those in the caches (every cache grows by q);
+        attention_mask: [B, cached + q].
 
-        Returns the base model's final hidden state [q, D] (head 0's logits are its unembedding), and keeps
-        what `drafts` needs: the transformer heads' final hidden states [k, q, D], or for linear heads their
-        input, the base model's final hidden state.
+        Returns the base model's final hidden state [B, q, D] (head 0's logits are its unembedding), and keeps
+        what `draft_logits` needs: the transformer heads' final hidden states [k, B, q, D], or for linear heads
+        their input, the base model's final hidden state.
         """
-        kwargs = {"input_ids": input_ids, "use_cache": True, self.cache_arg: self.cache}
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                  "use_cache": True, self.cache_arg: self.cache}
         if not self.transformer or not self.heads:
-            final = self.inner(**kwargs).last_hidden_state[0]
+            final = self.inner(**kwargs).last_hidden_state
             self.head_input = final
             return final
         captured: dict = {}
@@ -99,7 +116,7 @@ class _Forward:
 
         handle = self.last_layer.register_forward_pre_hook(capture, with_kwargs=True)
         try:
-            final = self.inner(**kwargs).last_hidden_state[0]
+            final = self.inner(**kwargs).last_hidden_state
         finally:
             handle.remove()
         hidden = []
@@ -110,23 +127,24 @@ class _Forward:
                 return head_cache if value is self.cache else value
 
             h = head(*(swap(v) for v in captured["args"]), **{k: swap(v) for k, v in captured["kwargs"].items()})
-            hidden.append(self.norm(h[0] if isinstance(h, tuple) else h)[0])
+            hidden.append(self.norm(h[0] if isinstance(h, tuple) else h))
         self.head_input = torch.stack(hidden)
         return final
 
-    def drafts(self, position: torch.Tensor) -> torch.Tensor:
-        """The draft heads' greedy tokens [k] at `position` ([1], an index into the last call's positions)."""
+    def draft_logits(self, position: torch.Tensor) -> torch.Tensor:
+        """The draft heads' logits [B, k, V] at `position` ([B], per row an index into the last call's positions)."""
+        rows = torch.arange(position.numel(), device=position.device)
         if not self.heads:
-            return position.new_empty(0)
+            return self.model.unembedding.weight.new_empty(position.numel(), 0, self.model.unembedding.out_features)
         if self.transformer:
-            hidden = self.head_input.index_select(1, position)[:, 0]
+            hidden = self.head_input[:, rows, position]  # [k, B, D]
         else:
-            z = self.head_input.index_select(0, position)
-            hidden = torch.cat([head(z) for head in self.heads])
-        return self.model.unembedding(hidden).argmax(-1)  # [k, D] -> [k]
+            z = self.head_input[rows, position]  # [B, D]
+            hidden = torch.stack([head(z) for head in self.heads])
+        return self.model.unembedding(hidden).transpose(0, 1)
 
     def drop_last(self, n: int) -> None:
-        """Forget the last n positions of every cache (rejected drafts)."""
+        """Forget the last n positions of every cache (drafts every row rejected)."""
         if not n:
             return
         for cache in (self.cache, *self.head_caches):
@@ -137,66 +155,143 @@ class _Forward:
                     layer.crop(-n)
 
 
-@torch.inference_mode()
-def speculative_generate(model: MTPModel, input_ids: torch.Tensor, max_new_tokens: int,
-                         eos_token_id: int | None = None, n_draft: int | None = None) -> SpeculativeResult:
-    """Greedy decoding where heads 1…n_draft draft and head 0 verifies; same tokens as greedy `generate`.
-
-    input_ids: [1, S] prompt (batch size 1 only, no padding). Stops after `max_new_tokens` tokens or at
-    `eos_token_id` (included in the tokens); None: no eos stop. n_draft: draft heads to use (default all,
-    n_heads - 1; 0 is ordinary decoding through the same loop). Runs in eval mode and inference mode; the
-    train/eval mode of every module is restored afterwards.
-    """
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
-        raise ValueError(f"speculative_generate decodes one sequence: input_ids must be [1, S] with S >= 1, got "
-                         f"shape {tuple(input_ids.shape)} (batch size 1 only: run prompts one by one)")
+def _check_arguments(model: MTPModel, max_new_tokens: int, n_draft: int | None, temperature: float) -> int:
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     n_draft = model.n_heads - 1 if n_draft is None else n_draft
     if not 0 <= n_draft <= model.n_heads - 1:
         raise ValueError(f"n_draft must be in 0…{model.n_heads - 1} (the model's draft heads), got {n_draft}")
-    result = SpeculativeResult([], 0, [0] * n_draft, [0] * n_draft)
+    return n_draft
+
+
+@torch.inference_mode()
+def speculative_generate(model: MTPModel, input_ids: torch.Tensor, max_new_tokens: int,
+                         eos_token_id: int | None = None, n_draft: int | None = None, *,
+                         temperature: float = 0.0, generator: torch.Generator | None = None) -> SpeculativeResult:
+    """Decode one sequence where heads 1…n_draft draft and head 0 verifies (see the module docstring).
+
+    input_ids: [1, S] prompt (one row; `speculative_generate_batch` decodes several). Stops after
+    `max_new_tokens` tokens or at `eos_token_id` (included in the tokens); None: no eos stop. n_draft: draft
+    heads to use (default all, n_heads - 1; 0 is ordinary decoding through the same loop). temperature 0:
+    greedy, the same tokens as greedy `generate`; > 0: sampled from the base model's distribution at that
+    temperature (`generator` seeds it). Runs in eval and inference mode; every module's mode is restored.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
+        raise ValueError(f"speculative_generate decodes one sequence: input_ids must be [1, S] with S >= 1, got "
+                         f"shape {tuple(input_ids.shape)} (batch size 1: speculative_generate_batch takes several)")
+    return speculative_generate_batch(model, [input_ids[0].tolist()], max_new_tokens, eos_token_id, n_draft,
+                                      temperature=temperature, generator=generator)[0]
+
+
+@torch.inference_mode()
+def speculative_generate_batch(model: MTPModel, prompts: list[list[int]], max_new_tokens: int,
+                               eos_token_id: int | None = None, n_draft: int | None = None, *,
+                               temperature: float = 0.0, generator: torch.Generator | None = None,
+                               pad_token_id: int = 0) -> list[SpeculativeResult]:
+    """`speculative_generate` for several prompts (token id lists, any lengths) at once: one result per row.
+
+    Each row's tokens are those of decoding it alone (greedy: its greedy output; sampled: a draw from the same
+    distribution). `forward_passes` of a row counts the forwards until it finished. `pad_token_id` fills the
+    left padding (masked; any id in the vocabulary)."""
+    n_draft = _check_arguments(model, max_new_tokens, n_draft, temperature)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    results = [SpeculativeResult([], 0, [0] * n_draft, [0] * n_draft) for _ in prompts]
     if max_new_tokens == 0:
-        return result
+        return results
     # Restored module by module: a wrapper's flag can differ from its base model's (from_base on an eval model).
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        _decode(model, input_ids.to(model.unembedding.weight.device), max_new_tokens, eos_token_id, n_draft, result)
+        _decode(model, prompts, max_new_tokens, eos_token_id, n_draft, temperature, generator, pad_token_id, results)
     finally:
         for module, training in modes.items():
             module.training = training
-    return result
+    return results
 
 
-def _decode(model: MTPModel, prompt: torch.Tensor, max_new_tokens: int, eos_token_id: int | None, n_draft: int,
-            result: SpeculativeResult) -> None:
+def _probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+def _decode(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None,
+            n_draft: int, temperature: float, generator: torch.Generator | None, pad_token_id: int,
+            results: list[SpeculativeResult]) -> None:
+    device = model.unembedding.weight.device
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    step_input = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    # As `generate` numbers left-padded rows: 0… from each row's first real token (padding gets 1, masked).
+    positions = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
+    next_position = mask.sum(1)  # [B] each row's number of tokens, prompt included
+    rows = torch.arange(batch, device=device)
     forward = _Forward(model, n_draft)
-    step_input, drafts = prompt, prompt.new_empty(0)  # the prefill forward is a step with no drafts
-    tokens = result.tokens
+    drafts = step_input.new_empty(batch, 0)  # the prefill forward is a step with no drafts
+    draft_probs = None  # [B, k, V]: the distributions the drafts were sampled from (temperature > 0)
+    active = [True] * batch
     while True:
-        final = forward(step_input)
-        result.forward_passes += 1
-        # Position `last` holds the newest accepted token; head 0 there predicts the token after it, which
-        # drafts[0] claims, and so on: drafts are accepted while they equal head 0's greedy choices.
-        last = step_input.shape[1] - 1 - drafts.numel()
-        greedy = model.unembedding(final[last:]).argmax(-1)  # [k + 1]
-        n_accepted = (greedy[:-1] == drafts).cumprod(0).sum()
-        # The next drafts come from the last accepted position; queued before the step's one host sync.
-        next_drafts = forward.drafts(last + n_accepted.view(1))
-        n_accepted_int, *greedy_tokens = torch.cat([n_accepted.view(1), greedy]).tolist()
-        emitted = greedy_tokens[:n_accepted_int + 1]
-        for h in range(min(n_accepted_int + 1, drafts.numel())):
-            result.proposed[h] += 1
-            result.accepted[h] += h < n_accepted_int
-        forward.drop_last(drafts.numel() - n_accepted_int)
-        done = False
-        if eos_token_id is not None and eos_token_id in emitted:
-            emitted, done = emitted[:emitted.index(eos_token_id) + 1], True
-        tokens.extend(emitted)
-        remaining = max_new_tokens - len(tokens)
-        if done or remaining <= 0:
+        final = forward(step_input, mask, positions)
+        k = drafts.shape[1]
+        # Position `last` holds each row's newest accepted token; head 0 there predicts the token after it, which
+        # drafts[:, 0] claims, and so on.
+        last = step_input.shape[1] - 1 - k
+        logits = model.unembedding(final[:, last:])  # [B, k + 1, V]
+        if temperature == 0:
+            target = logits.argmax(-1)
+            n_accepted = (target[:, :-1] == drafts).cumprod(1).sum(1)
+            extra = target[rows, n_accepted]
+        else:
+            p = _probabilities(logits, temperature)
+            n_accepted = torch.zeros(batch, dtype=torch.long, device=device)
+            q = torch.zeros_like(p)  # no draft after the last position: the extra token there comes from p
+            if k:
+                q[:, :k] = draft_probs
+                ratio = (p[:, :k].gather(2, drafts[..., None]) / q[:, :k].gather(2, drafts[..., None]))[..., 0]
+                u = torch.rand(ratio.shape, generator=generator, device=device)
+                n_accepted = (u < ratio).long().cumprod(1).sum(1)
+            # After a rejection: max(0, p - q) renormalised; after all k accepted: p itself (q is 0 there).
+            residual = (p[rows, n_accepted] - q[rows, n_accepted]).clamp(min=0)
+            total = residual.sum(-1, keepdim=True)
+            residual = torch.where(total > 0, residual / total.clamp(min=1e-30), p[rows, n_accepted])
+            extra = torch.multinomial(residual, 1, generator=generator)[:, 0]
+        # The next drafts come from each row's last accepted position.
+        next_logits = forward.draft_logits(last + n_accepted)  # [B, n_draft, V]
+        if temperature == 0:
+            next_drafts, next_probs = next_logits.argmax(-1), None
+        else:
+            next_probs = _probabilities(next_logits, temperature)
+            next_drafts = (torch.multinomial(next_probs.flatten(0, 1), 1, generator=generator)
+                           .view(batch, -1) if n_draft else next_logits.new_empty(batch, 0, dtype=torch.long))
+        accepted_list, extra_list, draft_list = n_accepted.tolist(), extra.tolist(), drafts.tolist()
+        for b in range(batch):
+            if not active[b]:
+                continue
+            result, a = results[b], accepted_list[b]
+            result.forward_passes += 1
+            for h in range(min(a + 1, k)):
+                result.proposed[h] += 1
+                result.accepted[h] += h < a
+            emitted = draft_list[b][:a] + [extra_list[b]]
+            if eos_token_id is not None and eos_token_id in emitted:
+                emitted, active[b] = emitted[:emitted.index(eos_token_id) + 1], False
+            result.tokens.extend(emitted[:max_new_tokens - len(result.tokens)])
+            if len(result.tokens) >= max_new_tokens:
+                active[b] = False
+        if not any(active):
             return
+        # Rejected drafts leave each row's attention mask; those every row rejected leave the caches.
+        rejected = k - n_accepted  # [B]
+        forward.drop_last(int(rejected.min()))
+        mask = mask[:, :mask.shape[1] - int(rejected.min())]
+        columns = torch.arange(mask.shape[1], device=device)
+        mask = mask.masked_fill(columns >= mask.shape[1] - (rejected - rejected.min())[:, None], 0)
+        next_position = next_position + n_accepted + 1
         # Never draft past max_new_tokens: a step emits at most its drafts + 1 tokens.
-        drafts = next_drafts[:remaining - 1]
-        step_input = torch.cat([greedy[n_accepted_int].view(1), drafts]).unsqueeze(0)
+        remaining = max(max_new_tokens - len(r.tokens) for r, a in zip(results, active, strict=True) if a)
+        drafts = next_drafts[:, :max(0, min(n_draft, remaining - 1))]
+        draft_probs = next_probs[:, :drafts.shape[1]] if next_probs is not None else None
+        step_input = torch.cat([extra[:, None], drafts], dim=1)
+        positions = next_position[:, None] - 1 + torch.arange(step_input.shape[1], device=device)
+        mask = torch.cat([mask, mask.new_ones(batch, step_input.shape[1])], dim=1)
