@@ -105,7 +105,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="prompt offsets")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     device = torch.device(args.device)
     model_dir = Path(args.model) if args.model else train_demo(args)

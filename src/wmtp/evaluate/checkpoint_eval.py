@@ -11,6 +11,7 @@ Order (nothing runs model-written code before its generations are on disk):
 from __future__ import annotations
 
 import json
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -113,7 +114,8 @@ def _evaluate(config: Config, recipe: Recipe, settings: EvalSettings, info: Dist
         stats: dict = {}
         with autocast:
             records = generate_samples(model, tokenizer, problems, sampling, device=device, model_name=str(name),
-                                       rank=info.rank, world_size=info.world_size, stats=stats)
+                                       rank=info.rank, world_size=info.world_size, stats=stats,
+                                       progress=_log if config.logging.progress else None)
         records, stats = gather_generations(records, stats, problems, info)
         if not info.is_main:
             return out, {}
@@ -138,6 +140,10 @@ def _evaluate(config: Config, recipe: Recipe, settings: EvalSettings, info: Dist
     log_to_mlflow(config, results, [out / "results.json", *files] + [p for p in (out / "generations.jsonl",
                   out / "executions.jsonl") if p.is_file()], out.name, run_dir)
     return out, results
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def gather_generations(records: list[dict], stats: dict, problems: list[Problem],
