@@ -17,7 +17,7 @@ from tiny_run import files, train_args
 
 from wmtp.cli import main
 from wmtp.evaluate.checkpoint_eval import flat_metrics
-from wmtp.evaluate.generation import Sampling, StopOnSequences, generate_samples
+from wmtp.evaluate.generation import Sampling, StopOnSequences, generate_samples, make_batches
 from wmtp.execution.problems import STOP, Problem
 from wmtp.model import MTPModel
 
@@ -217,3 +217,14 @@ def test_eval_without_checkpoint_evaluates_the_config_model_as_is(trained, tmp_p
     assert results["checkpoint"] == f"{plain} (as is)"
     assert [h["head"] for h in results["heads"]["heads"]] == [0] and "speculative" not in results
     assert len((out / "generations.jsonl").read_text().splitlines()) == 2
+
+
+def test_batches_are_sorted_capped_and_never_more_than_half_padding():
+    lengths = [300, 3707, 290, 855, 12, 757, 280, 5, 6, 300]
+    batches = make_batches(lengths, batch_size=3)
+    assert sorted(j for b in batches for j in b) == list(range(len(lengths)))
+    assert batches[0] == [1]  # the giant prompt alone
+    for batch in batches:
+        assert len(batch) <= 3 and all(2 * lengths[j] >= lengths[batch[0]] for j in batch)
+        assert [lengths[j] for j in batch] == sorted((lengths[j] for j in batch), reverse=True)
+    assert make_batches([10] * 7, batch_size=3) == [[0, 1, 2], [3, 4, 5], [6]]

@@ -1,7 +1,8 @@
 """Sampling completions for benchmark problems with the model's head 0 (Hugging Face `generate`, KV cache).
 
 Batching: the (problem, sample) jobs are sorted by prompt length, longest first (so a batch that does not fit
-fails at once, and rows of a batch need little padding), cut into batches of `batch_size`, left-padded. Rows
+fails at once), cut into batches of at most `batch_size` whose prompts are within a factor 2 of each other (no
+row is more than half padding), left-padded. Rows
 that finish early are padded until the batch's last row stops, so larger batches pay for their longest row;
 on CPUs in bfloat16 a step costs about the same for 1 or 32 rows, so large batches win (README, "Real model").
 
@@ -51,6 +52,20 @@ class StopOnSequences(StoppingCriteria):
         return self.done.to(input_ids.device)
 
 
+def make_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Job indices cut into batches: sorted by length, longest first, at most `batch_size` per batch, and a new
+    batch whenever the next prompt is shorter than half the batch's longest, so no row carries more padding than
+    prompt (one 3,700-token MBPP prompt would otherwise pad 31 rows of ~300 tokens to its length)."""
+    order = sorted(range(len(lengths)), key=lambda j: (-lengths[j], j))
+    batches: list[list[int]] = []
+    for j in order:
+        if batches and len(batches[-1]) < batch_size and 2 * lengths[j] >= lengths[batches[-1][0]]:
+            batches[-1].append(j)
+        else:
+            batches.append([j])
+    return batches
+
+
 def batch_seed(seed: int, index: int) -> int:
     """The torch seed of batch `index` of a run with seed `seed` (distinct for distinct pairs, below 2**63)."""
     return (seed * 1_000_003 + index) % (2**63)
@@ -82,8 +97,7 @@ def generate_samples(model, tokenizer, problems: list[Problem], sampling: Sampli
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
     jobs = [(index, i) for index in range(len(problems)) for i in range(sampling.n)]
-    order = sorted(range(len(jobs)), key=lambda j: (-len(encoded[jobs[j][0]]), j))
-    batches = [order[s:s + sampling.batch_size] for s in range(0, len(order), sampling.batch_size)]
+    batches = make_batches([len(encoded[index]) for index, _ in jobs], sampling.batch_size)
     settings = {**asdict(sampling), "model": model_name}
     sample_args = ({"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
                    if sampling.temperature > 0 else {"do_sample": False})
