@@ -107,22 +107,28 @@ def _build_model(source: ModelSource, shape: MTPShape, tokenizer) -> MTPModel:
             tie_word_embeddings=s.tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
         return MTPModel.from_base(base.to(DTYPES[source.dtype]), n_heads=shape.n_heads, head_type=shape.head_type)
+    return _load_pretrained(source, shape)
+
+
+def _load_pretrained(source: ModelSource, shape: MTPShape | None) -> MTPModel:
+    """`model.path`: Meta's release or a wmtp model with its own heads (which must match `shape` when one is
+    given), any other causal LM with `shape`'s new heads (no shape: head 0 alone, the model as it is)."""
     path = resolve_model_path(source.path)
     dtype = DTYPES[source.dtype]
     if is_meta_checkpoint(path):
         model = load_meta_mtp_checkpoint(path, dtype=dtype)
-        if (model.n_heads, "transformer") != (shape.n_heads, shape.head_type):
-            raise ConfigError(f"{path}: Meta's checkpoint has {model.n_heads} transformer heads (n_future_tokens), "
-                              f"the recipe asks for {shape.n_heads} {shape.head_type} heads")
-        return model
-    if is_wmtp_model_dir(path):
+        found = f"Meta's checkpoint has {model.n_heads} transformer heads (n_future_tokens)"
+    elif is_wmtp_model_dir(path):
         model = MTPModel.from_pretrained(path, dtype=dtype)
-        if (model.n_heads, model.mtp_config.head_type) != (shape.n_heads, shape.head_type):
-            raise ConfigError(f"{path}: a wmtp model with {model.n_heads} {model.mtp_config.head_type} heads, "
-                              f"the recipe asks for {shape.n_heads} {shape.head_type} heads")
-        return model
-    base = load_causal_lm(path, dtype=dtype, token=secret(source.hf_token))
-    return MTPModel.from_base(base, n_heads=shape.n_heads, head_type=shape.head_type)
+        found = f"a wmtp model with {model.n_heads} {model.mtp_config.head_type} heads"
+    else:
+        base = load_causal_lm(path, dtype=dtype, token=secret(source.hf_token))
+        if shape is None:
+            return MTPModel.from_base(base, n_heads=1)
+        return MTPModel.from_base(base, n_heads=shape.n_heads, head_type=shape.head_type)
+    if shape is not None and (model.n_heads, model.mtp_config.head_type) != (shape.n_heads, shape.head_type):
+        raise ConfigError(f"{path}: {found}, the recipe asks for {shape.n_heads} {shape.head_type} heads")
+    return model
 
 
 def load_model_as_is(source: ModelSource) -> MTPModel:
@@ -130,13 +136,7 @@ def load_model_as_is(source: ModelSource) -> MTPModel:
     heads, any other causal LM with head 0 alone (n_heads 1: the unmodified model)."""
     if source.path is None:
         raise ConfigError("model.from_scratch: a model built from scratch has nothing to evaluate; give --checkpoint")
-    path = resolve_model_path(source.path)
-    dtype = DTYPES[source.dtype]
     try:
-        if is_meta_checkpoint(path):
-            return load_meta_mtp_checkpoint(path, dtype=dtype)
-        if is_wmtp_model_dir(path):
-            return MTPModel.from_pretrained(path, dtype=dtype)
-        return MTPModel.from_base(load_causal_lm(path, dtype=dtype, token=secret(source.hf_token)), n_heads=1)
+        return _load_pretrained(source, None)
     except OSError as exc:
         raise ConfigError(f"model.path {source.path}: {str(exc).splitlines()[0]}") from exc

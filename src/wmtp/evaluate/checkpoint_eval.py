@@ -69,7 +69,7 @@ def run_passk(records: list[dict], scoring: Scoring, out: Path, generation: dict
 
 def evaluate_checkpoint(config: Config, recipe: Recipe, settings: EvalSettings) -> tuple[Path, dict]:
     """Evaluate; under torchrun every rank generates its share of the batches and rank 0 does the rest (returns
-    ({}, out) on the other ranks)."""
+    (out, {}) on the other ranks)."""
     info = init_distributed(config.compute.device)
     try:
         return _evaluate(config, recipe, settings, info)
@@ -83,8 +83,8 @@ def load_for_evaluation(config: Config, settings: EvalSettings) -> tuple[MTPMode
     if settings.checkpoint is not None:
         return load_evaluated_model(Path(local_path(settings.checkpoint, "--checkpoint")))
     source = config.model
-    tokenizer = load_tokenizer_from(source.tokenizer or source.path, secret(source.hf_token)) if source.path else None
-    model = load_model_as_is(source)
+    model = load_model_as_is(source)  # refuses a from-scratch model first
+    tokenizer = load_tokenizer_from(source.tokenizer or source.path, secret(source.hf_token))
     return model, tokenizer, local_output_dir(config.output_dir, config.storage.staging_dir)
 
 
