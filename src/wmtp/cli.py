@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 
 from .config import ConfigError, dump_masked, load_config, load_recipe, parse_size
-from .evaluate.settings import EvalSettings, ExecuteSettings, Sampling, Scoring
+from .evaluate.settings import PROMPT_FORMATS, EvalSettings, ExecuteSettings, Sampling, Scoring
 from .execution import BENCHMARKS
 from .execution.sandbox import Limits
 from .storage import StorageError
@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=16,
                           help="sequences per generate call (sorted by prompt length; larger is faster on CPUs in "
                           "bfloat16 and on GPUs)")
+    evaluate.add_argument("--prompt-format", choices=list(PROMPT_FORMATS), default="raw",
+                          help="raw: the model continues the benchmark prompt; chat: the prompt as a user turn in the "
+                          "tokenizer's chat template, the code taken from the reply (for instruct models)")
     evaluate.add_argument("--limit", type=int, help="at most this many problems per benchmark")
     evaluate.add_argument("--no-heads", action="store_true", help="skip head quality on held-out text")
     evaluate.add_argument("--head-batches", type=int, help="cap on held-out micro-batches for head quality")
@@ -354,9 +357,10 @@ def eval_settings(args: argparse.Namespace) -> EvalSettings:
         raise ConfigError(f"--benchmarks: unknown {', '.join(sorted(unknown))} (choose from {', '.join(BENCHMARKS)})")
     try:
         sampling = Sampling(n=args.n, temperature=args.temperature, top_p=args.top_p,
-                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                            prompt_format=args.prompt_format)
     except ValueError as exc:
-        raise ConfigError(f"--n/--temperature/--top-p: {exc}") from None
+        raise ConfigError(f"--n/--temperature/--top-p/--prompt-format: {exc}") from None
     return EvalSettings(checkpoint=args.checkpoint, benchmarks=tuple(args.benchmarks), split=args.split,
                         limit=args.limit, sampling=sampling, scoring=_scoring(args), heads=not args.no_heads,
                         head_batches=args.head_batches, speculative_prompts=args.speculative_prompts, out=args.out)

