@@ -92,6 +92,8 @@ def test_eval_with_execution_then_execute_and_report(trained, tmp_path, capsys):
     text = (report_dir / "report.md").read_text()
     assert "| ev | mbpp | 3 | 2 |" in text and "| again | mbpp | 3 | 2 |" in text
     assert "| again | " in text.split("Head quality")[1] and "—" in text.split("Head quality")[1]
+    # the same samples scored twice: no difference on any problem
+    assert "## Paired differences against ev" in text and "| again | mbpp | 1 | 3 | +0.0 [+0.0, +0.0] | 0 | 0 |" in text
 
 
 def test_execute_refuses_without_the_opt_in(tmp_path, capsys):

@@ -8,6 +8,7 @@ from math import comb
 import pytest
 
 from wmtp.evaluate import bootstrap_ci, pass_at_k
+from wmtp.evaluate.passk import mcnemar_p, paired_difference
 
 
 @pytest.mark.parametrize(("n", "c", "k", "expected"), [
@@ -58,3 +59,36 @@ def test_bootstrap_interval_contains_the_mean_and_shrinks_with_more_problems():
     low, high = bootstrap_ci(large)
     half = 1.96 * (0.4 * 0.6 / 1000) ** 0.5
     assert high - low == pytest.approx(2 * half, rel=0.2)
+
+
+def test_mcnemar_p_is_the_exact_binomial_test():
+    from scipy.stats import binomtest
+
+    assert mcnemar_p(0, 0) == 1.0
+    for a, b in [(0, 5), (5, 0), (3, 9), (10, 10), (1, 20), (17, 4), (0, 1)]:
+        assert mcnemar_p(a, b) == pytest.approx(binomtest(min(a, b), a + b, 0.5).pvalue, rel=1e-12)
+        assert mcnemar_p(a, b) == mcnemar_p(b, a)
+
+
+def test_paired_difference_on_the_common_problems():
+    rng = random.Random(0)
+    tasks = [f"t{i}" for i in range(200)]
+    base = {t: float(rng.random() < 0.4) for t in tasks}
+    other = {t: v if rng.random() < 0.8 else 1.0 - v for t, v in base.items()}  # strongly paired outcomes
+    other["extra"] = 1.0  # only one side scored it: left out
+    d = paired_difference(base, other)
+    deltas = [other[t] - base[t] for t in tasks]
+    assert d["problems"] == 200 and d["delta"] == pytest.approx(sum(deltas) / 200)
+    assert d["better"] == sum(x > 0 for x in deltas) and d["worse"] == sum(x < 0 for x in deltas)
+    low, high = d["ci95"]
+    assert low <= d["delta"] <= high
+    assert (low, high) == bootstrap_ci(deltas, seed=0)  # the interval of the per-problem differences
+    # pairing matters: the paired interval is narrower than the difference of two independent intervals
+    b_low, b_high = bootstrap_ci([base[t] for t in tasks], seed=1)
+    o_low, o_high = bootstrap_ci([other[t] for t in tasks], seed=2)
+    assert high - low < (b_high - b_low + o_high - o_low) / 1.5
+    assert d["mcnemar_p"] == mcnemar_p(d["worse"], d["better"])
+    shifted = paired_difference({t: 0.2 for t in tasks}, {t: 0.5 for t in tasks})
+    assert shifted["ci95"] == [pytest.approx(0.3), pytest.approx(0.3)] and shifted["mcnemar_p"] is None
+    with pytest.raises(ValueError, match="no problem in common"):
+        paired_difference({"a": 1.0}, {"b": 1.0})

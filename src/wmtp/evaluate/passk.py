@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
 
@@ -59,3 +60,32 @@ def summarize(results: list[dict], ks: list[int], *, generation: dict | None = N
             entry["pass@k"][f"pass@{k}"] = {"mean": sum(scores) / len(scores), "ci95": [low, high]}
         summary[benchmark] = entry
     return {"generation": generation or {}, "ks": ks, "benchmarks": summary}
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar test of paired binary outcomes: under "no difference" each of the discordant
+    problems (solved by one side only) goes either way with probability 1/2, so p = P(Binomial(b, 1/2) as far
+    from b/2 as observed), b = only_a + only_b; 1 when there is no discordant problem."""
+    total, low = only_a + only_b, min(only_a, only_b)
+    if total == 0:
+        return 1.0
+    tail = sum(math.comb(total, i) for i in range(low + 1)) / 2**total
+    return min(1.0, 2 * tail)
+
+
+def paired_difference(base: dict[str, float], other: dict[str, float], *, resamples: int = 2000,
+                      seed: int = 0) -> dict:
+    """`other` − `base` on the problems both scored (per-problem pass@k by task id): the mean difference with a
+    paired percentile bootstrap interval (problems resampled together), the problems each side does better on,
+    and for 0/1 scores (greedy pass@1) the exact McNemar p-value."""
+    common = sorted(set(base) & set(other))
+    if not common:
+        raise ValueError("paired_difference: no problem in common")
+    deltas = [other[t] - base[t] for t in common]
+    low, high = bootstrap_ci(deltas, resamples=resamples, seed=seed)
+    better, worse = sum(d > 0 for d in deltas), sum(d < 0 for d in deltas)
+    binary = all(base[t] in (0.0, 1.0) and other[t] in (0.0, 1.0) for t in common)
+    return {"problems": len(common), "base": sum(base[t] for t in common) / len(common),
+            "other": sum(other[t] for t in common) / len(common), "delta": sum(deltas) / len(deltas),
+            "ci95": [low, high], "better": better, "worse": worse,
+            "mcnemar_p": mcnemar_p(worse, better) if binary else None}

@@ -1,5 +1,7 @@
 """Reports: results.json (machine-readable), report.md (human-readable) and plots, for one evaluation or side by
 side for several (`wmtp report RUN...`). A metric that was not computed is shown as "—", never as a number.
+With several runs, each later one is compared with the first on the problems both scored: the paired
+difference of pass@k with a paired bootstrap interval, and McNemar's exact test for greedy (0/1) scores.
 
 An evaluation directory holds results.json (written by `wmtp eval` / `wmtp execute`). A training run directory
 is accepted too: its latest `eval-*` evaluation is used, and its weight histograms (`*_weight_histogram.json`)
@@ -12,6 +14,7 @@ import json
 from pathlib import Path
 
 from ..atomic import atomic_file
+from .passk import paired_difference
 
 MISSING = "—"
 
@@ -75,6 +78,7 @@ def markdown(names: list[str], results: list[dict]) -> str:
                 cells = [_pass_cell(entry["pass@k"].get(f"pass@{k}")) for k in ks]
                 lines.append(f"| {name} | {b} | {entry['problems']} | {entry['n']} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += _paired_lines(names, results, ks)
     n_heads = max((len(r["heads"]["heads"]) for r in results if r.get("heads")), default=0)
     if n_heads:
         lines += ["## Head quality on held-out text (CE / perplexity / top-1 accuracy)", "",
@@ -95,6 +99,41 @@ def markdown(names: list[str], results: list[dict]) -> str:
                       f"mean accepted length {_fmt(spec.get('mean_accepted_length'), '.3f')}, acceptance per head "
                       + ", ".join(_fmt(a, ".3f") for a in spec.get("acceptance_per_head", [])), ""]
     return "\n".join(lines)
+
+
+def paired_differences(names: list[str], results: list[dict], ks: list[int]) -> list[dict]:
+    """Each later run against the first on the problems both scored, per benchmark and k (`paired_difference`)."""
+    rows = []
+    base = results[0].get("passk", {}).get("benchmarks", {})
+    for name, res in zip(names[1:], results[1:], strict=True):
+        for benchmark, entry in sorted(res.get("passk", {}).get("benchmarks", {}).items()):
+            if benchmark not in base:
+                continue
+            for k in ks:
+                key = f"pass@{k}"
+                ours = {t: p[key] for t, p in entry["per_problem"].items() if key in p}
+                theirs = {t: p[key] for t, p in base[benchmark]["per_problem"].items() if key in p}
+                if set(ours) & set(theirs):
+                    rows.append({"run": name, "benchmark": benchmark, "k": k,
+                                 **paired_difference(theirs, ours)})
+    return rows
+
+
+def _paired_lines(names: list[str], results: list[dict], ks: list[int]) -> list[str]:
+    rows = paired_differences(names, results, ks) if len(results) > 1 else []
+    if not rows:
+        return []
+    lines = [f"## Paired differences against {names[0]} (percentage points)", "",
+             "Same problems, resampled together (2,000 paired bootstrap resamples); better / worse: problems where "
+             "the run scores higher / lower; McNemar: exact two-sided test (0/1 scores only).", "",
+             "| run | benchmark | k | problems | Δ pass@k [95% CI] | better | worse | McNemar p |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        low, high = r["ci95"]
+        p = MISSING if r["mcnemar_p"] is None else f"{r['mcnemar_p']:.3g}"
+        lines.append(f"| {r['run']} | {r['benchmark']} | {r['k']} | {r['problems']} | {100 * r['delta']:+.1f} "
+                     f"[{100 * low:+.1f}, {100 * high:+.1f}] | {r['better']} | {r['worse']} | {p} |")
+    return [*lines, ""]
 
 
 def plots(out: Path, names: list[str], results: list[dict], runs: list[Path]) -> list[Path]:
