@@ -125,6 +125,9 @@ def test_save_load_round_trip_is_exact(tmp_path, head_type):
     with torch.no_grad():
         after = loaded(x, mask, return_logits=True).logits
     assert torch.equal(before, after)
+    assert not hasattr(loaded.base.config, "wmtp")  # the base model alone saves as a plain causal LM
+    loaded.base.save_pretrained(tmp_path / "plain")
+    assert "wmtp" not in json.loads((tmp_path / "plain" / "config.json").read_text())
 
 
 def test_saved_base_is_a_plain_hf_model(tmp_path):

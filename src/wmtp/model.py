@@ -401,6 +401,8 @@ class MTPModel(nn.Module):
         except (SafetensorError, OSError) as exc:  # a truncated or damaged weight file
             raise ConfigError(f"{directory}: cannot read the model's weights ({str(exc).splitlines()[0]}); the "
                              "files are damaged or incomplete") from None
+        if hasattr(base.config, CONFIG_KEY):  # the heads' settings belong to this object, not to the base model,
+            delattr(base.config, CONFIG_KEY)  # whose own save_pretrained must write a plain causal LM
         heads = cls._new_heads(base, config)
         if config.n_heads > 1:
             heads.load_state_dict(read_tensors(directory / HEADS_FILE, device=str(base.device)), strict=True)
