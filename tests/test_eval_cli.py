@@ -96,6 +96,24 @@ def test_eval_with_execution_then_execute_and_report(trained, tmp_path, capsys):
     assert "## Paired differences against ev" in text and "| again | mbpp | 1 | 3 | +0.0 [+0.0, +0.0] | 0 | 0 |" in text
 
 
+def test_checkpoint_is_evaluated_in_the_config_model_dtype(trained, tmp_path):
+    """--checkpoint loads the saved model in config model.dtype (as training loaded its base model): a float32
+    checkpoint evaluated with model.dtype bfloat16 runs in bfloat16."""
+    import yaml
+
+    config, recipe, final = trained
+    settings = yaml.safe_load(config.read_text())
+    settings["model"]["dtype"] = "bfloat16"
+    bf16 = tmp_path / "bf16.yaml"
+    bf16.write_text(yaml.safe_dump(settings))
+    out = tmp_path / "ev"
+    assert main(["eval", "--config", str(bf16), "--recipe", str(recipe), "--checkpoint", str(final),
+                 "--benchmarks", "humaneval", "--limit", "1", "--max-new-tokens", "4", "--no-heads",
+                 "--speculative-prompts", "0", "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((final / "config.json").read_text()).get("dtype", "float32") == "float32"
+
+
 def test_execute_refuses_without_the_opt_in(tmp_path, capsys):
     path = tmp_path / "g.jsonl"
     path.write_text('{"benchmark": "humaneval", "task_id": "HumanEval/0", "completion": "    return True\\n"}\n')

@@ -31,7 +31,7 @@ from ..execution.sandbox import Sandbox
 from ..head_quality import head_quality
 from ..mirror import local_output_dir
 from ..model import HEADS_FILE, MTPModel
-from ..runtime import autocast_for, load_model_as_is, load_tokenizer_from, quiet_library_progress, secret
+from ..runtime import DTYPES, autocast_for, load_model_as_is, load_tokenizer_from, quiet_library_progress, secret
 from ..storage import local_path
 from ..tracking import Tracker
 from .generation import generate_samples
@@ -40,13 +40,15 @@ from .report import find_results, write_json, write_reports
 from .settings import EvalSettings, ExecuteSettings, Scoring
 
 
-def load_evaluated_model(checkpoint: Path) -> tuple[MTPModel, object, Path]:
-    """(model, tokenizer, run directory) of a saved model directory (final/) or a training checkpoint."""
+def load_evaluated_model(checkpoint: Path, dtype: torch.dtype | None = None) -> tuple[MTPModel, object, Path]:
+    """(model, tokenizer, run directory) of a saved model directory (final/) or a training checkpoint, its
+    weights in `dtype` (None: as saved)."""
     if (checkpoint / STATE_FILE).is_file():
-        return (load_checkpoint_model(checkpoint), AutoTokenizer.from_pretrained(str(checkpoint / TOKENIZER_DIR)),
-                checkpoint.parent.parent)
+        return (load_checkpoint_model(checkpoint, dtype),
+                AutoTokenizer.from_pretrained(str(checkpoint / TOKENIZER_DIR)), checkpoint.parent.parent)
     if (checkpoint / "config.json").is_file() and (checkpoint / HEADS_FILE).is_file():
-        return MTPModel.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(str(checkpoint)), checkpoint.parent
+        return (MTPModel.from_pretrained(checkpoint, dtype=dtype), AutoTokenizer.from_pretrained(str(checkpoint)),
+                checkpoint.parent)
     raise ConfigError(f"--checkpoint {checkpoint}: not a wmtp model directory (config.json and {HEADS_FILE}) or a "
                       f"training checkpoint ({STATE_FILE})")
 
@@ -80,8 +82,8 @@ def evaluate_checkpoint(config: Config, recipe: Recipe, settings: EvalSettings) 
 def load_for_evaluation(config: Config, settings: EvalSettings) -> tuple[MTPModel, object, Path]:
     """(model, tokenizer, directory the evaluation goes under) of --checkpoint, or without it of the config's
     model as it is (the unmodified model; its evaluations go under the config's output_dir)."""
-    if settings.checkpoint is not None:
-        return load_evaluated_model(Path(local_path(settings.checkpoint, "--checkpoint")))
+    if settings.checkpoint is not None:  # in the config's model.dtype, like the model it was trained from
+        return load_evaluated_model(Path(local_path(settings.checkpoint, "--checkpoint")), DTYPES[config.model.dtype])
     source = config.model
     model = load_model_as_is(source)  # refuses a from-scratch model first
     tokenizer = load_tokenizer_from(source.tokenizer or source.path, secret(source.hf_token))
