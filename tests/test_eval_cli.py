@@ -320,3 +320,13 @@ def test_batches_are_sorted_capped_and_never_more_than_half_padding():
         assert len(batch) <= 3 and all(2 * lengths[j] >= lengths[batch[0]] for j in batch)
         assert [lengths[j] for j in batch] == sorted((lengths[j] for j in batch), reverse=True)
     assert make_batches([10] * 7, batch_size=3) == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_report_names_stay_distinct():
+    """An eval-* directory is named after its training run; evaluations that would share a name (two eval-*
+    directories in one output directory) each get their own directory's name."""
+    from wmtp.evaluate.checkpoint_eval import report_names
+
+    assert report_names([Path("runs/a/eval-1"), Path("runs/b/eval-2"), Path("x/mine")]) == ["a", "b", "mine"]
+    assert report_names([Path("runs/eval-base-1"), Path("runs/eval-full"), Path("runs/b/eval-3")]) == [
+        "runs/eval-base-1", "runs/eval-full", "b"]

@@ -251,6 +251,13 @@ def execute_generations(settings: ExecuteSettings) -> tuple[Path, dict]:
 def report_runs(runs: list[Path], out: Path) -> list[Path]:
     """`wmtp report`: one side-by-side report of several evaluations."""
     found = [find_results(run) for run in runs]
-    names = [directory.parent.name if directory.name.startswith("eval-") else directory.name
-             for directory, _ in found]
-    return write_reports(out, names, [results for _, results in found], [d for d, _ in found])
+    return write_reports(out, report_names([directory for directory, _ in found]), [results for _, results in found],
+                         [d for d, _ in found])
+
+
+def report_names(directories: list[Path]) -> list[str]:
+    """A name per evaluation directory: its training run's name for an `eval-*` directory inside a run, else its
+    own name; where two would share a name, each of those gets its own directory name (after its parent's)."""
+    names = [d.parent.name if d.name.startswith("eval-") else d.name for d in directories]
+    return [f"{d.parent.name}/{d.name}" if names.count(name) > 1 else name
+            for d, name in zip(directories, names, strict=True)]
