@@ -22,11 +22,10 @@ from wmtp.evaluate.generation import (
     Sampling,
     StopAfterCodeBlock,
     StopOnSequences,
-    code_block_closed,
     generate_samples,
     make_batches,
 )
-from wmtp.execution.problems import STOP, Problem, chat_message, completion_from_reply
+from wmtp.execution.problems import STOP, Problem, chat_message, code_block_closed, completion_from_reply
 from wmtp.model import MTPModel
 
 MBPP = Path(__file__).resolve().parents[1] / "data" / "mbpp"

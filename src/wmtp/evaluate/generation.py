@@ -30,7 +30,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..config import ConfigError
-from ..execution.problems import FENCE, STOP, Problem, chat_message, completion_from_reply, truncate_at_stop
+from ..execution.problems import STOP, Problem, chat_message, code_block_closed, completion_from_reply, truncate_at_stop
 from .settings import Sampling
 
 
@@ -67,7 +67,7 @@ class StopAfterCodeBlock(StoppingCriteria):
     newline, when no partial character can be pending)."""
 
     def __init__(self, tokenizer, prompt_length: int, rows: int) -> None:
-        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+        self.tokenizer = tokenizer
         self.lines = [""] * rows  # completed lines of each reply
         self.anchor = [prompt_length] * rows  # first token of each reply's current line
         self.done = torch.zeros(rows, dtype=torch.bool)
@@ -82,12 +82,6 @@ class StopAfterCodeBlock(StoppingCriteria):
                 self.lines[row] += tail
                 self.anchor[row] = input_ids.shape[1]
         return self.done.to(input_ids.device)
-
-
-def code_block_closed(reply: str) -> bool:
-    """Whether `reply` has a fence and, after it, another at the start of a line."""
-    opening = reply.find(FENCE)
-    return opening >= 0 and "\n" + FENCE in reply[opening + len(FENCE):]
 
 
 def chat_inputs(tokenizer, problems: list[Problem]) -> list[list[int]]:

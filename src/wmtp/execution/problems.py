@@ -101,18 +101,31 @@ def chat_message(prompt: str) -> str:
     return f"{CHAT_INSTRUCTION}\n\n{FENCE}python\n{prompt.rstrip()}\n{FENCE}\n"
 
 
-def extract_code(reply: str) -> str:
-    """The first fenced code block of a chat reply: from the line after its opening fence to the next fence at
-    the start of a line (or to the end when the block is not closed); the whole reply when it has no fence."""
+def _first_code_block(reply: str) -> tuple[str, bool] | None:
+    """(code, closed) of a chat reply's first fenced code block, None when the reply has no fence: the code runs
+    from the line after the opening fence to the next fence at the start of a line (closed), or to the end."""
     start = reply.find(FENCE)
     if start < 0:
-        return reply
+        return None
     newline = reply.find("\n", start)
     if newline < 0:  # a fence and nothing after it
-        return ""
+        return "", False
     body = reply[newline:]  # starts with the newline, so a fence on the first line is found too
     end = body.find("\n" + FENCE)
-    return body[1:] if end < 0 else body[1:end + 1]
+    return (body[1:], False) if end < 0 else (body[1:end + 1], True)
+
+
+def extract_code(reply: str) -> str:
+    """The first fenced code block of a chat reply (to the end when it is not closed); the whole reply when it
+    has no fence."""
+    block = _first_code_block(reply)
+    return reply if block is None else block[0]
+
+
+def code_block_closed(reply: str) -> bool:
+    """Whether the reply's first code block is closed: a fence and, after it, another at the start of a line."""
+    block = _first_code_block(reply)
+    return block is not None and block[1]
 
 
 def completion_from_reply(reply: str) -> str:
