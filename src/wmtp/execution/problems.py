@@ -2,7 +2,7 @@
 
 Prompts (documented in the README):
 - MBPP: the problem text and its test asserts inside a docstring, then the model writes the function
-  (the format of the MBPP paper and the bigcode harness, with all asserts shown).
+  (the MBPP paper's format, all asserts shown; the bigcode harness's docstring shows only the first).
 - HumanEval: the task's own prompt (signature + docstring); the completion continues the function body.
 - CodeContests: the problem statement inside a docstring; the completion is a whole program reading stdin.
 
@@ -28,9 +28,12 @@ from ..data import Example, read_source
 from . import BENCHMARKS
 from .sandbox import Sandbox
 
+# MBPP's and HumanEval's are the standard harness's `stop_words` (bigcode-project/bigcode-evaluation-harness,
+# bigcode_eval/tasks/mbpp.py and humaneval.py), so pass@1 can stand beside published numbers; like the harness we
+# also stop at eos (`generate`). CodeContests has no harness entry: a whole program may use top-level code.
 STOP = {
-    "mbpp": ["\nclass ", "\nassert ", '\n"""', "\nprint(", "\nif __name__", "\n```"],
-    "humaneval": ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n```"],
+    "mbpp": ["\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/", "\n```"],
+    "humaneval": ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```", "<file_sep>"],
     "codecontests": ['\n"""', "\n```", "\nif __name__ == '__main__':\n    pass"],
 }
 
