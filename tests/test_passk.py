@@ -8,7 +8,7 @@ from math import comb
 import pytest
 
 from wmtp.evaluate import bootstrap_ci, pass_at_k
-from wmtp.evaluate.passk import mcnemar_p, paired_difference
+from wmtp.evaluate.passk import mcnemar_p, paired_difference, summarize
 
 
 @pytest.mark.parametrize(("n", "c", "k", "expected"), [
@@ -92,3 +92,33 @@ def test_paired_difference_on_the_common_problems():
     assert shifted["ci95"] == [pytest.approx(0.3), pytest.approx(0.3)] and shifted["mcnemar_p"] is None
     with pytest.raises(ValueError, match="no problem in common"):
         paired_difference({"a": 1.0}, {"b": 1.0})
+
+
+@pytest.mark.parametrize(("solved", "problems"), [(0, 164), (164, 164), (17, 500), (0, 1), (1, 1), (3, 20)])
+def test_greedy_pass_at_1_has_a_wilson_interval_that_does_not_collapse(solved, problems):
+    """With one sample per problem, pass@1's Wilson interval is scipy's for `solved` of `problems`; at 0/n and n/n
+    it is not a point, where the bootstrap's is."""
+    from scipy.stats import binomtest
+
+    results = [{"benchmark": "humaneval", "task_id": f"t{i}", "sample": 0, "passed": i < solved}
+               for i in range(problems)]
+    entry = summarize(results, [1])["benchmarks"]["humaneval"]["pass@k"]["pass@1"]
+    expected = binomtest(solved, problems).proportion_ci(confidence_level=0.95, method="wilson")
+    assert entry["wilson95"] == [pytest.approx(expected.low, abs=1e-12), pytest.approx(expected.high, abs=1e-12)]
+    low, high = entry["wilson95"]
+    assert low < high and low <= entry["mean"] <= high
+    assert set(entry) >= {"mean", "ci95"}  # the bootstrap interval stays
+
+
+def test_wilson_interval_of_sampled_pass_at_k_is_wider_than_the_bootstrap():
+    """Per-problem scores in [0, 1] (n > 1 samples) have variance at most mean·(1 − mean), the 0/1 case: the
+    Wilson interval over problems treats them as that worst case, so it holds the bootstrap's."""
+    rng = random.Random(4)
+    results = [{"benchmark": "mbpp", "task_id": f"t{t}", "sample": i, "passed": rng.random() < 0.3 + 0.004 * t}
+               for t in range(100) for i in range(10)]
+    for name, entry in summarize(results, [1, 5])["benchmarks"]["mbpp"]["pass@k"].items():
+        (low, high), (b_low, b_high) = entry["wilson95"], entry["ci95"]
+        assert low <= b_low and b_high <= high, name
+    none_solved = [{**r, "passed": False} for r in results]
+    low, high = summarize(none_solved, [1])["benchmarks"]["mbpp"]["pass@k"]["pass@1"]["wilson95"]
+    assert low == 0.0 < high

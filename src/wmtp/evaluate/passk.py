@@ -1,10 +1,12 @@
-"""pass@k: the unbiased estimator (Chen et al., 2021) and a bootstrap confidence interval over problems."""
+"""pass@k: the unbiased estimator (Chen et al., 2021), a bootstrap confidence interval over problems, and a Wilson
+score interval that does not collapse to a point when no problem (or every problem) is solved."""
 
 from __future__ import annotations
 
 import math
 import random
 from collections import defaultdict
+from statistics import NormalDist
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -37,8 +39,25 @@ def bootstrap_ci(per_problem: list[float], *, resamples: int = 2000, confidence:
     return low, high
 
 
+def wilson_ci(mean: float, n: int, *, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion `mean` observed over `n` trials (Wilson, 1927): for 0/1 outcomes the
+    standard binomial interval, which stays a real interval at 0/n and n/n where a bootstrap's collapses to a point.
+
+    Used for the mean of per-problem scores in [0, 1] (n = problems): such a score's variance is at most
+    mean·(1 − mean), the 0/1 case, so for fractional scores (several samples per problem) the interval is
+    conservative (at least as wide as the 0/1 one)."""
+    if n < 1 or not 0.0 <= mean <= 1.0:
+        raise ValueError(f"wilson_ci: need n >= 1 and 0 <= mean <= 1, got n={n}, mean={mean}")
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n))
+    # At 0/n (n/n) the lower (upper) end is exactly 0 (1); floating point would land a hair inside.
+    return (0.0 if mean == 0 else centre - half), (1.0 if mean == 1 else centre + half)
+
+
 def summarize(results: list[dict], ks: list[int], *, generation: dict | None = None, seed: int = 0) -> dict:
-    """Per benchmark: n per problem, pass@k (mean over problems) with a 95% bootstrap CI for each k ≤ n, and the
+    """Per benchmark: n per problem, pass@k (mean over problems) for each k ≤ n with its 95% bootstrap CI over
+    problems (`ci95`) and 95% Wilson score interval over problems (`wilson95`, see `wilson_ci`), and the
     per-problem (n, c, pass@k). A k larger than a problem's n is reported as missing, never estimated."""
     by_problem: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
@@ -56,8 +75,10 @@ def summarize(results: list[dict], ks: list[int], *, generation: dict | None = N
             scores = [pass_at_k(p["n"], p["c"], k) for p in per_problem.values()]
             for task, score in zip(per_problem, scores, strict=True):
                 per_problem[task][f"pass@{k}"] = score
+            mean = min(1.0, sum(scores) / len(scores))  # a float sum of scores near 1 may round above 1
             low, high = bootstrap_ci(scores, seed=seed)
-            entry["pass@k"][f"pass@{k}"] = {"mean": sum(scores) / len(scores), "ci95": [low, high]}
+            entry["pass@k"][f"pass@{k}"] = {"mean": mean, "ci95": [low, high],
+                                            "wilson95": list(wilson_ci(mean, len(scores)))}
         summary[benchmark] = entry
     return {"generation": generation or {}, "ks": ks, "benchmarks": summary}
 
