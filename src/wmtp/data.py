@@ -340,9 +340,24 @@ def labels_for(batch: dict[str, torch.Tensor], n_heads: int, mask_prompt: bool) 
                       document_ids=batch["document_ids"], prompt_mask=batch["prompt_mask"] if mask_prompt else None)
 
 
+def bos_prefix(tokenizer) -> list[int]:
+    """What the tokenizer itself puts before a text: [bos] when `tokenizer(text)` starts with its bos token (Llama,
+    Mistral: `add_bos_token` or a post-processor), else [] (GPT-2, SmolLM2, Qwen, whose `<|endoftext|>` may be
+    named bos but is not added; a tokenizer without a bos token).
+
+    One rule for every sequence a model starts reading: training rows (`tokenize_examples`), GRPO rollout prompts,
+    evaluation prompts and the speculative statistics' prompts, so each is read as the model was trained on and
+    as the standard harness, which encodes prompts with the tokenizer's defaults, reads it. Chat prompts are the
+    exception: their chat template writes whatever bos it wants into the text."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    return [bos] if tokenizer("x")["input_ids"][:1] == [bos] else []
+
+
 def tokenize_examples(examples: list[Example], tokenizer) -> list[tuple[list[int], int]]:
-    """(token ids, number of prompt tokens) per example: [bos] + prompt + completion + [eos]."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    """(token ids, number of prompt tokens) per example: `bos_prefix` + prompt + completion + [eos]."""
+    bos = bos_prefix(tokenizer)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if not eos:
         raise ConfigError("the tokenizer has no eos token: documents could not be separated")

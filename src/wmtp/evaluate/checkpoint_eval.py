@@ -34,7 +34,7 @@ from ..model import HEADS_FILE, MTPModel
 from ..runtime import DTYPES, autocast_for, load_model_as_is, load_tokenizer_from, quiet_library_progress, secret
 from ..storage import local_path
 from ..tracking import Tracker
-from .generation import generate_samples
+from .generation import generate_samples, raw_inputs
 from .passk import summarize
 from .report import find_results, write_json, write_reports
 from .settings import EvalSettings, ExecuteSettings, Scoring
@@ -190,7 +190,7 @@ def speculative_statistics(model, tokenizer, problems, max_new_tokens: int, devi
     tokens = forwards = 0
     started = time.monotonic()
     for problem in problems:
-        ids = torch.tensor([tokenizer(problem.prompt, add_special_tokens=False)["input_ids"]], device=device)
+        ids = torch.tensor(raw_inputs(tokenizer, [problem]), device=device)  # as generation starts prompts
         with autocast or nullcontext():
             result = speculative_generate(model, ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id)
         proposed = result.proposed if proposed is None else [a + b for a, b in zip(proposed, result.proposed,

@@ -14,6 +14,11 @@ template; a row stops at the end of its turn (eos) or once the reply's first cod
 (`StopAfterCodeBlock`, also incremental); the completion is `completion_from_reply(reply)` and the record keeps
 the reply under `reply`.
 
+Prompts start as training rows do (`data.bos_prefix`: a bos token exactly when the tokenizer itself adds one);
+chat prompts start as their template writes them. A prompt that leaves fewer than `max_new_tokens` of the model's
+positions keeps its last tokens (the completion continues its end), with one warning on stderr that says how
+many were cut (`fit_to_positions`).
+
 Determinism: greedy decoding depends on the batch (padding changes the arithmetic slightly), sampling on the
 seed; both depend only on the seed, the batch size and the device, not on the number of processes: batch b is
 sampled with seed (seed, b), and under torchrun rank r generates batches r, r + W, r + 2W, ... of the same
@@ -22,6 +27,7 @@ partition (`rank`, `world_size`), so the merged file equals one process's.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -30,6 +36,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..config import ConfigError
+from ..data import bos_prefix
 from ..execution.problems import STOP, Problem, chat_message, code_block_closed, completion_from_reply, truncate_at_stop
 from .settings import Sampling
 
@@ -94,6 +101,26 @@ def chat_inputs(tokenizer, problems: list[Problem]) -> list[list[int]]:
     return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
 
+def raw_inputs(tokenizer, problems: list[Problem]) -> list[list[int]]:
+    """Token ids of each problem's raw prompt, started as training rows are (`data.bos_prefix`)."""
+    bos = bos_prefix(tokenizer)
+    return [bos + tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
+
+
+def fit_to_positions(encoded: list[list[int]], positions: int | None,
+                     max_new_tokens: int) -> tuple[list[list[int]], int]:
+    """(prompts, how many were cut): each prompt cut to its last `positions − max_new_tokens` tokens, so prompt and
+    completion fit the model's positions (past them a model errs or degrades); the end is kept because the
+    completion continues it. `positions` None (no limit known): unchanged."""
+    if positions is None:
+        return encoded, 0
+    room = positions - max_new_tokens
+    if room < 1:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's {positions} "
+                          "positions (max_position_embeddings); lower it")
+    return [ids[-room:] for ids in encoded], sum(len(ids) > room for ids in encoded)
+
+
 def make_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Job indices cut into batches: sorted by length, longest first, at most `batch_size` per batch, and a new
     batch whenever the next prompt is shorter than half the batch's longest, so no row carries more padding than
@@ -138,8 +165,13 @@ def generate_samples(model, tokenizer, problems: list[Problem], sampling: Sampli
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     chat = sampling.prompt_format == "chat"
-    encoded = (chat_inputs(tokenizer, problems) if chat else
-               [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in problems])
+    positions = getattr(model.config, "max_position_embeddings", None)
+    encoded, cut = fit_to_positions(chat_inputs(tokenizer, problems) if chat else raw_inputs(tokenizer, problems),
+                                    positions, sampling.max_new_tokens)
+    if cut and rank == 0:
+        print(f"wmtp: warning: {cut} of {len(problems)} prompts are longer than the model's {positions} positions "
+              f"minus --max-new-tokens {sampling.max_new_tokens}: each keeps its last "
+              f"{positions - sampling.max_new_tokens} tokens", file=sys.stderr, flush=True)
     jobs = [(index, i) for index in range(len(problems)) for i in range(sampling.n)]
     batches = make_batches([len(encoded[index]) for index, _ in jobs], sampling.batch_size)
     settings = {**asdict(sampling), "model": model_name}

@@ -48,7 +48,7 @@ from pydantic import Field, model_validator
 
 from .. import distributed as dist_utils
 from ..config import ConfigError, Strict
-from ..data import Example, epoch_order, pad_token_id
+from ..data import Example, bos_prefix, epoch_order, pad_token_id
 from ..loss import IGNORE_INDEX, fused_linear_mtp_ce, mtp_labels, per_target_to_heads
 from ..rewards import RewardFn, RewardSettings, make_reward
 from .base import SchemeContext, SchemePlugin, StepBatch, WeightingScheme
@@ -214,7 +214,7 @@ def batch_from_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, promp
 def usable_prompts(examples: list[Example], tokenizer, room: int) -> tuple[list[int], list[list[int]]]:
     """(index in `examples`, [bos] + prompt ids) of the first example of each distinct prompt, in order, whose ids
     number 1 … room."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos = bos_prefix(tokenizer)  # as training rows start (data.bos_prefix)
     first: dict[str, int] = {}
     for i, ex in enumerate(examples):
         first.setdefault(ex.prompt, i)
