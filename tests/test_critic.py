@@ -164,7 +164,7 @@ def test_resume_inside_stage1_and_across_the_stage_boundary_is_bit_identical(tmp
         return calls["n"] >= 3
 
     first.stop_requested = stop_after_three
-    assert first.run()["status"] == "KILLED"
+    assert first.run()["status"] == "STOPPED"
     assert json.loads((run_dir / "critic" / "stage1" / "state.json").read_text())["step"] in (2, 3)
     assert not (run_dir / "critic" / "value_head.safetensors").exists()
     from wmtp.train import find_resume
@@ -178,7 +178,7 @@ def test_resume_inside_stage1_and_across_the_stage_boundary_is_bit_identical(tmp
         return second.scheme.stage1_done and second.step >= 2
 
     second.stop_requested = stop_in_stage2
-    assert second.run()["status"] == "KILLED"
+    assert second.run()["status"] == "STOPPED"
     assert second.scheme.stage1_done and second.step == 2
     third = Trainer(setup_for(tmp_path, pretrain=pretrain, train=train), run_dir, run_name="split",
                     resume=find_resume("auto", run_dir))

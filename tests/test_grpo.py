@@ -325,7 +325,7 @@ def test_resume_inside_a_rollout_equals_the_uninterrupted_run(tmp_path):
     assert whole.run()["status"] == "FINISHED"
     first = trainer_for(tmp_path, "split", **kwargs)
     first.stop_requested = lambda: first.step >= 3  # stops after step 3: step 4 reuses the rollout of steps 2-3
-    assert first.run()["status"] == "KILLED"
+    assert first.run()["status"] == "STOPPED"
     run_dir = tmp_path / "runs" / "split"
     checkpoint = find_resume("auto", run_dir)
     assert checkpoint.name == "step-00000003"

@@ -22,9 +22,9 @@ def test_training_lowers_validation_loss_and_writes_outputs(tmp_path, capsys):
     out = capsys.readouterr().out
     run = tmp_path / "runs" / "run"
     assert (run / "final" / "config.json").is_file() and (run / "checkpoints" / "step-00000030").is_dir()
-    assert "validation loss" in out and "MLflow run" in out and (tmp_path / "runs" / "mlflow.db").is_file()
-    line = next(x for x in out.splitlines() if x.startswith("validation loss"))
-    final, initial = float(line.split()[2]), float(line.split("initial ")[1].rstrip(")"))
+    assert "validation at step 30: loss" in out and "MLflow run" in out and (tmp_path / "runs" / "mlflow.db").is_file()
+    line = next(x for x in out.splitlines() if x.startswith("validation at step"))
+    final, initial = float(line.split()[5]), float(line.split("initial ")[1].rstrip(")"))
     assert final < initial - 1.0, line
     model = MTPModel.from_pretrained(run / "final")
     assert model.n_heads == 3

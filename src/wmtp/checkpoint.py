@@ -60,6 +60,11 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def checkpoint_step(path: Path | str) -> int:
+    """The optimizer step of a checkpoint directory `.../step-<N>`."""
+    return int(Path(path).name.removeprefix("step-"))
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """The run's complete checkpoints, oldest first."""
     root = run_dir / "checkpoints"

@@ -190,6 +190,7 @@ class Logging(Strict):
 
 class Config(Strict):
     _source: str = PrivateAttr("config")  # the file it came from, for error messages
+    _overrides: dict[str, str] = PrivateAttr(default_factory=dict)  # dotted key -> its `--set` argument
 
     model: ModelSource
     reference_model: ReferenceSource | None = Field(
@@ -210,6 +211,11 @@ class Config(Strict):
     def source(self) -> str:
         """The file this config was read from ("config" when it was built in code)."""
         return self._source
+
+    @property
+    def overrides(self) -> dict[str, str]:
+        """The `--set` overrides applied over the file: dotted key -> the argument as given."""
+        return self._overrides
 
 
 # --------------------------------------------------------------------------------------------- recipe
@@ -331,6 +337,7 @@ class Recipe(Strict):
 
     model_config = ConfigDict(extra="allow", frozen=True)
     _source: str = PrivateAttr("recipe")  # the file it came from, for error messages
+    _overrides: dict[str, str] = PrivateAttr(default_factory=dict)  # dotted key -> its `--set` argument
 
     algorithm: str = Field(
         "baseline-mtp", description="the weighting scheme (wmtp.weighting.SCHEMES): baseline-mtp (uniform weights; "
@@ -352,6 +359,15 @@ class Recipe(Strict):
     def source(self) -> str:
         """The file this recipe was read from ("recipe" when it was built in code)."""
         return self._source
+
+    @property
+    def overrides(self) -> dict[str, str]:
+        """The `--set` overrides applied over the file: dotted key -> the argument as given."""
+        return self._overrides
+
+    def where(self, key: str) -> str:
+        """What set `key`: its `--set` argument, else the recipe file (for error messages)."""
+        return override_for(key, self._overrides) or self._source
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -381,19 +397,31 @@ def substitute_env(value: Any, where: str, env: dict[str, str] | None = None, ke
     return _VAR.sub(replace, value)
 
 
-def describe_error(error: ValidationError, path: Path | str) -> str:
-    """One line naming the file and the key of a validation error's first problem."""
+def describe_error(error: ValidationError, path: Path | str, overrides: dict[str, str] | None = None) -> str:
+    """One line naming the file (or the `--set` override) and the key of a validation error's first problem."""
     first = error.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    where = override_for(loc, overrides) or path
     if first["type"] == "extra_forbidden":
-        return f"{path}: {loc}: unknown key"
+        return f"{where}: {loc}: unknown key"
     if first["type"] == "missing":
-        return f"{path}: {loc}: required key missing"
-    return f"{path}: {loc}: {first['msg'].removeprefix('Value error, ')} (got {first.get('input')!r})"
+        return f"{where}: {loc}: required key missing"
+    return f"{where}: {loc}: {first['msg'].removeprefix('Value error, ')} (got {first.get('input')!r})"
 
 
-def load_yaml(path: str | os.PathLike, schema: type[BaseModel]) -> BaseModel:
-    """Read, substitute and validate one YAML file; relative paths inside stay relative to the CWD."""
+def override_for(key: str, overrides: dict[str, str] | None) -> str | None:
+    """`--set <key>=<value>` when an override set `key`, a key inside it or a section holding it; else None."""
+    for dotted, text in (overrides or {}).items():
+        if key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + "."):
+            return f"--set {text}"
+    return None
+
+
+def load_yaml(path: str | os.PathLike, schema: type[BaseModel], overrides: dict[str, Any] | None = None,
+              texts: dict[str, str] | None = None) -> BaseModel:
+    """Read, substitute and validate one YAML file, with `overrides` (dotted key -> parsed value) set into it
+    before validation; relative paths inside stay relative to the CWD. `texts` (dotted key -> the `--set`
+    argument) names an override in the error it causes."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
@@ -406,23 +434,127 @@ def load_yaml(path: str | os.PathLike, schema: type[BaseModel]) -> BaseModel:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
     raw = substitute_env(raw, str(path))
+    for key, value in (overrides or {}).items():
+        _set_key(raw, key, value, f"--set {(texts or {}).get(key, key)}")
     try:
         return schema.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(describe_error(exc, path)) from None
+        raise ConfigError(describe_error(exc, path, texts)) from None
 
 
-def load_config(path: str | os.PathLike) -> Config:
-    config = load_yaml(path, Config)
+def _set_key(tree: dict, key: str, value: Any, where: str) -> None:
+    """Set a dotted key (`train.max_steps`, `data.train.0.limit`) in a parsed YAML tree; missing mappings on the
+    way are created, a list is indexed by a number."""
+    node: Any = tree
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{where}: {'.'.join(parts[:i])} is a list of {len(node)}: expected an index "
+                                  f"0-{len(node) - 1}, got `{part}`")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"{where}: {'.'.join(parts[:i])} is a value ({node!r}), not a section")
+        elif not last and node.get(part) is None:
+            node[part] = {}
+        if last:
+            node[part] = value
+        else:
+            node = node[part]
+
+
+def parse_overrides(items: list[str]) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    """`--set key=value` arguments -> (config overrides, recipe overrides, dotted key -> argument text).
+
+    A key names its file by its first part: a config section (`compute.seed`, `output_dir`) is the config's,
+    anything else the recipe's (`train.max_steps`, `rho1.temperature`); `config.` / `recipe.` in front says it
+    explicitly. The value is read as YAML (`10` an integer, `1e-4` a number, `null`, `[1, 0.5]` a list, `true`)."""
+    config: dict[str, Any] = {}
+    recipe: dict[str, Any] = {}
+    texts: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item}: expected key=value, e.g. --set train.max_steps=10")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        target, _, rest = key.partition(".")
+        if target in ("config", "recipe") and rest:
+            chosen, key = (config if target == "config" else recipe), rest
+        else:
+            chosen = config if target in Config.model_fields else recipe
+        if key in chosen:
+            raise ConfigError(f"--set {item}: `{key}` is set twice")
+        chosen[key] = parsed
+        texts[key] = item
+    return config, recipe, texts
+
+
+def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None,
+                texts: dict[str, str] | None = None) -> Config:
+    config = load_yaml(path, Config, overrides, texts)
     config._source = str(path)
+    config._overrides = {k: (texts or {}).get(k, k) for k in overrides or {}}
     return config
 
 
-def load_recipe(path: str | os.PathLike) -> Recipe:
+# Names of the earlier WMTP project and what each is now (a recipe that uses one gets this in its error).
+LEGACY_ALGORITHMS = {
+    "rho1-weighted": "algorithm: rho1 with rho1.mode: weighted",
+    "rho1-wmtp": "algorithm: rho1 with rho1.mode: weighted",
+    "rho1-tokenskip": "algorithm: rho1 with rho1.mode: token_skip",
+    "rho1-topk": "algorithm: rho1 with rho1.mode: topk",
+    "critic-wmtp": "algorithm: critic",
+    "mtp-baseline": "algorithm: baseline-mtp",
+}
+
+
+def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None,
+                texts: dict[str, str] | None = None) -> Recipe:
     """The recipe's general sections are validated here; its scheme's sections by `wmtp.weighting.scheme_for`."""
-    recipe = load_yaml(path, Recipe)
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(missing_recipe_message(path))
+    recipe = load_yaml(path, Recipe, overrides, texts)
     recipe._source = str(path)
+    recipe._overrides = {k: (texts or {}).get(k, k) for k in overrides or {}}
+    check_heads_fit(recipe)
     return recipe
+
+
+def check_heads_fit(recipe: Recipe) -> None:
+    """Head h at position t predicts x[t+1+h] (docs/method.md §1): a sequence of L tokens gives head h a target
+    only when h <= L - 2. A head that can never have one would train on nothing and report nothing."""
+    n, length = recipe.mtp.n_heads, recipe.data.max_length
+    if n > length - 1:
+        where = (override_for("mtp.n_heads", recipe.overrides) or override_for("data.max_length", recipe.overrides)
+                 or recipe.source)
+        raise ConfigError(f"{where}: mtp.n_heads: {n} heads need data.max_length >= {n + 1} (got {length}): head h "
+                          f"predicts the token h+1 ahead, so heads {length - 1}-{n - 1} would never have a target")
+
+
+def missing_recipe_message(path: Path) -> str:
+    """`<path>: file not found`, with the recipes that exist beside it (and the new name of a `recipe.<name>.yaml`
+    file of the earlier project)."""
+    folder = path.parent
+    recipes = sorted(p.name for p in folder.glob("*.y*ml") if _looks_like_recipe(p)) if folder.is_dir() else []
+    renamed = folder / path.name.removeprefix("recipe.")
+    hint = (f" (recipe files are named <name>.yaml now: {renamed})"
+            if path.name.startswith("recipe.") and renamed.is_file() else "")
+    listing = f"; recipes in {folder}: {', '.join(recipes)}" if recipes else ""
+    return f"{path}: file not found{hint}{listing}"
+
+
+def _looks_like_recipe(path: Path) -> bool:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and "train" in raw and "data" in raw
 
 
 def flatten(model: BaseModel, prefix: str = "") -> dict[str, str]:
@@ -446,6 +578,26 @@ def flatten(model: BaseModel, prefix: str = "") -> dict[str, str]:
 
     walk(model, prefix)
     return out
+
+
+# A run directory keeps the config and the recipe it ran with (overrides applied), loadable with load_config /
+# load_recipe: `wmtp eval` of its checkpoints needs no --config / --recipe.
+RUN_CONFIG_FILE = "config.yaml"
+RUN_RECIPE_FILE = "recipe.yaml"
+
+
+def resolved_yaml(model: BaseModel) -> str:
+    """YAML of a validated config or recipe that loads back to the same values: the keys that were set (in the file
+    or by an override), secrets left out (a reader gives its own, e.g. through HF_TOKEN)."""
+    def without_secrets(value: Any, tree: Any) -> Any:
+        if isinstance(value, BaseModel):
+            return {k: without_secrets(getattr(value, k, None), v) for k, v in tree.items()
+                    if not isinstance(getattr(value, k, None), SecretStr)}
+        if isinstance(value, list | tuple) and isinstance(tree, list):
+            return [without_secrets(v, t) for v, t in zip(value, tree, strict=True)]
+        return tree
+
+    return yaml.safe_dump(without_secrets(model, model.model_dump(mode="json", exclude_unset=True)), sort_keys=False)
 
 
 def dump_masked(model: BaseModel) -> str:

@@ -80,13 +80,15 @@ def head_quality(model, sequences: SequenceSet, *, n_heads: int | None = None, b
 
 def quality_metrics(report: dict, prefix: str = "val") -> dict[str, float]:
     """`<prefix>/loss` (mean CE over all valid pairs of all heads) and per head `<prefix>/ce_head{h}`,
-    `ppl_head{h}`, `acc_head{h}` of a `head_quality` report; a head without pairs reports CE 0, as a sum would."""
-    metrics = {f"{prefix}/loss": report["loss"] or 0.0}
+    `ppl_head{h}`, `acc_head{h}` of a `head_quality` report. A head without valid pairs was not measured: its
+    metrics are absent, never a number."""
+    metrics = {} if report["loss"] is None else {f"{prefix}/loss": report["loss"]}
     for head in report["heads"]:
+        if head["ce"] is None:
+            continue
         h = head["head"]
-        metrics[f"{prefix}/ce_head{h}"] = head["ce"] or 0.0
-        metrics[f"{prefix}/ppl_head{h}"] = head["ppl"] or 1.0
-        metrics[f"{prefix}/acc_head{h}"] = head["acc"] or 0.0
+        metrics.update({f"{prefix}/ce_head{h}": head["ce"], f"{prefix}/ppl_head{h}": head["ppl"],
+                        f"{prefix}/acc_head{h}": head["acc"]})
     return metrics
 
 

@@ -7,6 +7,7 @@ It sits below `setup`, `train` and `evaluate`, and imports none of them.
 from __future__ import annotations
 
 import importlib.util
+import re
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -27,22 +28,37 @@ def dtype_or_none(name: str | None) -> torch.dtype | None:
     return DTYPES[name] if name else None
 
 
-def resolve_model_path(spec: str) -> str:
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    """`name` or `org/name` as the Hugging Face hub spells repositories: no leading `/`, `.` or `~`, at most one
+    `/`, no `..` or `--`, not a file name such as `*.gguf`."""
+    return (bool(_HUB_ID.match(spec)) and ".." not in spec and "--" not in spec and len(spec) <= 96
+            and not spec.lower().endswith((".gguf", ".safetensors", ".bin", ".pth", ".json")))
+
+
+def resolve_model_path(spec: str, key: str = "model.path") -> str:
     """`pkg:<package>/<file>` → the file inside the installed package (found without importing it); a storage URL
-    (`s3://...`) → its local copy (`storage.fetch`); anything else is returned unchanged (a hub id, a directory
-    or a GGUF path)."""
+    (`s3://...`) → its local copy (`storage.fetch`); an existing directory or file, or a string that looks like a
+    hub id, is returned unchanged. Anything else is a path that does not exist: an error naming `key`."""
     if is_remote(spec) or spec.startswith("file://"):
-        return local_path(spec, "model path")
-    if not spec.startswith("pkg:"):
+        return local_path(spec, key)
+    if spec.startswith("pkg:"):
+        package, _, rel = spec[4:].partition("/")
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise ConfigError(f"{key} {spec}: package `{package}` is not installed")
+        path = Path(found.submodule_search_locations[0]) / rel
+        if not path.exists():
+            raise ConfigError(f"{key} {spec}: {path} does not exist")
+        return str(path)
+    if Path(spec).expanduser().exists():
+        return str(Path(spec).expanduser())
+    if looks_like_hub_id(spec):
         return spec
-    package, _, rel = spec[4:].partition("/")
-    found = importlib.util.find_spec(package)
-    if found is None or not found.submodule_search_locations:
-        raise ConfigError(f"model path {spec}: package `{package}` is not installed")
-    path = Path(found.submodule_search_locations[0]) / rel
-    if not path.exists():
-        raise ConfigError(f"model path {spec}: {path} does not exist")
-    return str(path)
+    raise ConfigError(f"{key}: {spec} does not exist (expected a directory, a GGUF file, pkg:<package>/<file>, a "
+                      "storage URL, or a hub id such as org/name)")
 
 
 def secret(value) -> str | None:
@@ -66,10 +82,10 @@ def quiet_library_progress() -> None:
     disable_progress_bars()
 
 
-def load_tokenizer_from(spec: str, token: str | None = None):
+def load_tokenizer_from(spec: str, token: str | None = None, key: str = "model.path"):
     """A tokenizer from a hub id, a directory, a GGUF file, or Meta's release (its SentencePiece tokenizer.model,
-    converted)."""
-    path = Path(resolve_model_path(spec))
+    converted); `key` names the config key `spec` came from in errors."""
+    path = Path(resolve_model_path(spec, key))
     if is_meta_checkpoint(path):
         if not (path / "tokenizer.model").is_file():
             raise ConfigError(f"tokenizer {spec}: Meta's release has no tokenizer.model here; give model.tokenizer")
@@ -79,7 +95,7 @@ def load_tokenizer_from(spec: str, token: str | None = None):
             return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         return AutoTokenizer.from_pretrained(str(path), token=token)
     except OSError as exc:
-        raise ConfigError(f"tokenizer {spec}: {str(exc).splitlines()[0]}") from exc
+        raise ConfigError(f"{key} {spec}: no tokenizer could be loaded: {str(exc).splitlines()[0]}") from exc
 
 
 def check_tokenizer_fits(tokenizer, model: MTPModel, what: str) -> None:

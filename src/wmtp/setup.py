@@ -16,10 +16,20 @@ from pydantic import BaseModel
 from transformers import AutoTokenizer
 
 from . import distributed as dist_utils
-from .config import Config, ConfigError, Recipe
-from .data import Example, SequenceSet, StepPlan, load_examples, plan_steps, recipe_sequences, train_bpe_tokenizer
+from .config import Config, ConfigError, Recipe, check_heads_fit
+from .data import (
+    Example,
+    SequenceSet,
+    StepPlan,
+    labels_for,
+    load_examples,
+    plan_steps,
+    recipe_sequences,
+    train_bpe_tokenizer,
+)
 from .distributed import DistInfo
 from .head_quality import head_quality, quality_metric_names
+from .loss import IGNORE_INDEX
 from .model import MTPModel
 from .plan import meta_model
 from .runtime import (
@@ -84,7 +94,8 @@ def load_run_data(config: Config, recipe: Recipe, *, tokenizer_dir: Path | None 
         texts = [ex.prompt + ex.completion for ex in train_examples]
         tokenizer = train_bpe_tokenizer(texts, source.train_tokenizer.vocab_size, source.train_tokenizer.min_frequency)
     else:
-        tokenizer = load_tokenizer_from(source.tokenizer or source.path, secret(source.hf_token))
+        tokenizer = load_tokenizer_from(source.tokenizer or source.path, secret(source.hf_token),
+                                        "model.tokenizer" if source.tokenizer else "model.path")
     train_set = recipe_sequences(train_examples, tokenizer, recipe.data, recipe.data.shuffle_seed)
     val_set = recipe_sequences(val_examples, tokenizer, recipe.data, 0) if val_examples else None
     return RunData(tokenizer, train_examples, val_examples, train_set, val_set)
@@ -92,6 +103,14 @@ def load_run_data(config: Config, recipe: Recipe, *, tokenizer_dir: Path | None 
 
 def check_run_settings(config: Config, recipe: Recipe, info: DistInfo, data: RunData, n_heads: int) -> None:
     """The checks of config and recipe values that need the data or the device."""
+    check_heads_fit(recipe)  # again for a recipe built in code
+    missing = heads_without_targets(data.train_set, n_heads, recipe.data.mask_prompt)
+    if missing:
+        raise ConfigError(f"{recipe.source}: mtp.n_heads: heads {', '.join(map(str, missing))} have no target in the "
+                          f"training sequences (data.max_length {recipe.data.max_length}"
+                          f"{', packing off' if not recipe.data.packing else ''}"
+                          f"{', prompts masked' if recipe.data.mask_prompt else ''}): every document is shorter than "
+                          "the distance they predict; use fewer heads or longer sequences")
     if config.compute.precision == "fp16" and info.device.type != "cuda":
         raise ConfigError("compute.precision fp16 needs a CUDA device (use bf16 or fp32 on CPU or MPS)")
     output = Path(config.output_dir)
@@ -104,6 +123,18 @@ def check_run_settings(config: Config, recipe: Recipe, info: DistInfo, data: Run
     if rule is not None and rule.metric not in quality_metric_names(n_heads):
         raise ConfigError(f"recipe train.early_stopping.metric: `{rule.metric}` is not a validation metric "
                           f"(available: {', '.join(quality_metric_names(n_heads))})")
+
+
+def heads_without_targets(sequences: SequenceSet, n_heads: int, mask_prompt: bool, rows: int = 256) -> list[int]:
+    """The heads with no valid (position, head) pair in `sequences`; reads `rows` sequences at a time and stops as
+    soon as every head has one (the first block, unless documents are short)."""
+    missing = torch.ones(n_heads, dtype=torch.bool)
+    for first in range(0, len(sequences), rows):
+        batch = sequences.select(torch.arange(first, min(first + rows, len(sequences))))
+        missing &= ~(labels_for(batch, n_heads, mask_prompt) != IGNORE_INDEX).any(dim=(0, 1))
+        if not missing.any():
+            return []
+    return missing.nonzero().flatten().tolist()
 
 
 def prepare(config: Config, recipe: Recipe, info: DistInfo, *, tokenizer_dir: Path | None = None) -> RunSetup:
@@ -162,14 +193,14 @@ def dry_run_report(setup: RunSetup) -> dict:
                         max_batches=1)
 
 
-def describe_plan(setup: RunSetup, run_dir: Path | str, report: dict, tracking: str) -> str:
-    """What `--dry-run` prints: the model, the data, the steps, the device and where outputs go."""
+def describe_plan(setup: RunSetup, run_dir: Path | str, tracking: str, report: dict | None = None) -> str:
+    """What a run prints before its first step (and `--dry-run` with the `report` of one forward): the model, the
+    data, the steps, the device and where outputs go."""
     model, recipe, info, plan = setup.model, setup.recipe, setup.info, setup.plan
     total = sum(p.numel() for p in model.parameters())
     heads = sum(p.numel() for p in model.heads.parameters())
     tokens = plan.sequences_per_step * recipe.data.max_length
-    head_ce = " ".join(f"{h['ce']:.3f}" if h["ce"] is not None else "-" for h in report["heads"])
-    return "\n".join([
+    lines = [
         f"model: {total / 1e6:.2f}M parameters ({heads / 1e6:.2f}M in {model.n_heads - 1} extra "
         f"{model.mtp_config.head_type} heads), {model.n_heads} heads, vocabulary {model.unembedding.weight.shape[0]}",
         f"data: {len(setup.data.train_examples)} train / {len(setup.data.val_examples)} validation examples -> "
@@ -179,6 +210,12 @@ def describe_plan(setup: RunSetup, run_dir: Path | str, report: dict, tracking: 
         f"({plan.micro_batch_size} x {plan.grad_accum_steps} accumulation x {info.world_size} processes)",
         f"weighting: {recipe.algorithm} ({type(setup.scheme).__name__})",
         f"device: {info.device}, precision {setup.config.compute.precision}, world size {info.world_size}",
-        f"one forward on one batch: loss {report['loss']:.4f}; CE per head {head_ce}",
         f"outputs: {run_dir} (checkpoints/, final/); MLflow: {tracking}",
-    ])
+    ]
+    overrides = {**setup.config.overrides, **recipe.overrides}
+    if overrides:
+        lines.insert(0, "overrides: " + " ".join(f"--set {text}" for text in overrides.values()))
+    if report is not None:
+        head_ce = " ".join(f"{h['ce']:.3f}" if h["ce"] is not None else "-" for h in report["heads"])
+        lines.insert(-1, f"one forward on one batch: loss {report['loss']:.4f}; CE per head {head_ce}")
+    return "\n".join(lines)

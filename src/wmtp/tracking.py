@@ -114,45 +114,73 @@ class Tracker:
     def end(self, status: str = "FINISHED") -> None:
         if self.record_dir is not None:
             self._update_record(status=status, mlflow_run_id=self.run_id, tracking_uri=self.tracking_uri)
+        # MLflow has no status for a stop on request (KILLED reads as lost): FINISHED, and the tag wmtp.status says it
         if self.active:
-            self._mlflow.end_run(status=status)
+            self._mlflow.end_run(status="FINISHED" if status == "STOPPED" else status)
 
 
 class Progress:
-    """A progress bar with ETA on stderr, or one plain line per logged step."""
+    """Console progress on stderr: a tqdm bar when stderr is a terminal, otherwise one plain line every `every`
+    steps (a log file gets lines, not carriage returns). The first step (allocation, compilation, warm-up) is
+    said with its time and left out of the ETA."""
 
-    def __init__(self, total: int, start: int, *, enabled: bool, active: bool) -> None:
+    def __init__(self, total: int, start: int, *, enabled: bool, active: bool, every: int = 10,
+                 stream=None) -> None:
         self.active = active
         self.total = total
+        self.every = every
+        self.stream = stream or sys.stderr
         self.bar = None
-        self.started = time.monotonic()
         self.start = start
-        if active and enabled:
+        self.started = time.monotonic()
+        self.timed_from: tuple[int, float] | None = None  # (step, time) the ETA counts from: after the first step
+        if active and enabled and self.stream.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=self.stream)
+        self.plain = active and self.bar is None  # logging.progress false: plain lines too
 
     def update(self, step: int, metrics: dict[str, float], logged: bool) -> None:
         if not self.active:
             return
+        now = time.monotonic()
+        first = self.timed_from is None
+        if first:
+            self.timed_from = (step, now)
         if self.bar is not None:
+            if first:  # tqdm's rate and ETA count from here on
+                self.bar.reset(total=self.total)
+                self.bar.initial = step
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
-        elif logged:
-            done = step - self.start
-            elapsed = time.monotonic() - self.started
-            eta = elapsed / max(done, 1) * (self.total - step)
-            print(f"step {step}/{self.total} loss {metrics['train/loss']:.4f} lr {metrics['train/lr']:.2e} "
-                  f"eta {eta:.0f}s", file=sys.stderr, flush=True)
+        line = f"step {step}/{self.total} loss {metrics['train/loss']:.4f} lr {metrics['train/lr']:.2e}"
+        if first:
+            self.write(f"{line} (took {now - self.started:.1f}s: the first step includes allocation and warm-up; the "
+                       "ETA leaves it out)")
+        elif self.plain and (logged or step % self.every == 0):
+            self.write(f"{line} eta {_duration(self.eta(step, now))}")
+
+    def eta(self, step: int, now: float) -> float:
+        """Seconds left at the mean step time since the first step."""
+        first, at = self.timed_from
+        return (now - at) / max(step - first, 1) * (self.total - step)
 
     def write(self, line: str) -> None:
         if not self.active:
             return
         if self.bar is not None:
-            self.bar.write(line, file=sys.stderr)
+            self.bar.write(line, file=self.stream)
         else:
-            print(line, file=sys.stderr, flush=True)
+            print(line, file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"

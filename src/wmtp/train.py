@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from . import distributed as dist_utils
+from .atomic import atomic_file
 from .checkpoint import (
     STATE_FILE,
     list_checkpoints,
@@ -32,7 +33,7 @@ from .checkpoint import (
     save_checkpoint,
     save_model,
 )
-from .config import ConfigError, EarlyStopping, flatten
+from .config import RUN_CONFIG_FILE, RUN_RECIPE_FILE, ConfigError, EarlyStopping, flatten, resolved_yaml
 from .data import labels_for
 from .distributed import DistInfo
 from .head_quality import head_quality, quality_metrics
@@ -42,7 +43,7 @@ from .optim import lr_lambda, make_optimizer
 from .plan import flops_per_token, peak_flops
 from .setup import RunSetup
 from .storage import StorageError, is_remote
-from .tracking import Progress, Tracker
+from .tracking import METRICS_FILE, Progress, Tracker
 from .weighting.base import RunHooks, StepBatch
 
 
@@ -112,8 +113,9 @@ class StepTotals:
                    "weights/min": self.w_min, "weights/max": self.w_max,
                    "weights/frac_zero": float(self.weight_zero) / pairs}
         for h in range(self.ce.numel()):
-            metrics[f"train/ce_head{h}"] = float(self.ce[h] / count[h])
-            metrics[f"train/acc_head{h}"] = float(self.correct[h] / count[h])
+            if self.head_pairs[h] > 0:  # a head without a valid pair this step measured nothing: no metric
+                metrics[f"train/ce_head{h}"] = float(self.ce[h] / count[h])
+                metrics[f"train/acc_head{h}"] = float(self.correct[h] / count[h])
         return metrics
 
 
@@ -128,7 +130,7 @@ class EarlyStopper:
 
     def should_stop(self, metrics: dict[str, float]) -> bool:
         rule = self.rule
-        if rule is None:
+        if rule is None or rule.metric not in metrics:  # not measured at this evaluation: neither better nor worse
             return False
         value = metrics[rule.metric]
         improved = (self.best is None or (value < self.best - rule.min_delta if rule.mode == "min"
@@ -162,15 +164,34 @@ class Trainer:
         self.step = 0
         self.early_stopping = EarlyStopper(self.recipe.train.early_stopping)
         self.last_eval: dict[str, float] = {}
+        self.last_eval_step: int | None = None
         self.stop_signal: str | None = None
         state = self._restore(resume) if resume is not None else {}
+        if self.info.is_main:
+            self._write_run_inputs(fresh=resume is None)
+        overrides = " ".join(f"--set {text}" for text in {**self.config.overrides, **self.recipe.overrides}.values())
+        if overrides:  # the values are in the params; the tag says which came from this start's command line
+            tags = {**(tags or {}), "wmtp.overrides": overrides}
         self.tracker = Tracker(self.config.mlflow, run_dir.parent, run_name, active=self.info.is_main,
                                tags=tags, resume_run_id=state.get("mlflow_run_id"), record_dir=run_dir)
         if resume is None:
             self.tracker.log_params({**flatten(self.config, "config"), **flatten(self.recipe, "recipe"),
-                                     **flatten(setup.scheme_settings, "recipe")})
+                                     **flatten(setup.scheme_settings, "recipe"),
+                                     **({"overrides": overrides} if overrides else {})})
             for path in config_files or ():
                 self.tracker.log_artifact(path, "configs")
+
+    def _write_run_inputs(self, *, fresh: bool) -> None:
+        """The resolved config and recipe the run trains with (`wmtp eval` of its checkpoints reads them). A run
+        that starts at step 0 writes them; a resumed run keeps the ones it started with, unless they are gone."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if fresh:  # a start at step 0 where an attempt left no checkpoint: its records are not this run's
+            (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
+        for name, settings in ((RUN_CONFIG_FILE, self.config), (RUN_RECIPE_FILE, self.recipe)):
+            path = self.run_dir / name
+            if fresh or not path.is_file():
+                with atomic_file(path) as tmp:
+                    tmp.write_text(resolved_yaml(settings))
 
     # data ---------------------------------------------------------------------------------------------------
     def step_batches(self) -> list[StepBatch]:
@@ -267,7 +288,7 @@ class Trainer:
 
     def _log_evaluation(self, progress: Progress) -> dict[str, float]:
         evaluation = self.evaluate()
-        self.last_eval = {**self.last_eval, **evaluation}
+        self.last_eval, self.last_eval_step = {**self.last_eval, **evaluation}, self.step
         self.tracker.log_metrics(evaluation, self.step)
         progress.write(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in evaluation.items()
                                                           if "ppl" not in k))
@@ -277,7 +298,8 @@ class Trainer:
     def save(self) -> Path:
         scheme_tensors, scheme_state = self.scheme.state()
         state = {"best": self.early_stopping.best, "bad_evals": self.early_stopping.bad_evals,
-                 "last_eval": self.last_eval, "mlflow_run_id": self.tracker.run_id,
+                 "last_eval": self.last_eval, "last_eval_step": self.last_eval_step,
+                 "mlflow_run_id": self.tracker.run_id,
                  "micro_batches_done": self.step * self.plan.grad_accum_steps,
                  **({"scheme": scheme_state} if scheme_state else {})}
         path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, state,
@@ -292,6 +314,7 @@ class Trainer:
         self.step = state["step"]
         self.early_stopping.best, self.early_stopping.bad_evals = state["best"], state["bad_evals"]
         self.last_eval = state.get("last_eval", {})
+        self.last_eval_step = state.get("last_eval_step")
         if "scheme" in state:
             self.scheme.load_state(state["scheme_tensors"], state["scheme"])
         return state
@@ -339,23 +362,28 @@ class Trainer:
                 signal.signal(sig, handler)
 
     def _stopped(self) -> str:
-        return f"stopped by {self.stop_signal or 'a signal on another rank'}"
+        return (f"stopped by {self.stop_signal or 'a signal on another rank'} after step {self.step}; "
+                "--resume auto continues from its checkpoint")
 
     # the loop ------------------------------------------------------------------------------------------------
     def run(self) -> dict:
+        """Train to the end of the plan, an early stop or a stop signal; returns the outcome. Status: FINISHED
+        (completed or stopped early), STOPPED (SIGTERM/SIGINT: a checkpoint of the last step was saved; `--resume
+        auto` continues), FAILED (an error, re-raised)."""
         t = self.recipe.train
         progress = Progress(self.plan.total_steps, self.step, enabled=self.config.logging.progress,
-                            active=self.info.is_main)
+                            active=self.info.is_main, every=self.config.logging.log_every)
         status, reason, checkpoint, final = "FINISHED", "completed", None, None
         try:
             with self._signals():
                 self.scheme.before_training(self.hooks())
                 if self.stop_requested():  # during a scheme's own first stage (critic stage 1)
-                    status, reason = "KILLED", self._stopped()
+                    status, reason = "STOPPED", self._stopped()
                 if status == "FINISHED" and self.step == 0 and self.s.val_set is not None:
                     initial = self.evaluate()
                     self.tracker.log_metrics({f"{k}_initial": v for k, v in initial.items()}, step=0)
-                    self.last_eval = {**self.last_eval, "initial_val_loss": initial["val/loss"]}
+                    if "val/loss" in initial:
+                        self.last_eval = {**self.last_eval, "initial_val_loss": initial["val/loss"]}
                 while status == "FINISHED" and self.step < self.plan.total_steps:
                     metrics = self.train_step()
                     self.step += 1
@@ -373,13 +401,13 @@ class Trainer:
                     if every is not None and self.step % every == 0 and not last:
                         checkpoint = self.save() or checkpoint
                     if self.stop_requested():
-                        status, reason = "KILLED", self._stopped()
+                        status, reason = "STOPPED", self._stopped()
                         break
                     if stop:
                         break
                 if t.eval_every is None and self.s.val_set is not None:
                     evaluation = self.evaluate()
-                    self.last_eval = {**self.last_eval, **evaluation}
+                    self.last_eval, self.last_eval_step = {**self.last_eval, **evaluation}, self.step
                     self.tracker.log_metrics(evaluation, self.step)
                 checkpoint = self.save() or checkpoint
                 self._write_artifacts()
@@ -391,10 +419,12 @@ class Trainer:
             raise
         finally:
             progress.close()
+        self.tracker.set_tags({"wmtp.status": status, "wmtp.reason": reason, "wmtp.step": str(self.step)})
         self.tracker.end(status)
         return {"status": status, "reason": reason, "step": self.step, "total_steps": self.plan.total_steps,
                 "checkpoint": str(checkpoint) if checkpoint else None, "final_model": str(final) if final else None,
-                "eval": self.last_eval, "mlflow_run_id": self.tracker.run_id, "tracking_uri": self.tracker.tracking_uri}
+                "eval": self.last_eval, "eval_step": self.last_eval_step, "n_heads": self.model.n_heads,
+                "mlflow_run_id": self.tracker.run_id, "tracking_uri": self.tracker.tracking_uri}
 
     def _write_artifacts(self) -> None:
         if self.info.is_main:

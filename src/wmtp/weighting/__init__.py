@@ -13,7 +13,7 @@ import importlib
 
 from pydantic import BaseModel, ValidationError
 
-from ..config import ConfigError, Recipe, describe_error
+from ..config import LEGACY_ALGORITHMS, ConfigError, Recipe, describe_error
 
 # algorithm name (recipe `algorithm`) -> module of this package that defines `PLUGIN`
 SCHEMES: dict[str, str] = {
@@ -28,6 +28,9 @@ SCHEMES: dict[str, str] = {
 
 def plugin(algorithm: str, where: str = "recipe"):
     """The `SchemePlugin` of an algorithm name (its module is imported on demand)."""
+    if algorithm in LEGACY_ALGORITHMS:
+        raise ConfigError(f"{where}: algorithm: `{algorithm}` is the earlier project's name; it is now "
+                          f"`{LEGACY_ALGORITHMS[algorithm]}`")
     if algorithm not in SCHEMES:
         raise ConfigError(f"{where}: algorithm: unknown `{algorithm}` (choose from {', '.join(sorted(SCHEMES))})")
     return importlib.import_module(f"{__name__}.{SCHEMES[algorithm]}").PLUGIN
@@ -36,10 +39,10 @@ def plugin(algorithm: str, where: str = "recipe"):
 def scheme_settings(recipe: Recipe) -> BaseModel:
     """The recipe's scheme sections validated by the scheme's own settings model; a section that belongs to
     another scheme, or to none, is an error naming the recipe file and the key."""
-    where = recipe.source
-    chosen = plugin(recipe.algorithm, where)
+    chosen = plugin(recipe.algorithm, recipe.where("algorithm"))
     sections = recipe.sections
     for name in sections:
+        where = recipe.where(name)
         if name not in chosen.settings.model_fields:
             # the schemes that own the section, those that need it first (a hybrid accepts every scheme's
             # sections and needs none of them)
@@ -52,7 +55,7 @@ def scheme_settings(recipe: Recipe) -> BaseModel:
     try:
         return chosen.settings.model_validate(sections)
     except ValidationError as exc:
-        raise ConfigError(describe_error(exc, where)) from None
+        raise ConfigError(describe_error(exc, recipe.source, recipe.overrides)) from None
 
 
 __all__ = ["SCHEMES", "plugin", "scheme_settings"]

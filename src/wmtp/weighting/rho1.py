@@ -261,7 +261,8 @@ def load_reference(source: ReferenceSource | None, tokenizer, device: torch.devi
     if source is None:
         raise ConfigError("algorithm rho1 needs config `reference_model` with a `path` (hub id, directory or GGUF)")
     token = secret(source.hf_token)
-    reference_tokenizer = load_tokenizer_from(source.tokenizer or source.path, token)
+    key = "reference_model.tokenizer" if source.tokenizer else "reference_model.path"
+    reference_tokenizer = load_tokenizer_from(source.tokenizer or source.path, token, key)
     try:
         check_tokenizers_compatible(tokenizer, reference_tokenizer)
     except ValueError as exc:
@@ -269,7 +270,8 @@ def load_reference(source: ReferenceSource | None, tokenizer, device: torch.devi
     if not load_weights:
         return None
     try:
-        model = load_causal_lm(resolve_model_path(source.path), dtype=DTYPES[source.dtype], token=token)
+        model = load_causal_lm(resolve_model_path(source.path, "reference_model.path"), dtype=DTYPES[source.dtype],
+                               token=token)
     except OSError as exc:
         raise ConfigError(f"reference_model.path {source.path}: {str(exc).splitlines()[0]}") from exc
     model.requires_grad_(False)
@@ -328,7 +330,7 @@ def reference_cache_key(sequences: SequenceSet, tokenizer, reference: ReferenceS
     from ..reference_cache import fingerprint
     from ..runtime import resolve_model_path
 
-    return fingerprint(sequences, tokenizer, resolve_model_path(reference.path))
+    return fingerprint(sequences, tokenizer, resolve_model_path(reference.path, "reference_model.path"))
 
 
 # ------------------------------------------------------------------------------------------------ construction
