@@ -89,10 +89,12 @@ def test_eval_with_execution_then_execute_and_report(trained, tmp_path, capsys):
     report_dir = tmp_path / "report"
     assert main(["report", str(out), str(again), "--out", str(report_dir)]) == 0
     text = (report_dir / "report.md").read_text()
-    assert "| ev | mbpp | 3 | 2 |" in text and "| again | mbpp | 3 | 2 |" in text
-    assert "| again | " in text.split("Head quality")[1] and "—" in text.split("Head quality")[1]
+    # labelled by their training run's name (the rescoring knows it from the evaluation beside its file), kept apart
+    assert "| run/ev | mbpp | 3 | 2 |" in text and "| run/again | mbpp | 3 | 2 |" in text
+    assert "| run/again | " in text.split("Head quality")[1] and "—" in text.split("Head quality")[1]
     # the same samples scored twice: no difference on any problem
-    assert "## Paired differences against ev" in text and "| again | mbpp | 1 | 3 | +0.0 [+0.0, +0.0] | 0 | 0 |" in text
+    assert "## Paired differences against run/ev" in text
+    assert "| run/again | mbpp | 1 | 3 | +0.0 [+0.0, +0.0] | 0 | 0 |" in text
 
 
 def test_checkpoint_is_evaluated_in_the_config_model_dtype(trained, tmp_path):

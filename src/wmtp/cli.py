@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 from .config import ConfigError, dump_masked, load_config, load_recipe, parse_size
-from .evaluate.settings import PROMPT_FORMATS, EvalSettings, ExecuteSettings, Sampling, Scoring
+from .evaluate.settings import PROMPT_FORMATS, EvalSettings, ExecuteSettings, Sampling, Scoring, eval_files
 from .execution import BENCHMARKS
 from .execution.sandbox import Limits
 from .storage import StorageError
@@ -60,38 +62,44 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--recipe", required=True, type=Path)
     score.add_argument("--verbose", action="store_true", help="print tracebacks")
 
-    evaluate = sub.add_parser("eval", help="generate for code benchmarks, then (opt-in) execute for pass@k; head "
+    evaluate = sub.add_parser("eval", formatter_class=_DefaultsShown,
+                              help="generate for code benchmarks, then (opt-in) execute for pass@k; head "
                               "quality and self-speculative decoding statistics; report")
-    evaluate.add_argument("--config", required=True, type=Path)
-    evaluate.add_argument("--recipe", required=True, type=Path, help="its data section gives the held-out text")
+    evaluate.add_argument("--config", type=Path, help="default: the checkpoint's run's config.yaml")
+    evaluate.add_argument("--recipe", type=Path, help="its data section gives the held-out text; default: the "
+                          "checkpoint's run's recipe.yaml (none: head quality is skipped)")
     evaluate.add_argument("--checkpoint",
                           help="a saved model (final/) or a training checkpoint: a path or a storage URL (s3://...); "
                           "default: the config's model.path as it is (a plain causal LM: head 0 only)")
     evaluate.add_argument("--benchmarks", type=_names, default=["mbpp", "humaneval"],
                           help="comma-separated: mbpp,humaneval,codecontests (MBPP/CodeContests data from the "
                           "config's datasets.mbpp / datasets.codecontests); empty for none")
-    evaluate.add_argument("--split", default="test", help="MBPP/CodeContests split (default test)")
+    evaluate.add_argument("--split", default="test", help="MBPP/CodeContests split")
     evaluate.add_argument("--samples", "--n", dest="n", type=int, default=1,
                           help="samples per problem (under torchrun write --samples: torchrun takes --n for its own)")
     evaluate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (then n must be 1)")
-    evaluate.add_argument("--top-p", type=float, default=1.0)
-    evaluate.add_argument("--max-new-tokens", type=int, default=384)
+    evaluate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with a temperature)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=384, help="tokens generated per sample at most")
     evaluate.add_argument("--batch-size", type=int, default=16,
                           help="sequences per generate call (sorted by prompt length; larger is faster on CPUs in "
                           "bfloat16 and on GPUs)")
     evaluate.add_argument("--prompt-format", choices=list(PROMPT_FORMATS), default="raw",
                           help="raw: the model continues the benchmark prompt; chat: the prompt as a user turn in the "
                           "tokenizer's chat template, the code taken from the reply (for instruct models)")
-    evaluate.add_argument("--limit", type=int, help="at most this many problems per benchmark")
+    evaluate.add_argument("--limit", type=int, help="at most this many problems per benchmark (default: all)")
     evaluate.add_argument("--no-heads", action="store_true", help="skip head quality on held-out text")
-    evaluate.add_argument("--head-batches", type=int, help="cap on held-out micro-batches for head quality")
+    evaluate.add_argument("--head-batches", type=int, help="cap on held-out micro-batches for head quality "
+                          "(default: all)")
     evaluate.add_argument("--speculative-prompts", type=int, default=16,
                           help="benchmark prompts decoded self-speculatively for acceptance statistics (0: skip)")
-    evaluate.add_argument("--out", type=Path, help="default: <run dir>/eval-<time>")
+    evaluate.add_argument("--out", type=Path, help="a new directory (default: <run dir>/eval-<time>)")
     evaluate.add_argument("--verbose", action="store_true", help="print tracebacks")
-    execute = sub.add_parser("execute", help="judge a generations JSONL file in the sandbox: pass@k with CIs")
+    execute = sub.add_parser("execute", formatter_class=_DefaultsShown,
+                             help="judge a generations JSONL file in the sandbox: pass@k with CIs")
     execute.add_argument("generations", type=Path)
-    execute.add_argument("--out", type=Path, help="default: the generations file's directory")
+    execute.add_argument("--out", type=Path, help="a new directory (default: the evaluation beside the generations "
+                         "file, which gains pass@k, if it has none yet; else a new execute-<time> directory in the "
+                         "file's directory, or the file's directory itself when it holds no results)")
     execute.add_argument("--verbose", action="store_true", help="print tracebacks")
     for p in (evaluate, execute):
         p.add_argument("--k", type=_ints, default=[1, 10], help="comma-separated k values (k > n is reported missing)")
@@ -103,9 +111,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--memory-mb", type=int, default=2048, help="address-space limit per program")
         p.add_argument("--workers", type=int, default=2, help="programs run in parallel")
         p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
-    report = sub.add_parser("report", help="a side-by-side report (markdown + plots) of evaluations")
+    report = sub.add_parser("report", formatter_class=_DefaultsShown,
+                            help="a side-by-side report (markdown + plots) of evaluations")
     report.add_argument("runs", nargs="+", type=Path, help="evaluation directories or training run directories")
-    report.add_argument("--out", type=Path, default=Path("report"))
+    report.add_argument("--out", type=Path, default=Path("report"), help="where report.md and the plots go")
     report.add_argument("--verbose", action="store_true", help="print tracebacks")
     compare = sub.add_parser("compare", help="training runs grouped over seeds: mean ± std of final metrics, paired "
                              "differences against a baseline with 95%% t intervals, learning curves")
@@ -121,6 +130,18 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--tracking-uri", help="MLflow store of mlflow:<experiment> sources")
     compare.add_argument("--verbose", action="store_true", help="print tracebacks")
     return parser
+
+
+class _DefaultsShown(argparse.HelpFormatter):
+    """Help that gives each option's default as it would be typed (a None or False default is "off": not shown)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) \
+                and "(default" not in text:
+            shown = ",".join(map(str, action.default)) if isinstance(action.default, list) else "%(default)s"
+            text += f" (default: {shown})"
+        return text
 
 
 def _names(text: str) -> list[str]:
@@ -339,8 +360,9 @@ def _passk_lines(results: dict) -> list[str]:
             cells.append(f"{name} {100 * value['mean']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]")
         lines.append(f"{benchmark}: {entry['problems']} problems, n={entry['n']}: " + ", ".join(cells))
     if passk.get("note"):
-        lines.append(f"pass@k: {passk['note']}; run `wmtp execute {results.get('generations')} "
-                     "--allow-code-execution` to score the generations")
+        ks = ",".join(map(str, passk.get("ks", [])))
+        lines.append(f"pass@k: {passk['note']}; run `wmtp execute {shlex.quote(str(results.get('generations')))} "
+                     f"--allow-code-execution --k {ks}` to add it to this evaluation")
     return lines
 
 
@@ -362,13 +384,21 @@ def eval_settings(args: argparse.Namespace) -> EvalSettings:
     except ValueError as exc:
         raise ConfigError(f"--n/--temperature/--top-p/--prompt-format: {exc}") from None
     return EvalSettings(checkpoint=args.checkpoint, benchmarks=tuple(args.benchmarks), split=args.split,
-                        limit=args.limit, sampling=sampling, scoring=_scoring(args), heads=not args.no_heads,
-                        head_batches=args.head_batches, speculative_prompts=args.speculative_prompts, out=args.out)
+                        limit=args.limit, sampling=sampling, scoring=_scoring(args),
+                        heads_skipped="--no-heads" if args.no_heads else None, head_batches=args.head_batches,
+                        speculative_prompts=args.speculative_prompts, out=args.out)
 
 
 def eval_command(args: argparse.Namespace) -> int:
     settings = eval_settings(args)
-    config, recipe = load_config(args.config), load_recipe(args.recipe)
+    config_path, recipe_path = eval_files(args.config, args.recipe, args.checkpoint)
+    config = load_config(config_path)
+    recipe = None if recipe_path is None else load_recipe(recipe_path)
+    if recipe is None and settings.heads_skipped is None:
+        settings = replace(settings, heads_skipped="no --recipe and no recipe.yaml in the checkpoint's run (the "
+                           "held-out text comes from a recipe's data)")
+    if (config_path, recipe_path) != (args.config, args.recipe):
+        print(f"config {config_path}, recipe {recipe_path or 'none'} (the checkpoint's run's own)", flush=True)
 
     from .evaluate.checkpoint_eval import evaluate_checkpoint
 
@@ -380,6 +410,8 @@ def eval_command(args: argparse.Namespace) -> int:
     if generation.get("tokens_per_second"):
         lines.append(f"generation: {generation['generated_tokens']} tokens in {generation['seconds']} s "
                      f"({generation['tokens_per_second']} tokens/s, {generation['processes']} process(es))")
+    if results.get("heads_skipped"):
+        lines.append(f"head quality skipped: {results['heads_skipped']}")
     for head in (results.get("heads") or {}).get("heads", []):
         if head["ce"] is not None:
             lines.append(f"head {head['head']}: CE {head['ce']:.4f}, ppl {head['ppl']:.2f}, top-1 {head['acc']:.4f}")
@@ -397,8 +429,9 @@ def execute_command(args: argparse.Namespace) -> int:
 
     from .evaluate.checkpoint_eval import execute_generations
 
-    out, results = execute_generations(settings)
-    print("\n".join(_passk_lines(results) + [f"results: {out / 'results.json'}, report: {out / 'report.md'}"]))
+    out, results, note = execute_generations(settings)
+    print("\n".join(_passk_lines(results) + ([note] if note else [])
+                    + [f"results: {out / 'results.json'}, report: {out / 'report.md'}"]))
     return 0
 
 

@@ -5,7 +5,11 @@ Order (nothing runs model-written code before its generations are on disk):
 2. generate completions for each benchmark and write generations.jsonl;
 3. only with --allow-code-execution: judge every sample in the sandbox (executions.jsonl), pass@k with CIs;
 4. head quality on the recipe's held-out data; self-speculative decoding statistics on benchmark prompts;
-5. results.json, report.md with plots, and an MLflow run with the metrics and these files.
+5. results.json, report.md with plots, and an MLflow run with the settings, the metrics and these files.
+
+`wmtp execute` on the generations of an evaluation that has no pass@k yet (the hint `wmtp eval` prints) adds
+pass@k to that evaluation: its results.json, report.md and MLflow run. Otherwise it writes a directory of its
+own: no command overwrites what another wrote.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -38,6 +43,8 @@ from .generation import generate_samples, raw_inputs
 from .passk import summarize
 from .report import find_results, write_json, write_reports
 from .settings import EvalSettings, ExecuteSettings, Scoring
+
+RESULTS = "results.json"  # an evaluation directory's record; `wmtp report` reads it
 
 
 def load_evaluated_model(checkpoint: Path, dtype: torch.dtype | None = None) -> tuple[MTPModel, object, Path]:
@@ -69,9 +76,9 @@ def run_passk(records: list[dict], scoring: Scoring, out: Path, generation: dict
     return summary
 
 
-def evaluate_checkpoint(config: Config, recipe: Recipe, settings: EvalSettings) -> tuple[Path, dict]:
+def evaluate_checkpoint(config: Config, recipe: Recipe | None, settings: EvalSettings) -> tuple[Path, dict]:
     """Evaluate; under torchrun every rank generates its share of the batches and rank 0 does the rest (returns
-    (out, {}) on the other ranks)."""
+    (out, {}) on the other ranks). Without a recipe, head quality (on its held-out data) is not measured."""
     info = init_distributed(config.compute.device)
     try:
         return _evaluate(config, recipe, settings, info)
@@ -90,7 +97,7 @@ def load_for_evaluation(config: Config, settings: EvalSettings) -> tuple[MTPMode
     return model, tokenizer, local_output_dir(config.output_dir, config.storage.staging_dir)
 
 
-def _evaluate(config: Config, recipe: Recipe, settings: EvalSettings, info: DistInfo) -> tuple[Path, dict]:
+def _evaluate(config: Config, recipe: Recipe | None, settings: EvalSettings, info: DistInfo) -> tuple[Path, dict]:
     if not config.logging.progress or not info.is_main:
         quiet_library_progress()
     device = info.device
@@ -100,10 +107,14 @@ def _evaluate(config: Config, recipe: Recipe, settings: EvalSettings, info: Dist
     autocast = autocast_for(device, config.compute.precision)
     name = settings.checkpoint or f"{config.model.path} (as is)"
     default_out = run_dir / f"eval-{'' if settings.checkpoint else 'base-'}{time.strftime('%Y%m%d-%H%M%S')}"
-    out = settings.out or broadcast_object(default_out, info)
+    out = (settings.out or broadcast_object(default_out, info)).resolve()
     if info.is_main:
+        if (out / RESULTS).exists():
+            raise ConfigError(f"--out {out} already holds {RESULTS} (another evaluation): choose a new directory")
         out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"checkpoint": str(name), "device": str(device), "precision": config.compute.precision,
+    results: dict = {"checkpoint": str(name), "run_name": run_dir.name if settings.checkpoint else
+                     f"{Path(str(config.model.path)).name} (as is)", "run_dir": str(run_dir.resolve()),
+                     "device": str(device), "precision": config.compute.precision,
                      "dtype": str(model.unembedding.weight.dtype).removeprefix("torch."),
                      "processes": info.world_size}
 
@@ -113,6 +124,8 @@ def _evaluate(config: Config, recipe: Recipe, settings: EvalSettings, info: Dist
                                   limit=settings.limit)
     if problems:
         sampling = settings.sampling
+        if info.is_main:
+            print(plan_line(settings, problems), flush=True)
         stats: dict = {}
         with autocast:
             records = generate_samples(model, tokenizer, problems, sampling, device=device, model_name=str(name),
@@ -131,17 +144,28 @@ def _evaluate(config: Config, recipe: Recipe, settings: EvalSettings, info: Dist
                                 "note": "not executed (no --allow-code-execution)"}
     elif not info.is_main:
         return out, {}
-    if settings.heads:
-        results["heads"] = held_out_head_quality(model, tokenizer, config, recipe, device, autocast,
-                                                 settings.head_batches)
+    heads = None if settings.heads_skipped else held_out_head_quality(model, tokenizer, config, recipe, device,
+                                                                      autocast, settings.head_batches)
+    if heads is None:
+        results["heads_skipped"] = settings.heads_skipped or "the recipe's data holds no held-out examples"
+    else:
+        results["heads"] = heads
     if model.n_heads > 1 and problems and settings.speculative_prompts > 0:
         results["speculative"] = speculative_statistics(model, tokenizer, problems[:settings.speculative_prompts],
                                                         settings.sampling.max_new_tokens, device, autocast)
-    write_json(out / "results.json", results)
-    files = write_reports(out, [out.name], [results], [run_dir])
-    log_to_mlflow(config, results, [out / "results.json", *files] + [p for p in (out / "generations.jsonl",
-                  out / "executions.jsonl") if p.is_file()], out.name, run_dir)
+    write_evaluation(out, results, open_eval_run(config, settings, results, out))
     return out, results
+
+
+def plan_line(settings: EvalSettings, problems: list[Problem]) -> str:
+    """What is about to be generated, in one line: benchmarks and their problems, samples, decoding, length."""
+    counts = Counter(p.benchmark for p in problems)
+    s = settings.sampling
+    decoding = "greedy" if s.temperature == 0 else f"temperature {s.temperature}, top-p {s.top_p}"
+    return ("generating for " + ", ".join(f"{b} ({counts[b]} problem{'s' * (counts[b] != 1)})"
+                                          for b in settings.benchmarks if counts[b])
+            + f": {s.n} sample{'s' * (s.n != 1)} per problem, {decoding}, at most {s.max_new_tokens} new tokens, "
+            f"prompt format {s.prompt_format}")
 
 
 def _log(line: str) -> None:
@@ -222,42 +246,129 @@ def flat_metrics(results: dict) -> dict[str, float]:
     return metrics
 
 
-def log_to_mlflow(config: Config, results: dict, files: list[Path], name: str, run_dir: Path) -> None:
-    # the store next to the training runs (a remote output_dir's local staging directory)
-    tracker = Tracker(config.mlflow, local_output_dir(config.output_dir, config.storage.staging_dir), name, active=True,
-                      tags={"kind": "evaluation", "checkpoint": results.get("checkpoint", "")})
+def eval_params(config: Config, settings: EvalSettings) -> dict[str, str]:
+    """The settings of an evaluation as MLflow params (what was generated, how, from which model)."""
+    s = settings.sampling
+    return {"checkpoint": settings.checkpoint or f"{config.model.path} (as is)",
+            "benchmarks": ",".join(settings.benchmarks), "split": settings.split,
+            "limit": "all" if settings.limit is None else str(settings.limit), "samples": str(s.n),
+            "temperature": str(s.temperature), "top_p": str(s.top_p), "max_new_tokens": str(s.max_new_tokens),
+            "batch_size": str(s.batch_size), "prompt_format": s.prompt_format, "seed": str(s.seed),
+            "k": ",".join(map(str, settings.scoring.ks)),
+            "allow_code_execution": str(settings.scoring.allow_code_execution)}
+
+
+def open_eval_run(config: Config, settings: EvalSettings, results: dict, out: Path) -> Tracker:
+    """The evaluation's MLflow run, in the store beside the training runs (a remote output_dir's staging
+    directory), named `<run name>/<eval dir>`, with the settings as params; `results` gain its id and store so
+    that `wmtp execute` can add pass@k to it later."""
+    tracker = Tracker(config.mlflow, local_output_dir(config.output_dir, config.storage.staging_dir),
+                      f"{results['run_name']}/{out.name}", active=True,
+                      tags={"kind": "evaluation", "checkpoint": results["checkpoint"]})
+    tracker.log_params(eval_params(config, settings))
+    results["mlflow_run_id"], results["tracking_uri"] = tracker.run_id, tracker.tracking_uri
+    return tracker
+
+
+def write_evaluation(out: Path, results: dict, tracker: Tracker) -> None:
+    """results.json, report.md and plots, and the metrics and files in the evaluation's MLflow run."""
+    status = "FAILED"
     try:
+        write_json(out / RESULTS, results)
+        files = write_reports(out, report_names([out], [results]), [results], [Path(results["run_dir"])])
         tracker.log_metrics(flat_metrics(results), step=0)
-        for path in files:
+        for path in [out / RESULTS, *files, *_written_records(out)]:
             tracker.log_artifact(path, "evaluation")
+        status = "FINISHED"
     finally:
-        tracker.end("FINISHED")
-    results["mlflow_run_id"] = tracker.run_id
+        tracker.end(status)
 
 
-def execute_generations(settings: ExecuteSettings) -> tuple[Path, dict]:
-    """`wmtp execute`: judge a generations file on its own (e.g. produced elsewhere)."""
+def _written_records(out: Path) -> list[Path]:
+    return [p for p in (out / "generations.jsonl", out / "executions.jsonl") if p.is_file()]
+
+
+def execute_generations(settings: ExecuteSettings) -> tuple[Path, dict, str]:
+    """`wmtp execute`: judge a generations file. Returns (directory written, its results, a sentence on what
+    happened to the evaluation beside the file, or "")."""
     records = read_generations(settings.generations)
-    out = settings.out or settings.generations.parent
+    out, evaluation, note = execute_target(settings.generations, settings.out)
+    if evaluation is not None:
+        return out, add_passk(out, evaluation, records, settings.scoring), note
     out.mkdir(parents=True, exist_ok=True)
-    generation = records[0].get("generation", {})
-    results = {"generations": str(settings.generations),
-               "passk": run_passk(records, settings.scoring, out, generation)}
-    write_json(out / "results.json", results)
-    write_reports(out, [out.name], [results], [out])
-    return out, results
+    beside = settings.generations.parent / RESULTS
+    run_name = json.loads(beside.read_text()).get("run_name") if beside.is_file() else None
+    results = {"generations": str(settings.generations.resolve()), **({"run_name": run_name} if run_name else {}),
+               "passk": run_passk(records, settings.scoring, out, records[0].get("generation", {}))}
+    write_json(out / RESULTS, results)
+    write_reports(out, report_names([out], [results]), [results], [out])
+    return out, results, note
+
+
+def execute_target(generations: Path, out: Path | None) -> tuple[Path, dict | None, str]:
+    """Where `wmtp execute` writes: (directory, the evaluation it adds pass@k to or None, a note). An unscored
+    evaluation beside the generations is added to; one already scored, or a previous execute's results, get a
+    new `execute-<time>` directory inside; an --out elsewhere is used when it holds no results yet."""
+    beside = generations.parent
+    if out is not None and out.resolve() != beside.resolve():
+        if (out / RESULTS).exists():
+            raise ConfigError(f"--out {out} already holds {RESULTS}: choose a new directory (nothing is overwritten)")
+        return out, None, ""
+    if not (beside / RESULTS).is_file():
+        return beside, None, ""
+    existing = json.loads((beside / RESULTS).read_text())
+    if "checkpoint" in existing and Path(existing.get("generations", "")).name == generations.name \
+            and not existing.get("passk", {}).get("benchmarks"):
+        return beside, existing, f"added pass@k to the evaluation in {beside.resolve()}"
+    own = beside / f"execute-{time.strftime('%Y%m%d-%H%M%S')}"
+    if own.exists():
+        raise ConfigError(f"{own} exists already (an execute this second): run it again")
+    return own, None, f"{beside / RESULTS} already holds pass@k and is left as it is"
+
+
+def add_passk(out: Path, results: dict, records: list[dict], scoring: Scoring) -> dict:
+    """Score an evaluation's generations into that evaluation: its results.json (every other key kept), report.md
+    (all its sections) and its MLflow run, if it has one."""
+    generation = results.get("passk", {}).get("generation") or records[0].get("generation", {})
+    results = {**results, "passk": run_passk(records, scoring, out, generation)}
+    write_json(out / RESULTS, results)
+    files = write_reports(out, report_names([out], [results]), [results], [Path(results.get("run_dir", out))])
+    if results.get("mlflow_run_id"):
+        log_to_eval_run(results, [out / RESULTS, *files, *_written_records(out)])
+    return results
+
+
+def log_to_eval_run(results: dict, files: list[Path]) -> None:
+    """The pass@k metrics and the rewritten files into the evaluation's MLflow run (which `wmtp eval` ended)."""
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(results["tracking_uri"])
+    now = int(time.time() * 1000)
+    passk = flat_metrics({"passk": results["passk"]})
+    try:
+        client.log_batch(results["mlflow_run_id"], metrics=[Metric(k, v, now, 0) for k, v in passk.items()])
+        for path in files:
+            client.log_artifact(results["mlflow_run_id"], str(path), "evaluation")
+    except MlflowException as exc:  # the store moved or was lost: the files hold the results, say so
+        print(f"MLflow run {results['mlflow_run_id']} in {results['tracking_uri']} not updated ({exc.message}); "
+              "the pass@k is in results.json", file=sys.stderr)
 
 
 def report_runs(runs: list[Path], out: Path) -> list[Path]:
     """`wmtp report`: one side-by-side report of several evaluations."""
     found = [find_results(run) for run in runs]
-    return write_reports(out, report_names([directory for directory, _ in found]), [results for _, results in found],
-                         [d for d, _ in found])
+    return write_reports(out, report_names([d for d, _ in found], [results for _, results in found]),
+                         [results for _, results in found], [d for d, _ in found])
 
 
-def report_names(directories: list[Path]) -> list[str]:
-    """A name per evaluation directory: its training run's name for an `eval-*` directory inside a run, else its
-    own name; where two would share a name, each of those gets its own directory name (after its parent's)."""
-    names = [d.parent.name if d.name.startswith("eval-") else d.name for d in directories]
-    return [f"{d.parent.name}/{d.name}" if names.count(name) > 1 else name
-            for d, name in zip(directories, names, strict=True)]
+def report_names(directories: list[Path], results: list[dict] | None = None) -> list[str]:
+    """A label per evaluation: its training run's name (recorded by `wmtp eval`; for older results, the parent of
+    an `eval-*` directory), else its directory's name. Where two would share a label, each of those becomes
+    `<label>/<its directory>`, and its path where even that is shared."""
+    recorded = [r.get("run_name") for r in results] if results else [None] * len(directories)
+    names = [run or (d.parent.name if d.name.startswith("eval-") else d.name)
+             for d, run in zip(directories, recorded, strict=True)]
+    names = [f"{name}/{d.name}" if names.count(name) > 1 else name for d, name in zip(directories, names, strict=True)]
+    return [str(d) if names.count(name) > 1 else name for d, name in zip(directories, names, strict=True)]

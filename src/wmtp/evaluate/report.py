@@ -92,6 +92,10 @@ def markdown(names: list[str], results: list[dict]) -> str:
                              f"{s['ce']:.3f} / {s['ppl']:.1f} / {100 * s['acc']:.1f}%")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+    skipped = [(name, res["heads_skipped"]) for name, res in zip(names, results, strict=True)
+               if res.get("heads_skipped")]
+    if skipped:
+        lines += [f"Head quality of **{name}**: not measured ({reason})." for name, reason in skipped] + [""]
     for name, res in zip(names, results, strict=True):
         spec = res.get("speculative")
         if spec:
@@ -136,8 +140,38 @@ def _paired_lines(names: list[str], results: list[dict], ks: list[int]) -> list[
     return [*lines, ""]
 
 
+def head_accuracy_figure(names: list[str], heads: list[dict]):
+    """Per-head top-1 accuracy as grouped bars (one group per head, one bar per evaluation; a head not measured
+    has no bar) and accuracy by position bucket; `heads` are the evaluations' `results["heads"]`. The legends
+    sit below the axes, off the data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.5))
+    width = 0.8 / len(names)
+    n_heads = max(len(h["heads"]) for h in heads)
+    for i, (name, report) in enumerate(zip(names, heads, strict=True)):
+        offset = (i - (len(names) - 1) / 2) * width  # the group is centred on its head's tick
+        measured = [(h, a["acc"]) for h, a in enumerate(report["heads"]) if a["acc"] is not None]
+        ax.bar([h + offset for h, _ in measured], [acc for _, acc in measured], width=width, label=name)
+        for h in range(len(report["heads"])):
+            pts = [(b["positions"][0], b["heads"][h]["acc"]) for b in report["buckets"]
+                   if b["heads"][h]["acc"] is not None]
+            if pts:
+                bx.plot(*zip(*pts, strict=True), marker="o", label=f"{name} head {h}")
+    ax.set_xticks(range(n_heads), [str(h) for h in range(n_heads)])
+    ax.set(xlabel="head (predicts token t+1+h)", ylabel="top-1 accuracy", title="Per-head accuracy")
+    bx.set(xlabel="position bucket start", ylabel="top-1 accuracy", title="Accuracy by position")
+    for axes, size in ((ax, 8), (bx, 7)):
+        entries = len(axes.get_legend_handles_labels()[1])
+        axes.legend(fontsize=size, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=min(3, entries) or 1)
+    return fig
+
+
 def plots(out: Path, names: list[str], results: list[dict], runs: list[Path]) -> list[Path]:
-    """Per-head accuracy (bars), accuracy by position bucket, and Rho-1/critic weight distributions."""
+    """Per-head accuracy (grouped bars), accuracy by position bucket, and Rho-1/critic weight distributions."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,24 +180,8 @@ def plots(out: Path, names: list[str], results: list[dict], runs: list[Path]) ->
     written = []
     with_heads = [(n, r["heads"]) for n, r in zip(names, results, strict=True) if r.get("heads")]
     if with_heads:
-        fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
-        width = 0.8 / len(with_heads)
-        for i, (name, heads) in enumerate(with_heads):
-            accs = [h["acc"] for h in heads["heads"]]
-            xs = [h + i * width for h, a in enumerate(accs) if a is not None]
-            ax.bar(xs, [a for a in accs if a is not None], width=width, label=name)
-            for h in range(len(heads["heads"])):
-                pts = [(b["positions"][0], b["heads"][h]["acc"]) for b in heads["buckets"]
-                       if b["heads"][h]["acc"] is not None]
-                if pts:
-                    bx.plot(*zip(*pts, strict=True), marker="o", label=f"{name} head {h}")
-        ax.set(xlabel="head (predicts token t+1+h)", ylabel="top-1 accuracy", title="Per-head accuracy")
-        bx.set(xlabel="position bucket start", ylabel="top-1 accuracy", title="Accuracy by position")
-        ax.legend(fontsize=7)
-        bx.legend(fontsize=6)
-        fig.tight_layout()
-        written.append(out / "head_accuracy.png")
-        fig.savefig(written[-1], dpi=110)
+        fig = head_accuracy_figure([n for n, _ in with_heads], [h for _, h in with_heads])
+        written.append(_save(fig, out / "head_accuracy.png"))
         plt.close(fig)
     histograms = [(n, h) for n, run in zip(names, runs, strict=True) for h in _histograms(run).items()]
     if histograms:
@@ -176,10 +194,16 @@ def plots(out: Path, names: list[str], results: list[dict], runs: list[Path]) ->
             ax.set(xlabel="weight", ylabel="fraction of pairs", title=f"{name}: {scheme} weights")
             ax.legend(fontsize=7)
         fig.tight_layout()
-        written.append(out / "weight_distributions.png")
-        fig.savefig(written[-1], dpi=110)
+        written.append(_save(fig, out / "weight_distributions.png"))
         plt.close(fig)
     return written
+
+
+def _save(fig, path: Path) -> Path:
+    """Atomically, with the legends below the axes inside the picture."""
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
+    return path
 
 
 def write_reports(out: Path, names: list[str], results: list[dict], runs: list[Path]) -> list[Path]:
@@ -189,5 +213,6 @@ def write_reports(out: Path, names: list[str], results: list[dict], runs: list[P
     text = markdown(names, results)
     if files:
         text += "\n## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in files) + "\n"
-    (out / "report.md").write_text(text)
+    with atomic_file(out / "report.md") as tmp:
+        tmp.write_text(text)
     return [out / "report.md", *files]

@@ -6,9 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import ConfigError
 from ..execution.sandbox import Limits
+from ..storage import fetch, is_remote
 
 PROMPT_FORMATS = ("raw", "chat")
+RUN_CONFIG, RUN_RECIPE = "config.yaml", "recipe.yaml"  # the resolved files a training run writes beside final/
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ class EvalSettings:
     limit: int | None = None
     sampling: Sampling = Sampling()
     scoring: Scoring = Scoring()
-    heads: bool = True
+    heads_skipped: str | None = None  # why head quality is not measured; None: it is
     head_batches: int | None = None
     speculative_prompts: int = 16
     out: Path | None = None
@@ -71,3 +74,38 @@ class ExecuteSettings:
     generations: Path
     scoring: Scoring = Scoring()
     out: Path | None = None
+
+
+def run_of(checkpoint: str) -> str:
+    """The training run directory (a path or URL) of `<run>/final` or `<run>/checkpoints/step-N`."""
+    parts = str(checkpoint).rstrip("/").rsplit("/", 2)
+    return parts[0] if len(parts) == 3 and parts[1] == "checkpoints" else str(checkpoint).rstrip("/").rsplit("/", 1)[0]
+
+
+def run_file(checkpoint: str, name: str) -> Path | None:
+    """The local copy of `name` in the checkpoint's training run (fetched when the run is remote), None if the run
+    has none (runs trained before wmtp wrote its config and recipe beside them)."""
+    run = run_of(checkpoint)
+    if not is_remote(run):
+        path = Path(run.removeprefix("file://")) / name
+        return path if path.is_file() else None
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(f"{run}/{name}")
+    return fetch(f"{run}/{name}", "--checkpoint's run") if fs.exists(root) else None
+
+
+def eval_files(config: Path | None, recipe: Path | None, checkpoint: str | None) -> tuple[Path, Path | None]:
+    """`wmtp eval`'s config and recipe: the ones given, else the checkpoint's run's own.
+    No config is an error (it says where the model, data and store are); no recipe is None (head quality, which
+    needs the recipe's held-out data, is then skipped)."""
+    if config is None:
+        if checkpoint is None:
+            raise ConfigError("--config is needed: without --checkpoint the model evaluated is the config's model.path")
+        config = run_file(checkpoint, RUN_CONFIG)
+        if config is None:
+            raise ConfigError(f"--config is needed: {run_of(checkpoint)} holds no {RUN_CONFIG} (the run's config, "
+                              "written by training since it was added); pass the config the run was trained with")
+    if recipe is None and checkpoint is not None:
+        recipe = run_file(checkpoint, RUN_RECIPE)
+    return config, recipe
