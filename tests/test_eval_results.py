@@ -4,6 +4,7 @@ settings as MLflow params, the run's own config and recipe; the per-head chart."
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shlex
@@ -127,7 +128,7 @@ def test_eval_and_execute_help_show_every_default():
         parser = sub.choices[name]
         text = " ".join(parser.format_help().split())
         for action in parser._actions:
-            if action.option_strings and action.default not in (None, False, "==SUPPRESS=="):
+            if action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS)):
                 shown = ",".join(map(str, action.default)) if isinstance(action.default, list) else action.default
                 option = action.option_strings[-1]
                 assert re.search(rf"{re.escape(option)}\b.*?\(default: {re.escape(str(shown))}\)", text), (name, option)

@@ -137,8 +137,8 @@ class _DefaultsShown(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) \
-                and "(default" not in text:
+        off = any(action.default is value for value in (None, False, argparse.SUPPRESS))  # 0 is a default: not `in`
+        if action.option_strings and not off and "(default" not in text:
             shown = ",".join(map(str, action.default)) if isinstance(action.default, list) else "%(default)s"
             text += f" (default: {shown})"
         return text
