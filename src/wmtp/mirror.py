@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .config import ConfigError
-from .storage import WORKERS, StorageError, cache_root, download_files, explain, is_remote
+from .storage import WORKERS, StorageError, cache_root, download_files, endpoint_of, explain, is_remote
 
 COMPLETE = "_COMPLETE.json"
 RANK_MARKER = "_UPLOADED-rank{rank}"
@@ -68,24 +68,25 @@ def _filesystem(url: str):
 
 
 def check_writable(url: str, what: str = "output_dir") -> None:
-    """Fail before training when `url` cannot be written: a missing bucket, wrong credentials, no network, or the
-    storage library not installed. Writes and removes one small probe object."""
+    """Fail before training when `url` cannot be written, saying which of these it is: the store not reached (no
+    network, a wrong endpoint), a missing bucket, refused credentials, or the storage library not installed.
+    Writes and removes one small probe object."""
     try:
         fs, root = _filesystem(url)
     except (ImportError, ValueError) as exc:
         raise ConfigError(f"{what} {url}: {explain(exc)} (for s3:// install wmtp[s3])") from None
     bucket = root.strip("/").split("/")[0]
     probe = f"{root.rstrip('/')}/.wmtp-write-probe"
+    endpoint = endpoint_of(fs)
     try:
-        if not fs.exists(bucket):
-            raise ConfigError(f"{what} {url}: bucket `{bucket}` does not exist (or is not visible with these "
-                              "credentials)")
         fs.pipe_file(probe, b"wmtp")
         fs.rm_file(probe)
-    except ConfigError:
-        raise
+    except FileNotFoundError:  # the storage libraries' missing bucket (s3fs: NoSuchBucket)
+        where = f" at {endpoint}" if endpoint else ""
+        raise ConfigError(f"{what} {url}: bucket `{bucket}` does not exist{where}; create it or correct {what}") \
+            from None
     except Exception as exc:
-        raise ConfigError(f"{what} {url}: cannot write there: {explain(exc)}") from None
+        raise ConfigError(f"{what} {url}: {explain(exc, endpoint)}") from None
 
 
 def remote_checkpoints(run_url: str) -> list[tuple[int, str, dict]]:
@@ -180,7 +181,7 @@ class RunMirror:
                 {"checkpoint": self._checkpoint, "final": self._final, "rest": self._rest}[kind](directory, what)
             except Exception as exc:  # spent retries or a failed wait: the trainer stops at its next step
                 self.error = str(exc) if isinstance(exc, StorageError) else \
-                    f"uploading {what} to {self.url}: {explain(exc)}"
+                    f"uploading {what} to {self.url}: {explain(exc, endpoint_of(self.fs))}"
                 return
 
     def _retry(self, what: str, action) -> None:
@@ -191,7 +192,7 @@ class RunMirror:
             except Exception as exc:
                 if attempt == self.retries:
                     raise StorageError(f"uploading {what} to {self.url}: failed after {attempt + 1} tries: "
-                                       f"{explain(exc)}") from None
+                                       f"{explain(exc, endpoint_of(self.fs))}") from None
                 time.sleep(self.backoff * 2 ** attempt)
                 self.fs.invalidate_cache()
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,9 +47,72 @@ def local_path(spec: str | os.PathLike, what: str = "path") -> str:
     return str(fetch(text, what)) if is_remote(text) else text
 
 
-def explain(exc: BaseException) -> str:
-    """A storage error in one line (never a credential: the libraries do not put them in their messages)."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+# Errors that mean the store was never reached, by the name of the class: botocore's (s3fs) and aiohttp's
+# (gcsfs, adlfs), which wmtp does not import; their causes, when kept, are the builtin errors checked first.
+_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                "ClientConnectorError", "ServerDisconnectedError", "ServerTimeoutError", "FSTimeoutError"}
+# The store's codes for credentials it does not accept (the key, the signature, an expired session token).
+_REFUSED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired",
+            "InvalidClientTokenId", "AuthorizationHeaderMalformed"}
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and the errors it was raised from (libraries wrap: s3fs's PermissionError around botocore's error)."""
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].rstrip(".") if text else ""
+
+
+def _unreachable(chain: list[BaseException]) -> str | None:
+    """Why the store could not be reached (connection refused, timed out, host name not found), or None when it
+    answered."""
+    for e in chain:
+        if isinstance(e, socket.gaierror):
+            return "host name not found"
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(e, TimeoutError) or "Timeout" in type(e).__name__:
+            return "timed out"
+    for e in chain:
+        if isinstance(e, ConnectionError) or type(e).__name__ in _UNREACHABLE:
+            return _first_line(e) or type(e).__name__
+    return None
+
+
+def _error_code(chain: list[BaseException]) -> str | None:
+    """The store's error code (`NoSuchBucket`, `InvalidAccessKeyId`, ...) from a botocore-style response."""
+    for e in chain:
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code"):
+            return str(response["Error"]["Code"])
+    return None
+
+
+def endpoint_of(fs) -> str | None:
+    """The endpoint URL an fsspec filesystem talks to, when it has one set (s3fs's `endpoint_url`)."""
+    return getattr(fs, "endpoint_url", None) or (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url")
+
+
+def explain(exc: BaseException, endpoint: str | None = None) -> str:
+    """A storage error in one line that says whose fault it is: an endpoint that could not be reached, credentials
+    the store refused or could not find, a missing object, a refused access (never a credential: the libraries do
+    not put them in their messages). `endpoint` names the store in the line."""
+    chain = _chain(exc)
+    store = f"the store at {endpoint}" if endpoint else "the store"
+    if (reason := _unreachable(chain)) is not None:
+        return f"cannot reach {store} ({reason}); check the endpoint URL and the network"
+    if (code := _error_code(chain)) in _REFUSED:
+        return f"{store} refused these credentials ({code}: {_first_line(exc)}); check the storage credentials"
+    if any(type(e).__name__ == "NoCredentialsError" for e in chain):
+        return "no storage credentials found; set them in the environment, a profile or an instance role"
+    first = _first_line(exc)
     if isinstance(exc, FileNotFoundError):
         return f"not found ({first})"
     if isinstance(exc, PermissionError):
@@ -69,6 +133,7 @@ def fetch(url: str, what: str = "path") -> Path:
     version. `what` names the config key in errors."""
     import fsspec
 
+    fs = None
     try:
         fs, root = fsspec.core.url_to_fs(url)
         fs.invalidate_cache(root)  # listings are cached per filesystem: ask the store for the current version
@@ -79,7 +144,7 @@ def fetch(url: str, what: str = "path") -> Path:
         else:
             files = {Path(root).name: info}
     except Exception as exc:  # the storage library's own errors (no credentials, bad endpoint): one line, the URL
-        raise ConfigError(f"{what} {url}: {explain(exc)}") from None
+        raise ConfigError(f"{what} {url}: {explain(exc, endpoint_of(fs))}") from None
     if not files:
         raise ConfigError(f"{what} {url}: an empty directory")
     target = cache_root() / hashlib.sha256(url.encode()).hexdigest()[:24]
@@ -125,7 +190,7 @@ def download_files(fs, sources: dict[str, str], expected: dict[str, dict], local
     except ConfigError:
         raise
     except Exception as exc:  # as above, during the transfer
-        raise ConfigError(f"{what}: download failed: {explain(exc)}") from None
+        raise ConfigError(f"{what}: download failed: {explain(exc, endpoint_of(fs))}") from None
 
 
 def _checks(path: Path, meta: dict) -> bool:
