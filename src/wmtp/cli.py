@@ -14,7 +14,8 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
-from .config import ConfigError, dump_masked, load_config, load_recipe, parse_size
+from . import __version__
+from .config import ConfigError, dump_masked, load_config, load_recipe, parse_overrides, parse_size
 from .evaluate.settings import PROMPT_FORMATS, EvalSettings, ExecuteSettings, Sampling, Scoring, eval_files
 from .execution import BENCHMARKS
 from .execution.sandbox import Limits
@@ -24,10 +25,12 @@ from .tracking import tracking_uri
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wmtp", description="Weighted multi-token prediction")
+    parser.add_argument("--version", action="version", version=f"wmtp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model from a config (where/how) and a recipe (what)")
     train.add_argument("--config", required=True, type=Path)
     train.add_argument("--recipe", required=True, type=Path)
+    _add_overrides(train)
     train.add_argument("--run-name", help="directory under output_dir (default: <recipe name>-<time>)")
     train.add_argument("--tags", default="", help="comma-separated MLflow tags, e.g. a,b or key=value")
     train.add_argument("--resume", help="a checkpoint directory or URL, or `auto` for the run's latest checkpoint "
@@ -39,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
                           "(the model is built on the meta device; nothing is loaded or trained)")
     plan.add_argument("--config", required=True, type=Path)
     plan.add_argument("--recipe", required=True, type=Path)
+    _add_overrides(plan)
     plan.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
                       help="ranks (GPUs) the run will use (default: $WORLD_SIZE or 1)")
     plan.add_argument("--device-memory", type=_size, help="memory per device, e.g. 80GB: say whether it fits")
@@ -60,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
                            "and write the config's reference_cache")
     score.add_argument("--config", required=True, type=Path)
     score.add_argument("--recipe", required=True, type=Path)
+    _add_overrides(score)
     score.add_argument("--verbose", action="store_true", help="print tracebacks")
 
     evaluate = sub.add_parser("eval", formatter_class=_DefaultsShown,
@@ -132,6 +137,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one key of the config or the recipe, validated like the files' keys and "
+                        "recorded in the run (repeatable): --set train.max_steps=10 --set compute.seed=1; a config "
+                        "section's key goes to the config, any other to the recipe (or say config.KEY / recipe.KEY); "
+                        "the value is read as YAML")
+
+
+def load_inputs(args: argparse.Namespace):
+    """The config and the recipe of a command, with its `--set` overrides applied and validated."""
+    config_overrides, recipe_overrides, texts = parse_overrides(getattr(args, "overrides", []))
+    return (load_config(args.config, config_overrides, texts), load_recipe(args.recipe, recipe_overrides, texts))
+
+
 class _DefaultsShown(argparse.HelpFormatter):
     """Help that gives each option's default as it would be typed (a None or False default is "off": not shown)."""
 
@@ -181,13 +200,15 @@ def _summary(result: dict, run_dir: Path, run_url: str | None = None) -> str:
     ev = result["eval"]
     if "val/loss" in ev:
         initial = ev.get("initial_val_loss")
-        lines.append(f"validation loss {ev['val/loss']:.4f}" + (f" (initial {initial:.4f})" if initial else ""))
+        at = f" at step {result['eval_step']}" if result.get("eval_step") is not None else ""
+        lines.append(f"validation{at}: loss {ev['val/loss']:.4f}" + (f" (initial {initial:.4f})" if initial else ""))
         lines.append("head  CE      ppl       top-1 acc")
-        h = 0
-        while f"val/ce_head{h}" in ev:
-            lines.append(f"{h:<5} {ev[f'val/ce_head{h}']:<7.4f} {ev[f'val/ppl_head{h}']:<9.2f} "
-                         f"{ev[f'val/acc_head{h}']:.4f}")
-            h += 1
+        for h in range(result.get("n_heads", 0)):
+            if f"val/ce_head{h}" in ev:
+                lines.append(f"{h:<5} {ev[f'val/ce_head{h}']:<7.4f} {ev[f'val/ppl_head{h}']:<9.2f} "
+                             f"{ev[f'val/acc_head{h}']:.4f}")
+            else:  # no valid pair of this head in the validation sequences: nothing was measured
+                lines.append(f"{h:<5} -       -         -        (no target in the validation data)")
     lines.append(f"checkpoint: {result['checkpoint']}")
     if result["final_model"]:
         lines.append(f"final model: {result['final_model']}")
@@ -198,8 +219,7 @@ def _summary(result: dict, run_dir: Path, run_url: str | None = None) -> str:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    recipe = load_recipe(args.recipe)
+    config, recipe = load_inputs(args)
     from .weighting import scheme_settings
 
     scheme_settings(recipe)  # the scheme's own sections, checked before the heavy imports below
@@ -210,7 +230,7 @@ def train_command(args: argparse.Namespace) -> int:
     run_dir, run_url = _run_location(config, args)
 
     from . import distributed as dist_utils
-    from .checkpoint import TOKENIZER_DIR
+    from .checkpoint import TOKENIZER_DIR, checkpoint_step
     from .mirror import RunMirror, check_writable, remote_run_exists
     from .setup import describe_plan, dry_run_report, prepare
     from .train import Trainer, find_resume
@@ -220,21 +240,27 @@ def train_command(args: argparse.Namespace) -> int:
         if run_url is not None and info.is_main:
             check_writable(run_url)
         resume = find_resume(args.resume, run_dir, info, run_url)
-        if resume is None and not args.dry_run and info.is_main and (
+        if resume is None and args.resume is None and info.is_main and (
                 (run_dir.is_dir() and any(run_dir.iterdir())) or (run_url and remote_run_exists(run_url))):
             raise ConfigError(f"{run_url or run_dir} already holds a run: pass --resume auto to continue it or "
                               "another --run-name")
+        would = "would resume" if args.dry_run else "resuming"
+        start = (f"{would} from {resume} (step {checkpoint_step(resume)})" if resume is not None else
+                 f"no checkpoint of {run_url or run_dir} found: {'would start' if args.dry_run else 'starting'} at "
+                 "step 0" if args.resume == "auto" else None)
         setup = prepare(config, recipe, info, tokenizer_dir=resume / TOKENIZER_DIR if resume else None)
+        tracking = tracking_uri(config.mlflow, run_dir.parent) if config.mlflow.enabled else "disabled"
+        where = f"{run_url} (written first to {run_dir})" if run_url else str(run_dir)
         if args.dry_run:
             report = dry_run_report(setup)
             if info.is_main:
-                tracking = (tracking_uri(config.mlflow, run_dir.parent) if config.mlflow.enabled else "disabled")
-                where = f"{run_url} (written first to {run_dir})" if run_url else str(run_dir)
-                print(describe_plan(setup, where, report, tracking))
+                print(describe_plan(setup, where, tracking, report))
                 print(_memory_lines(config, recipe, info.world_size, args.device_memory, len(setup.tokenizer)))
-                print("dry run: configuration, data, tokenizer, model and weighting are valid; nothing was trained "
-                      "or written")
+                print("\n".join(filter(None, [start, "dry run: configuration, data, tokenizer, model and weighting "
+                                               "are valid; nothing was trained or written"])))
             return 0
+        if info.is_main:
+            print("\n".join(filter(None, [describe_plan(setup, where, tracking), start])), flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         storage = config.storage
         mirror = None if run_url is None else RunMirror(
@@ -283,7 +309,7 @@ def _memory_lines(config, recipe, world_size: int, device_memory: int | None, vo
 
 
 def plan_command(args: argparse.Namespace) -> int:
-    config, recipe = load_config(args.config), load_recipe(args.recipe)
+    config, recipe = load_inputs(args)
     from .weighting import scheme_settings
 
     scheme_settings(recipe)
@@ -322,8 +348,7 @@ def convert_meta_command(args: argparse.Namespace) -> int:
 
 
 def score_reference_command(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    recipe = load_recipe(args.recipe)
+    config, recipe = load_inputs(args)
 
     from .distributed import resolve_device
     from .reference_cache import write_cache
