@@ -219,3 +219,15 @@ def test_head_accuracy_chart_has_integer_ticks_grouped_bars_and_a_legend_off_the
     for axes in fig.axes:
         legend = axes.get_legend()
         assert legend is not None and not legend.get_window_extent(renderer).overlaps(axes.get_window_extent(renderer))
+
+
+def test_a_zero_of_n_pass_at_1_is_shown_with_an_interval_that_does_not_collapse():
+    from wmtp.cli import _passk_lines
+    from wmtp.evaluate.passk import summarize
+    from wmtp.evaluate.report import pass_cell
+
+    records = [{"benchmark": "humaneval", "task_id": f"t{i}", "sample": 0, "passed": False} for i in range(20)]
+    entry = summarize(records, [1])["benchmarks"]["humaneval"]["pass@k"]["pass@1"]
+    assert pass_cell(entry) == "0.0 [0.0, 0.0] W[0.0, 16.1]"
+    lines = _passk_lines({"passk": summarize(records, [1])})
+    assert lines[0] == "humaneval: 20 problems, n=1: pass@1 0.0 [0.0, 0.0] W[0.0, 16.1]" and "Wilson" in lines[1]

@@ -373,17 +373,16 @@ def score_reference_command(args: argparse.Namespace) -> int:
 
 
 def _passk_lines(results: dict) -> list[str]:
+    from .evaluate.report import pass_cell
+
     lines = []
     passk = results.get("passk", {})
     for benchmark, entry in passk.get("benchmarks", {}).items():
-        cells = []
-        for name, value in entry["pass@k"].items():
-            if value is None:
-                cells.append(f"{name} missing (k > n)")
-                continue
-            low, high = value["ci95"]
-            cells.append(f"{name} {100 * value['mean']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]")
+        cells = [f"{name} missing (k > n)" if value is None else f"{name} {pass_cell(value)}"
+                 for name, value in entry["pass@k"].items()]
         lines.append(f"{benchmark}: {entry['problems']} problems, n={entry['n']}: " + ", ".join(cells))
+    if passk.get("benchmarks"):
+        lines.append("(pass@k in %, [95% bootstrap interval over problems], W[95% Wilson score interval])")
     if passk.get("note"):
         ks = ",".join(map(str, passk.get("ks", [])))
         lines.append(f"pass@k: {passk['note']}; run `wmtp execute {shlex.quote(str(results.get('generations')))} "

@@ -7,6 +7,7 @@ Deterministic given the seed: every rank builds the same model and the same sequ
 
 from __future__ import annotations
 
+import sys
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,7 +142,7 @@ def prepare(config: Config, recipe: Recipe, info: DistInfo, *, tokenizer_dir: Pa
     """Everything a run needs before its first step; raises ConfigError on the first bad value."""
     if config.compute.threads is not None:
         torch.set_num_threads(config.compute.threads)
-    if not config.logging.progress:
+    if not config.logging.progress or not sys.stderr.isatty():  # a log file gets no carriage-return bars
         quiet_library_progress()
     settings = scheme_settings(recipe)
     torch.manual_seed(config.compute.seed)

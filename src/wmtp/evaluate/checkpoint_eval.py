@@ -98,7 +98,7 @@ def load_for_evaluation(config: Config, settings: EvalSettings) -> tuple[MTPMode
 
 
 def _evaluate(config: Config, recipe: Recipe | None, settings: EvalSettings, info: DistInfo) -> tuple[Path, dict]:
-    if not config.logging.progress or not info.is_main:
+    if not config.logging.progress or not info.is_main or not sys.stderr.isatty():
         quiet_library_progress()
     device = info.device
     model, tokenizer, run_dir = load_for_evaluation(config, settings)

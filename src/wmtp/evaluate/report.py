@@ -29,11 +29,17 @@ def _fmt(value, spec: str = ".4f") -> str:
     return MISSING if value is None else format(value, spec)
 
 
-def _pass_cell(entry) -> str:
+def pass_cell(entry: dict | None) -> str:
+    """A pass@k value in percent with its bootstrap interval and, where the summary has it, its Wilson interval
+    (which does not collapse to a point at 0/n or n/n): `3.2 [1.8, 4.8] W[2.0, 5.1]`."""
     if entry is None:
         return MISSING
     low, high = entry["ci95"]
-    return f"{100 * entry['mean']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+    cell = f"{100 * entry['mean']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+    if entry.get("wilson95") is not None:
+        low, high = entry["wilson95"]
+        cell += f" W[{100 * low:.1f}, {100 * high:.1f}]"
+    return cell
 
 
 def find_results(run: Path) -> tuple[Path, dict]:
@@ -66,7 +72,7 @@ def markdown(names: list[str], results: list[dict]) -> str:
     benchmarks = sorted({b for r in results for b in r.get("passk", {}).get("benchmarks", {})})
     ks = sorted({k for r in results for k in r.get("passk", {}).get("ks", [])})
     if benchmarks:
-        lines += ["## pass@k (%) with 95% bootstrap CI over problems", "",
+        lines += ["## pass@k (%) with 95% bootstrap CI over problems and W[95% Wilson score interval]", "",
                   "| run | benchmark | problems | n | " + " | ".join(f"pass@{k}" for k in ks) + " |",
                   "|---|---|---|---|" + "---|" * len(ks)]
         for name, res in zip(names, results, strict=True):
@@ -75,7 +81,7 @@ def markdown(names: list[str], results: list[dict]) -> str:
                 if entry is None:
                     lines.append(f"| {name} | {b} | {MISSING} | {MISSING} | " + " | ".join([MISSING] * len(ks)) + " |")
                     continue
-                cells = [_pass_cell(entry["pass@k"].get(f"pass@{k}")) for k in ks]
+                cells = [pass_cell(entry["pass@k"].get(f"pass@{k}")) for k in ks]
                 lines.append(f"| {name} | {b} | {entry['problems']} | {entry['n']} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += _paired_lines(names, results, ks)
