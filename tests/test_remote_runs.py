@@ -6,6 +6,7 @@ credentials, a missing bucket, MLflow artifacts in S3, and two ranks uploading t
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import shutil
 import socket
@@ -91,6 +92,18 @@ def keys(client, bucket: str, prefix: str) -> list[str]:
     return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
 
 
+def remote_record(client, bucket: str, run: str) -> tuple[dict, list[dict]]:
+    """A run's run.json and metrics.jsonl lines in the bucket."""
+    def read(name: str) -> str:
+        return client.get_object(Bucket=bucket, Key=f"runs/{run}/{name}")["Body"].read().decode()
+
+    return json.loads(read("run.json")), [json.loads(line) for line in read("metrics.jsonl").splitlines()]
+
+
+def train_steps(metrics: list[dict]) -> list[int]:
+    return [m["step"] for m in metrics if "train/loss" in m]
+
+
 def test_a_run_lost_mid_training_resumes_from_s3_with_the_same_final_weights(s3, s3_server, tmp_path, monkeypatch,
                                                                             capsys):
     client, bucket = s3
@@ -108,9 +121,10 @@ def test_a_run_lost_mid_training_resumes_from_s3_with_the_same_final_weights(s3,
     local = sorted(p.name for p in (staging / "full" / "checkpoints").iterdir())
     assert local == ["step-00000004", "step-00000006"]  # keep_last bounds the local disk too
 
-    # the same run, whose store goes down right after its step-2 checkpoint is complete: the next upload fails
-    # after its retries and the run stops with an error naming the checkpoint and the URL
-    proxy = CuttableProxy(s3_server, "runs/lost/checkpoints/step-00000002/_COMPLETE.json")
+    # the same run, whose store goes down right after its step-2 checkpoint is complete and the run's records as of
+    # that step are copied to the run's top level (run.json the last of them, by name): the next upload fails after
+    # its retries and the run stops with an error naming the checkpoint and the URL
+    proxy = CuttableProxy(s3_server, "runs/lost/run.json")
     use_endpoint(monkeypatch, proxy.url)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
     assert main(train_args(tmp_path, "lost", config=config, recipe=STEPS)) == 1
@@ -119,6 +133,8 @@ def test_a_run_lost_mid_training_resumes_from_s3_with_the_same_final_weights(s3,
     proxy.close()
     remote = keys(client, bucket, "runs/lost/")
     assert [k for k in remote if k.endswith(COMPLETE)] == ["runs/lost/checkpoints/step-00000002/_COMPLETE.json"]
+    assert remote_record(client, bucket, "lost")[0]["params"]  # the bucket has the run's records as of step 2
+    assert train_steps(remote_record(client, bucket, "lost")[1]) == [1, 2]
 
     # the machine is lost: its local run directory is gone; another machine resumes from S3
     use_endpoint(monkeypatch, s3_server)
@@ -129,6 +145,11 @@ def test_a_run_lost_mid_training_resumes_from_s3_with_the_same_final_weights(s3,
     for key in full:
         assert torch.equal(full[key], resumed[key]), key
     assert "runs/lost/final/_COMPLETE.json" in keys(client, bucket, "runs/lost/")
+    # the records of the lost machine's steps came back with the checkpoint and were continued: every step once
+    record, metrics = remote_record(client, bucket, "lost")
+    assert record["params"] == remote_record(client, bucket, "full")[0]["params"] and record["status"] == "FINISHED"
+    assert train_steps(metrics) == [1, 2, 3, 4, 5, 6]
+    assert [m["step"] for m in metrics if "val/loss_initial" in m] == [0]
 
     # no credential in anything the runs wrote: local files, the MLflow store, the uploaded objects
     for path in staging.rglob("*"):
@@ -263,8 +284,6 @@ def test_writer_rank_partitions_a_checkpoint_between_ranks():
 
 @pytest.mark.slow
 def test_two_ranks_upload_their_own_shards_and_rank0_marks_the_checkpoint_complete(s3, s3_server, tmp_path):
-    import json
-
     client, bucket = s3
     config = {**REMOTE, "output_dir": f"s3://{bucket}/runs", "compute": {"distributed": "fsdp2"}}
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}

@@ -7,6 +7,8 @@ A checkpoint is a directory `checkpoints/step-00000100/` holding
 - `rng-rank<r>.json`: the RNG state of rank r;
 - `mtp.json` and `config.json`: the MTP shape and the base model's config (to rebuild the model around the state);
 - `tokenizer/`, and `scheme.safetensors` when the weighting scheme has trainable state (the critic's value head);
+- `records/`: the run's run.json, metrics.jsonl, config.yaml and recipe.yaml as they were at this step (a resume
+  continues them: tracking.py);
 - `trainer_state.json`, written last: step, data position, scheduler, early-stopping and scheme state, the MLflow
   run id. The directory is filled under a hidden name and renamed only after that, so a save killed at any point
   leaves no `step-*` directory; its leftovers are removed on the next save or resume.
@@ -112,10 +114,12 @@ def save_model(model: MTPModel, directory: Path, tokenizer, info: DistInfo, max_
 
 def save_checkpoint(run_dir: Path, step: int, model: MTPModel, optimizer: torch.optim.Optimizer, scheduler,
                     trainer_state: dict, tokenizer, info: DistInfo, keep_last: int,
-                    scheme_tensors: dict[str, torch.Tensor] | None = None, prune: bool = True) -> Path:
+                    scheme_tensors: dict[str, torch.Tensor] | None = None, prune: bool = True,
+                    extra_files: dict[str, Path] | None = None) -> Path:
     """Every rank writes its shards and RNG state in parallel; rank 0 then writes the rest, `trainer_state.json`
     last, renames the directory into place and (with `prune`) removes old checkpoints. Returns the checkpoint's
-    path. On a node whose disk rank 0 does not share, the other ranks rename their own part into place."""
+    path. On a node whose disk rank 0 does not share, the other ranks rename their own part into place.
+    `extra_files` (name in the checkpoint -> file) are copied in by rank 0: the run's records as of this step."""
     root = run_dir / "checkpoints"
     target = root / checkpoint_name(step)
     partial = root / f".{target.name}.partial"
@@ -140,6 +144,9 @@ def save_checkpoint(run_dir: Path, step: int, model: MTPModel, optimizer: torch.
         tokenizer.save_pretrained(partial / TOKENIZER_DIR)
         if scheme_tensors:  # a weighting scheme's own trainable state (the critic's value head)
             save_file(scheme_tensors, partial / SCHEME_FILE)
+        for name, source in (extra_files or {}).items():
+            (partial / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, partial / name)
         full = {**trainer_state, "step": step, "scheduler": scheduler.state_dict(),
                 "optimizer_param_groups": optimizer.state_dict()["param_groups"],
                 "has_optimizer_state": has_optimizer_state, "world_size": info.world_size}

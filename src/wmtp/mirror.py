@@ -12,12 +12,16 @@ mirrored to `<output_dir>/<run name>`:
 - local disk stays bounded: at most `checkpoint.keep_last` checkpoints wait for upload (a save waits for the
   queue), and a local checkpoint is deleted once `keep_last` newer ones exist and it is complete remotely. The
   remote side keeps `keep_last` complete checkpoints too.
-- the final model (`final/`, with its own `_COMPLETE.json`) and the run's other files are uploaded at the end;
-  the run returns only when every upload is done.
+- the checkpoint's copy of the run's records (`records/`: run.json, metrics.jsonl, config.yaml, recipe.yaml as of
+  its step) is copied to the run's top level once the checkpoint is complete, so the store holds the run's
+  parameters and metrics even when the machine is lost before the end.
+- the final model (`final/`, with its own `_COMPLETE.json`) and the run's other files are uploaded at the end,
+  the records last, after the run's status is final; the run returns only when every upload is done.
 
 Resuming (`--resume auto`) lists the remote run and downloads its latest complete checkpoint (checking each file's
 size against the marker) unless a newer one is already on local disk, so a run whose machine is lost continues on
-another machine. Credentials come from the storage library's standard chain; nothing here prints one.
+another machine, its records (params, every step's metrics) continued from the checkpoint's copy. Credentials
+come from the storage library's standard chain; nothing here prints one.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pathlib import Path
 
 from .config import ConfigError
 from .storage import WORKERS, StorageError, cache_root, download_files, endpoint_of, explain, is_remote
+from .tracking import RECORD_FILES, RECORDS_DIR
 
 COMPLETE = "_COMPLETE.json"
 RANK_MARKER = "_UPLOADED-rank{rank}"
@@ -233,8 +238,18 @@ class RunMirror:
                     sizes[f] = self.fs.info(f"{remote}/{f}")["size"]
         step = int(directory.name.split("-")[1])
         self._mark(remote, COMPLETE, {"step": step, "files": sizes}, what)
+        self._publish_records(remote, sorted(f for f in sizes if f.startswith(f"{RECORDS_DIR}/")), what)
         self._retry(f"{what} (then removing older checkpoints)", self._prune_remote)
         self._retry(f"{what} (then removing older local checkpoints)", lambda: self._prune_local(step))
+
+    def _publish_records(self, remote: str, records: list[str], what: str) -> None:
+        """Copy the checkpoint's records (run.json, metrics.jsonl, ...) to the run's top level in the store, where
+        they stand for the run as of its newest complete checkpoint even if the machine is lost before the end. A
+        copy inside the store: nothing is uploaded twice."""
+        for rel in records:
+            name = rel.split("/", 1)[1]
+            self._retry(f"{what} (then the run's {name})",
+                        lambda rel=rel, name=name: self.fs.copy(f"{remote}/{rel}", f"{self.root}/{name}"))
 
     def _wait_for_ranks(self, remote: str, what: str) -> None:
         deadline = time.monotonic() + self.wait_seconds
@@ -256,8 +271,17 @@ class RunMirror:
         self._mark(remote, COMPLETE, {"files": {f: (directory / f).stat().st_size for f in files}}, what)
 
     def _rest(self, directory: Path, what: str) -> None:
-        files = [f for f in self._files(directory) if f.split("/")[0] not in (CHECKPOINTS, FINAL)]
+        files = [f for f in self._files(directory) if f.split("/")[0] not in (CHECKPOINTS, FINAL)
+                 and f not in RECORD_FILES]  # the records go last (upload_records), once their status is final
         self._upload(directory, self.root, files, what)
+
+    def upload_records(self) -> None:
+        """Upload the run's records (run.json with its final status, metrics.jsonl, config.yaml, recipe.yaml) after
+        the tracker has ended the run and every other upload is done (rank 0; other ranks have none)."""
+        if self.rank != 0:
+            return
+        self._upload(self.local, self.root, [f for f in RECORD_FILES if (self.local / f).is_file()],
+                     "the run's records")
 
     def _prune_local(self, newest_complete: int | None) -> None:
         """Delete local checkpoints older than the newest `keep_last`, up to the newest one complete remotely (rank 0

@@ -3,7 +3,10 @@ does nothing.
 
 Besides MLflow (when enabled), a training run keeps its own record in its directory, readable without MLflow:
 `run.json` (name, parameters, status) and `metrics.jsonl` (one line per logged step: {"step": s, name: value}).
-`wmtp compare` reads either.
+`wmtp compare` reads either. Every checkpoint keeps a copy of these records (and of the run's config.yaml and
+recipe.yaml) as they were at its step, in `records/`; a run resumed from it continues that copy of
+metrics.jsonl, so the records hold every step once, and a run directory that was lost (a machine resuming from
+object storage) gets its records back (`restore_records`).
 
 By default the store is a local sqlite file shared by all runs under the output directory
 (`<output_dir>/mlflow.db`, artifacts in `<output_dir>/mlartifacts`), so runs can be compared side by side
@@ -14,12 +17,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from .atomic import atomic_file
-from .config import Tracking
+from .config import RUN_CONFIG_FILE, RUN_RECIPE_FILE, Tracking
 
 
 def tracking_uri(settings: Tracking, output_dir: Path) -> str:
@@ -28,17 +32,37 @@ def tracking_uri(settings: Tracking, output_dir: Path) -> str:
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
+RECORDS_DIR = "records"  # a checkpoint's copy of the run's records as of its step
+RECORD_FILES = (RUN_FILE, METRICS_FILE, RUN_CONFIG_FILE, RUN_RECIPE_FILE)
+
+
+def restore_records(checkpoint: Path, run_dir: Path) -> list[str]:
+    """Copy the records a checkpoint keeps into `run_dir` where the run directory has lost them (a run resumed on
+    another machine from object storage); returns the names copied. Files still there are kept: metrics.jsonl is
+    continued from the checkpoint's copy by the resumed run's Tracker, the others do not change during a run."""
+    restored = []
+    for name in RECORD_FILES:
+        saved = checkpoint / RECORDS_DIR / name
+        if saved.is_file() and not (run_dir / name).is_file():
+            with atomic_file(run_dir / name) as tmp:
+                shutil.copyfile(saved, tmp)
+            restored.append(name)
+    return restored
 
 
 class Tracker:
     def __init__(self, settings: Tracking, output_dir: Path, run_name: str, *, active: bool,
                  tags: dict[str, str] | None = None, resume_run_id: str | None = None,
-                 record_dir: Path | None = None) -> None:
+                 record_dir: Path | None = None, resumed_from: Path | None = None) -> None:
+        """`resumed_from`: the checkpoint a resumed run starts from; its copy of metrics.jsonl replaces the run's,
+        dropping the lines the stopped run logged after that step (the resumed run logs those steps again)."""
         self.active = active and settings.enabled
         self.run_id: str | None = None
         self.tracking_uri: str | None = None
         self.record_dir = record_dir if active else None  # run.json and metrics.jsonl (rank 0)
         if self.record_dir is not None:
+            if resumed_from is not None:
+                self._continue_metrics(resumed_from / RECORDS_DIR)
             self._update_record(name=run_name, status="RUNNING", **({"tags": tags} if tags else {}))
         if not self.active:
             return
@@ -76,6 +100,26 @@ class Tracker:
             return True
         except MlflowException:
             return False
+
+    def _continue_metrics(self, saved: Path) -> None:
+        """metrics.jsonl as the checkpoint's copy `saved/` has it (absent there: nothing was logged by then). A
+        checkpoint written before checkpoints kept records has no `saved/`: the run's file is left as it is."""
+        if not saved.is_dir():
+            return
+        path = self.record_dir / METRICS_FILE
+        if not (saved / METRICS_FILE).is_file():
+            path.unlink(missing_ok=True)
+            return
+        with atomic_file(path) as tmp:
+            shutil.copyfile(saved / METRICS_FILE, tmp)
+
+    def record_files(self) -> dict[str, Path]:
+        """The run's records as they are now, by the name a checkpoint keeps them under (`records/metrics.jsonl`,
+        ...): what `save_checkpoint` copies so that a resume continues them. Empty on ranks other than 0."""
+        if self.record_dir is None:
+            return {}
+        return {f"{RECORDS_DIR}/{name}": self.record_dir / name for name in RECORD_FILES
+                if (self.record_dir / name).is_file()}
 
     def _update_record(self, **fields) -> None:
         path = self.record_dir / RUN_FILE

@@ -43,7 +43,7 @@ from .optim import lr_lambda, make_optimizer
 from .plan import flops_per_token, peak_flops
 from .setup import RunSetup
 from .storage import StorageError, is_remote
-from .tracking import METRICS_FILE, Progress, Tracker
+from .tracking import METRICS_FILE, Progress, Tracker, restore_records
 from .weighting.base import RunHooks, StepBatch
 
 
@@ -173,7 +173,8 @@ class Trainer:
         if overrides:  # the values are in the params; the tag says which came from this start's command line
             tags = {**(tags or {}), "wmtp.overrides": overrides}
         self.tracker = Tracker(self.config.mlflow, run_dir.parent, run_name, active=self.info.is_main,
-                               tags=tags, resume_run_id=state.get("mlflow_run_id"), record_dir=run_dir)
+                               tags=tags, resume_run_id=state.get("mlflow_run_id"), record_dir=run_dir,
+                               resumed_from=resume)
         if resume is None:
             self.tracker.log_params({**flatten(self.config, "config"), **flatten(self.recipe, "recipe"),
                                      **flatten(setup.scheme_settings, "recipe"),
@@ -304,7 +305,8 @@ class Trainer:
                  **({"scheme": scheme_state} if scheme_state else {})}
         path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, state,
                                self.s.tokenizer, self.info, self.config.checkpoint.keep_last, scheme_tensors,
-                               prune=self.mirror is None)  # a mirror prunes what it has uploaded
+                               prune=self.mirror is None,  # a mirror prunes what it has uploaded
+                               extra_files=self.tracker.record_files())
         if self.mirror is not None:
             self.mirror.checkpoint(path)
         return path
@@ -421,6 +423,8 @@ class Trainer:
             progress.close()
         self.tracker.set_tags({"wmtp.status": status, "wmtp.reason": reason, "wmtp.step": str(self.step)})
         self.tracker.end(status)
+        if self.mirror is not None:
+            self.mirror.upload_records()  # after end: the store's run.json has the final status
         return {"status": status, "reason": reason, "step": self.step, "total_steps": self.plan.total_steps,
                 "checkpoint": str(checkpoint) if checkpoint else None, "final_model": str(final) if final else None,
                 "eval": self.last_eval, "eval_step": self.last_eval_step, "n_heads": self.model.n_heads,
@@ -487,6 +491,15 @@ def find_resume(resume: str | None, run_dir: Path, info: DistInfo | None = None,
 
 
 def _find_resume(resume: str, run_dir: Path, run_url: str | None) -> Path | None:
+    """The checkpoint to resume from, with the run's records it keeps copied back into `run_dir` where they are
+    missing (a run directory lost with its machine)."""
+    path = _checkpoint_to_resume(resume, run_dir, run_url)
+    if path is not None:
+        restore_records(path, run_dir)
+    return path
+
+
+def _checkpoint_to_resume(resume: str, run_dir: Path, run_url: str | None) -> Path | None:
     if resume == "auto":
         remove_partial_checkpoints(run_dir)
         found = list_checkpoints(run_dir)
