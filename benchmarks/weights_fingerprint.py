@@ -1,9 +1,11 @@
-"""Fingerprints of the final weights of three fixed runs, to show that a change of structure changed no result.
+"""Fingerprints of the final weights of five fixed runs, to show that a change of structure changed no result.
 
 Runs, each through the `wmtp` command with one torch thread (summation order fixed):
 - `demo`: `configs/demo-config.yaml` + `configs/demo-recipe.yaml` (200 steps, about 4 minutes here);
 - `rho1`: a tiny next-token reference, then a tiny Rho-1 `weighted` run against it (online reference);
-- `critic`: a tiny Critic-WMTP run on a marker corpus (labels reward), stage 1 then stage 2.
+- `critic`: a tiny Critic-WMTP run on a marker corpus (labels reward), stage 1 then stage 2;
+- `gradnorm`: a tiny gradient-norm weighted run (signal norm, weights up);
+- `grpo`: a tiny GRPO run: completions sampled from the model, rewarded when prompt + completion parses.
 
 Prints and writes `<out>/fingerprints.json`: per run, the SHA-256 of every tensor of the final model's
 safetensors files (and of the critic's value head). Run it before and after a change and compare:
@@ -77,7 +79,7 @@ def tensor_digests(directory: Path) -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--runs", nargs="+", default=["demo", "rho1", "critic"])
+    parser.add_argument("--runs", nargs="+", default=["demo", "rho1", "critic", "gradnorm", "grpo"])
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -92,6 +94,9 @@ def main() -> None:
         marker_lines.append(json.dumps({"text": " ".join(words), "label": int(i % 2 == 0)}) + "\n")
     marker = out / "marker.jsonl"
     marker.write_text("".join(marker_lines))
+    prompts = out / "prompts.jsonl"  # a function's first line as the prompt, its body as the completion
+    prompts.write_text("".join(json.dumps(dict(zip(("prompt", "completion"), s.split("\n", 1), strict=True))) + "\n"
+                               for s in SNIPPETS))
 
     fingerprints = {}
     if "demo" in args.runs:
@@ -112,6 +117,17 @@ def main() -> None:
         run = train(out, "critic", config, recipe)
         fingerprints["critic"] = tensor_digests(run / "final") | {
             f"critic/{k}": v for k, v in tensor_digests(run / "critic").items()}
+    if "gradnorm" in args.runs:
+        run = train(out, "gradnorm", tiny_config(out, {"snippets": str(snippets)}),
+                    tiny_recipe("snippets", algorithm="gradnorm", gradnorm={"signal": "norm", "direction": "up"}))
+        fingerprints["gradnorm"] = tensor_digests(run / "final")
+    if "grpo" in args.runs:
+        recipe = tiny_recipe("prompts", algorithm="grpo", mtp={"n_heads": 2},
+                             grpo={"reward": {"kind": "verifiable", "check": "parses"}, "group_size": 4,
+                                   "max_new_tokens": 8},
+                             schedule={"kind": "constant"}, train={"micro_batch_size": 8, "max_steps": 3})
+        run = train(out, "grpo", tiny_config(out, {"prompts": str(prompts)}), recipe)
+        fingerprints["grpo"] = tensor_digests(run / "final")
     (out / "fingerprints.json").write_text(json.dumps(fingerprints, indent=1, sort_keys=True))
     for name, digests in fingerprints.items():
         combined = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
