@@ -29,16 +29,16 @@ clean:
 # The embedded demo: a small Llama-family model, a BPE tokenizer trained on the fly, the Python standard
 # library as corpus. Offline; a few minutes on 2 CPU cores.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/wmtp train --config configs/demo-config.yaml --recipe configs/demo-recipe.yaml
+	HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/wmtp train --config configs/env/demo.yaml --recipe configs/recipes/baseline-mtp/demo.yaml
 
 # The offline Rho-1 workflow: a next-token reference first, then Rho-1 weighted MTP against it.
 demo-rho1: $(STAMP)
-	HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/wmtp train --config configs/demo-config.yaml --recipe configs/demo-reference.yaml --run-name demo-reference --resume auto
-	HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/wmtp train --config configs/demo-rho1-config.yaml --recipe configs/demo-rho1.yaml
+	HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/wmtp train --config configs/env/demo.yaml --recipe configs/recipes/baseline-mtp/demo-reference.yaml --run-name demo-reference --resume auto
+	HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/wmtp train --config configs/env/demo-rho1.yaml --recipe configs/recipes/rho1/demo.yaml
 
 # The offline Critic-WMTP workflow: write a corpus where half the documents are corrupted (and do not parse),
 # then train with the value-function weights of a `parses as Python` reward (stage 1, then stage 2).
 demo-critic: $(STAMP)
 	$(PY) benchmarks/corrupted_corpus.py --out $${WMTP_OUTPUT_DIR:-runs}/critic-demo-data --chunking top-level \
 		--train-docs 1000 --validation-docs 100 --reference-docs 1000 --data-only
-	HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/wmtp train --config configs/demo-critic-config.yaml --recipe configs/demo-critic.yaml
+	HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/wmtp train --config configs/env/demo-critic.yaml --recipe configs/recipes/critic/demo.yaml

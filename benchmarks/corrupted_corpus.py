@@ -45,12 +45,13 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import torch  # noqa: E402
 
 from wmtp.config import Config, Recipe  # noqa: E402
-from wmtp.data import stdlib_files, train_bpe_tokenizer  # noqa: E402
-from wmtp.distributed import DistInfo, resolve_device  # noqa: E402
+from wmtp.data.sequences import train_bpe_tokenizer  # noqa: E402
+from wmtp.data.sources import stdlib_files  # noqa: E402
 from wmtp.evaluate.report import write_json  # noqa: E402
-from wmtp.rewards import parses_as_python  # noqa: E402
-from wmtp.setup import prepare  # noqa: E402
-from wmtp.train import Trainer  # noqa: E402
+from wmtp.runtime.distributed import DistInfo, resolve_device  # noqa: E402
+from wmtp.training.build import prepare  # noqa: E402
+from wmtp.training.trainer import Trainer  # noqa: E402
+from wmtp.weighting.rewards import parses_as_python  # noqa: E402
 
 MODEL = {"hidden_size": 192, "num_layers": 4, "num_attention_heads": 6, "num_key_value_heads": 2,
          "intermediate_size": 512, "max_position_embeddings": 1024, "tie_word_embeddings": True}

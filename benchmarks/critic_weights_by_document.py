@@ -21,14 +21,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from wmtp.critic_math import gae, td_errors, token_rewards  # noqa: E402
-from wmtp.data import Example, build_sequences, tokenize_examples  # noqa: E402
-from wmtp.distributed import DistInfo  # noqa: E402
+from wmtp.data.sequences import build_sequences, tokenize_examples  # noqa: E402
+from wmtp.data.sources import Example  # noqa: E402
 from wmtp.loss import IGNORE_INDEX, mtp_labels, per_target_to_heads  # noqa: E402
-from wmtp.model import MTPModel  # noqa: E402
-from wmtp.rewards import parses_as_python  # noqa: E402
-from wmtp.weighting.critic import CriticSettings, critic_weights  # noqa: E402
-from wmtp.weighting.critic_value import load_value_head  # noqa: E402
+from wmtp.model.mtp import MTPModel  # noqa: E402
+from wmtp.runtime.distributed import DistInfo  # noqa: E402
+from wmtp.weighting.critic.returns import gae, td_errors, token_rewards  # noqa: E402
+from wmtp.weighting.critic.scheme import CriticSettings, critic_weights  # noqa: E402
+from wmtp.weighting.critic.value import load_value_head  # noqa: E402
+from wmtp.weighting.rewards import parses_as_python  # noqa: E402
 
 
 def main(argv=None) -> int:

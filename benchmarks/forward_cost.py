@@ -33,8 +33,9 @@ def main() -> None:
 
     from transformers import DynamicCache
 
-    from wmtp.model import load_causal_lm
-    from wmtp.runtime import quiet_library_progress, resolve_model_path
+    from wmtp.model.build import resolve_model_path
+    from wmtp.model.mtp import load_causal_lm
+    from wmtp.runtime.tracking import quiet_library_progress
 
     quiet_library_progress()
     model = load_causal_lm(resolve_model_path(MODEL)).eval()

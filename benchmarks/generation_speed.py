@@ -81,8 +81,9 @@ def main() -> None:
 
     from wmtp.evaluate.settings import Sampling
     from wmtp.execution.problems import load_problems
-    from wmtp.model import load_causal_lm
-    from wmtp.runtime import load_tokenizer_from, quiet_library_progress, resolve_model_path
+    from wmtp.model.build import load_tokenizer_from, resolve_model_path
+    from wmtp.model.mtp import load_causal_lm
+    from wmtp.runtime.tracking import quiet_library_progress
 
     quiet_library_progress()
     path = resolve_model_path(MODEL)

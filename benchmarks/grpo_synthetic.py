@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 from wmtp.config import Config, Recipe
-from wmtp.data import Example
-from wmtp.distributed import DistInfo
+from wmtp.data.sources import Example
 from wmtp.evaluate.compare import difference
-from wmtp.setup import prepare
-from wmtp.train import Trainer
+from wmtp.runtime.distributed import DistInfo
+from wmtp.training.build import prepare
+from wmtp.training.trainer import Trainer
 
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta", "zeta", "lambda"]
 

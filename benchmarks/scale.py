@@ -60,7 +60,7 @@ def mark_model_build(info) -> dict:
     before it builds the model; returns the dict it fills (`rss`, `cuda`)."""
     import torch
 
-    from wmtp import setup as setup_module
+    from wmtp.training import build as setup_module
 
     before = {}
     build = setup_module.build_model
@@ -80,10 +80,10 @@ def measure(config_path: str, recipe_path: str, steps: int, out: str) -> None:
     """One rank: set-up (measuring the resident set just before the model), steps, and the peak."""
     import torch
 
-    from wmtp import distributed as dist_utils
-    from wmtp import setup as setup_module
     from wmtp.config import load_config, load_recipe
-    from wmtp.train import Trainer
+    from wmtp.runtime import distributed as dist_utils
+    from wmtp.training import build as setup_module
+    from wmtp.training.trainer import Trainer
 
     config, recipe = load_config(config_path), load_recipe(recipe_path)
     info = dist_utils.init_distributed(config.compute.device)
@@ -103,7 +103,7 @@ def measure(config_path: str, recipe_path: str, steps: int, out: str) -> None:
 
 def run_case(size: str, world: int, strategy: str, checkpointing: str, device: str, steps: int) -> dict:
     from wmtp.config import load_config, load_recipe
-    from wmtp.plan import memory_plan
+    from wmtp.model.memory import memory_plan
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)

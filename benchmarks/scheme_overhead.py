@@ -79,10 +79,10 @@ def measure(config_path: str, recipe_path: str, warmup: int, steps: int, out: st
     import torch
     from scale import mark_model_build  # benchmarks/scale.py: the same memory measure
 
-    from wmtp import setup as setup_module
     from wmtp.config import load_config, load_recipe
-    from wmtp.distributed import DistInfo, resolve_device
-    from wmtp.train import Trainer
+    from wmtp.runtime.distributed import DistInfo, resolve_device
+    from wmtp.training import build as setup_module
+    from wmtp.training.trainer import Trainer
 
     config, recipe = load_config(config_path), load_recipe(recipe_path)
     info = DistInfo(0, 1, 0, resolve_device(config.compute.device))
@@ -114,7 +114,8 @@ def prepare_shared(directory: Path, args) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from wmtp.cli import main as wmtp_main
-    from wmtp.data import stdlib_files, train_bpe_tokenizer
+    from wmtp.data.sequences import train_bpe_tokenizer
+    from wmtp.data.sources import stdlib_files
 
     texts = [p.read_text(errors="ignore") for p in stdlib_files()[:args.files]]
     with (directory / "corpus.jsonl").open("w") as f:

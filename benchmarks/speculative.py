@@ -1,7 +1,7 @@
 """Greedy decoding speed: Hugging Face `generate` (KV cache) vs self-speculative decoding with the MTP heads.
 
 Model: `--model DIR`, a directory saved by wmtp (`runs/<run>/final` after `make demo`); by default the demo
-model is trained here first (configs/demo-config.yaml + configs/demo-recipe.yaml, about 3.5 minutes on 2 CPU
+model is trained here first (configs/env/demo.yaml + configs/recipes/baseline-mtp/demo.yaml, about 3.5 minutes on 2 CPU
 cores; `--train-steps` shortens it) and saved under `--output-dir`, whose path is printed for reuse.
 
 Prompts: `--prompts` windows of `--prompt-tokens` tokens at seeded random offsets of the recipe's held-out
@@ -36,11 +36,12 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from wmtp import MTPModel
 from wmtp.config import load_config, load_recipe
-from wmtp.data import load_examples, pad_token_id
-from wmtp.distributed import DistInfo
+from wmtp.data.sequences import pad_token_id
+from wmtp.data.sources import load_examples
 from wmtp.evaluate.speculative import SpeculativeResult, speculative_generate
-from wmtp.setup import prepare
-from wmtp.train import Trainer
+from wmtp.runtime.distributed import DistInfo
+from wmtp.training.build import prepare
+from wmtp.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,9 +92,9 @@ def pooled(results: list[SpeculativeResult]) -> SpeculativeResult:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a saved wmtp model directory (default: train the demo model first)")
-    parser.add_argument("--config", type=Path, default=ROOT / "configs/demo-config.yaml",
+    parser.add_argument("--config", type=Path, default=ROOT / "configs/env/demo.yaml",
                         help="config of the training run: its data sources give the held-out prompts")
-    parser.add_argument("--recipe", type=Path, default=ROOT / "configs/demo-recipe.yaml",
+    parser.add_argument("--recipe", type=Path, default=ROOT / "configs/recipes/baseline-mtp/demo.yaml",
                         help="recipe of the training run: its validation hold-out gives the prompts")
     parser.add_argument("--train-steps", type=int, help="optimizer steps when training the demo model "
                         "(default: the recipe's)")

@@ -1,11 +1,11 @@
 """Fingerprints of the final weights of five fixed runs, to show that a change of structure changed no result.
 
 Runs, each through the `wmtp` command with one torch thread (summation order fixed):
-- `demo`: `configs/demo-config.yaml` + `configs/demo-recipe.yaml` (200 steps, about 4 minutes here);
+- `demo`: `configs/env/demo.yaml` + `configs/recipes/baseline-mtp/demo.yaml` (200 steps, about 4 minutes here);
 - `rho1`: a tiny next-token reference, then a tiny Rho-1 `weighted` run against it (online reference);
 - `critic`: a tiny Critic-WMTP run on a marker corpus (labels reward), stage 1 then stage 2;
 - `gradnorm`: a tiny gradient-norm weighted run (signal norm, weights up);
-- `grpo`: a tiny GRPO run: completions sampled from the model, rewarded when prompt + completion parses.
+- `grpo`: a tiny GRPO run: completions sampled from the model, rewarded by the share of their digits.
 
 Prints and writes `<out>/fingerprints.json`: per run, the SHA-256 of every tensor of the final model's
 safetensors files (and of the critic's value head). Run it before and after a change and compare:
@@ -51,6 +51,12 @@ def tiny_recipe(train_source: str, **extra) -> dict:
             "train": {"micro_batch_size": 4, "max_steps": 4}, **extra}
 
 
+def digit_share(examples) -> list[float]:
+    """The GRPO run's reward (`kind: function`, `weights_fingerprint:digit_share`): the share of a completion's
+    characters that are digits, so the rewards of a group differ and the advantages are not all 0."""
+    return [sum(ch.isdigit() for ch in ex.completion) / max(len(ex.completion), 1) for ex in examples]
+
+
 def train(out: Path, name: str, config: dict | Path, recipe: dict | Path) -> Path:
     paths = []
     for kind, value in (("config", config), ("recipe", recipe)):
@@ -60,7 +66,8 @@ def train(out: Path, name: str, config: dict | Path, recipe: dict | Path) -> Pat
             value = path
         paths.append(value)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "WMTP_OUTPUT_DIR": str(out / "runs"), "WMTP_DEVICE": "cpu"}
+           "WMTP_OUTPUT_DIR": str(out / "runs"), "WMTP_DEVICE": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "wmtp", "train", "--config", str(paths[0]), "--recipe", str(paths[1]),
                "--run-name", name]
     subprocess.run(command, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -100,7 +107,7 @@ def main() -> None:
 
     fingerprints = {}
     if "demo" in args.runs:
-        run = train(out, "demo", ROOT / "configs/demo-config.yaml", ROOT / "configs/demo-recipe.yaml")
+        run = train(out, "demo", ROOT / "configs/env/demo.yaml", ROOT / "configs/recipes/baseline-mtp/demo.yaml")
         fingerprints["demo"] = tensor_digests(run / "final")
     if "rho1" in args.runs:
         datasets = {"snippets": str(snippets)}
@@ -123,8 +130,8 @@ def main() -> None:
         fingerprints["gradnorm"] = tensor_digests(run / "final")
     if "grpo" in args.runs:
         recipe = tiny_recipe("prompts", algorithm="grpo", mtp={"n_heads": 2},
-                             grpo={"reward": {"kind": "verifiable", "check": "parses"}, "group_size": 4,
-                                   "max_new_tokens": 8},
+                             grpo={"reward": {"kind": "function", "function": "weights_fingerprint:digit_share"},
+                                   "group_size": 4, "max_new_tokens": 8},
                              schedule={"kind": "constant"}, train={"micro_batch_size": 8, "max_steps": 3})
         run = train(out, "grpo", tiny_config(out, {"prompts": str(prompts)}), recipe)
         fingerprints["grpo"] = tensor_digests(run / "final")

@@ -9,24 +9,7 @@ import torch  # noqa: E402
 # Tiny models on a 2-core machine: one thread per process avoids oversubscription (and subprocesses inherit it).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-VOCAB = 97
-
-
-def tiny_llama(seed: int = 0, *, layers: int = 3, vocab: int = VOCAB, tie: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return GPT2LMHeadModel(config).eval()
+from helpers.models import tiny_gpt2, tiny_llama  # noqa: E402
 
 
 @pytest.fixture

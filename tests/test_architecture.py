@@ -16,17 +16,19 @@ from wmtp.weighting import SCHEMES
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "wmtp"
 
-# The layers of docs/architecture.md: a module may import modules of its own layer or below, never above.
+# The folders of docs/architecture.md and their layers: a module may import modules of its own layer or below,
+# never above. Every module of src/wmtp/ is in one of these (a new folder needs a row here and in the docs).
 LAYERS = {
-    "atomic": 0, "config": 0, "loss": 0,
-    "data": 1, "distributed": 1, "model": 1, "critic_math": 1, "tracking": 1, "optim": 1, "reference_cache": 1,
-    "execution": 1, "storage": 1, "mirror": 1,
-    "runtime": 2, "head_quality": 2, "rewards": 2, "checkpoint": 2, "meta_checkpoint": 2, "plan": 2,
+    "config": 0, "loss": 0, "runtime": 0,
+    "model": 1, "data": 1, "execution": 1,
+    "components": 2,
     "weighting": 3,
-    "setup": 4, "evaluate": 4,
-    "train": 5,
-    "cli": 6, "__main__": 6, "__init__": 6,
+    "training": 4, "evaluate": 4,
+    "cli": 5, "__main__": 5, "__init__": 5,
 }
+FOLDERS = {"runtime", "model", "data", "execution", "components", "weighting", "training", "evaluate"}
+# weighting/: the schemes (SCHEMES' modules) and what they share (base, rewards, per_head, reference)
+SCHEME_MODULES = {f"weighting.{name}" for name in SCHEMES.values()}
 
 
 def module_name(path: Path) -> str:
@@ -74,8 +76,57 @@ GRAPH = {module_name(p): runtime_imports(p) for p in PACKAGE.rglob("*.py")}
 
 
 def test_the_import_graph_is_read():
-    assert {"weighting.base", "distributed", "loss"} <= GRAPH["weighting.rho1"]
-    assert "execution.samples" in GRAPH["rewards"] and "setup" in GRAPH["train"]
+    assert {"weighting.base", "runtime.distributed", "loss"} <= GRAPH["weighting.rho1.scheme"]
+    assert "execution.samples" in GRAPH["weighting.rewards"] and "training.build" in GRAPH["training.trainer"]
+
+
+def test_the_folders_are_the_layers():
+    top = {p.name if p.is_dir() else p.stem for p in PACKAGE.iterdir() if p.name != "__pycache__"}
+    assert {p for p in top if (PACKAGE / p).is_dir()} == FOLDERS
+    assert top == set(LAYERS), sorted(top ^ set(LAYERS))
+
+
+def scheme_of(module: str) -> str | None:
+    """The scheme module `module` belongs to (weighting.rho1 for weighting.rho1.cache), or None."""
+    return next((s for s in SCHEME_MODULES if module == s or module.startswith(s + ".")), None)
+
+
+@pytest.mark.parametrize("module", sorted(m for m in GRAPH if scheme_of(m)))
+def test_a_scheme_never_imports_another_scheme(module):
+    others = {m for m in GRAPH[module] if scheme_of(m) not in (None, scheme_of(module))}
+    assert not others, f"{module} imports {sorted(others)}: a hybrid reaches its parts through SCHEMES"
+
+
+def private_imports(path: Path) -> list[str]:
+    """`from <module> import _name` of another module (relative or absolute wmtp imports)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith("wmtp")):
+            found += [f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_")
+                      and not a.name.startswith("__")]
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_private_name_is_imported_across_modules(path):
+    assert not private_imports(path), private_imports(path)
+
+
+@pytest.mark.parametrize("path", sorted(p for folder in ("benchmarks", "experiments", "tools")
+                                        for p in (ROOT / folder).rglob("*.py")),
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_benchmarks_experiments_and_tools_use_public_names_only(path):
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("wmtp"):
+            if any(part.startswith("_") for part in node.module.split(".")):
+                found.append(node.module)
+            found += [f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            base = ast.unparse(node.value)
+            if base.startswith("wmtp") or base in {"model", "scheme", "trainer", "setup"}:
+                found.append(f"{base}.{node.attr}")
+    assert not found, found
 
 
 @pytest.mark.parametrize("module", sorted(GRAPH))
@@ -107,8 +158,7 @@ def test_no_import_circles():
 def test_execution_imports_nothing_from_training_or_evaluation():
     for module, imports in GRAPH.items():
         if module.startswith("execution"):
-            assert not {m for m in imports if m.split(".")[0] in ("train", "setup", "weighting", "evaluate",
-                                                                     "rewards", "cli")}, module
+            assert not {m for m in imports if m.split(".")[0] in ("training", "weighting", "evaluate", "cli")}, module
 
 
 def test_nothing_outside_weighting_branches_on_the_algorithm_name():
@@ -127,7 +177,7 @@ def test_nothing_outside_weighting_branches_on_the_algorithm_name():
 
 
 def test_the_trainer_holds_no_model_loading_or_reference_scoring():
-    source = (PACKAGE / "train.py").read_text()
+    source = (PACKAGE / "training" / "trainer.py").read_text()
     for word in ("from_pretrained", "load_causal_lm", "build_model", "AutoTokenizer", "reference"):
         assert word not in source, word
 
@@ -191,8 +241,8 @@ def test_every_recipe_in_configs_still_loads():
     from wmtp.config import load_recipe
     from wmtp.weighting import scheme_settings
 
-    recipes = [p for p in sorted((ROOT / "configs").glob("*.yaml")) if re.search(r"^train:", p.read_text(), re.M)]
-    assert len(recipes) >= 8
+    recipes = [p for p in sorted((ROOT / "configs").rglob("*.yaml")) if re.search(r"^train:", p.read_text(), re.M)]
+    assert len(recipes) >= 20
     for path in recipes:
         scheme_settings(load_recipe(path))
 

@@ -26,30 +26,35 @@ import pytest
 import torch
 import transformers
 import yaml
-from conftest import tiny_llama
-from critic_key_checks import CRITIC_KEY_CHECKS, check_incorrect_solutions
-from gradnorm_key_checks import GRADNORM_KEY_CHECKS
-from grpo_key_checks import GRPO_KEY_CHECKS
-from hybrid_key_checks import HYBRID_KEY_CHECKS
+from helpers.critic_key_checks import CRITIC_KEY_CHECKS, check_incorrect_solutions
+from helpers.gradnorm_key_checks import GRADNORM_KEY_CHECKS
+from helpers.grpo_key_checks import GRPO_KEY_CHECKS
+from helpers.hybrid_key_checks import HYBRID_KEY_CHECKS
+from helpers.models import tiny_llama
+from helpers.scoring_checks import check_scoring
+from helpers.tiny_run import CONFIG, RECIPE, SNIPPETS, merge
 from pydantic import BaseModel, ValidationError
-from tiny_run import CONFIG, RECIPE, SNIPPETS, merge
 
-import wmtp.distributed
-import wmtp.model
+import wmtp.model.mtp
+import wmtp.runtime.distributed
 from wmtp.cli import main
+from wmtp.components.optim import lr_lambda, make_optimizer
 from wmtp.config import Config, ConfigError, DataSettings, ModelSource, Recipe, ScratchModel, Tracking, Training
-from wmtp.data import labels_for, load_examples, plan_steps, train_bpe_tokenizer
-from wmtp.distributed import DistInfo, blocks, init_distributed, resolve_device
-from wmtp.model import ResidualHead
-from wmtp.optim import lr_lambda, make_optimizer
-from wmtp.reference_cache import fingerprint, write_cache
-from wmtp.runtime import build_model
-from wmtp.setup import prepare
-from wmtp.tracking import tracking_uri
-from wmtp.train import Trainer
+from wmtp.data.sequences import labels_for, train_bpe_tokenizer
+from wmtp.data.sources import load_examples
+from wmtp.data.steps import plan_steps
+from wmtp.model.build import build_model
+from wmtp.model.mtp import ResidualHead
+from wmtp.model.parallelize import blocks
+from wmtp.runtime.distributed import DistInfo, init_distributed, resolve_device
+from wmtp.runtime.tracking import tracking_uri
+from wmtp.training.build import prepare
+from wmtp.training.trainer import Trainer
 from wmtp.weighting import SCHEMES, plugin
 from wmtp.weighting.base import WeightingScheme
-from wmtp.weighting.rho1 import Rho1Weighting, score_reference_set
+from wmtp.weighting.reference import score_reference_set
+from wmtp.weighting.rho1.cache import fingerprint, write_cache
+from wmtp.weighting.rho1.scheme import Rho1Weighting
 from wmtp.weighting.uniform import UniformWeighting
 
 MBPP = Path(__file__).resolve().parents[1] / "data" / "mbpp"
@@ -349,7 +354,7 @@ def check_hf_token(kit: Kit) -> None:
             return kit.shared.tokenizer
 
     kit.monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model_from_pretrained)
-    kit.monkeypatch.setattr("wmtp.runtime.AutoTokenizer", Tokenizers)
+    kit.monkeypatch.setattr("wmtp.model.build.AutoTokenizer", Tokenizers)
     kit.prepare(kit.config(model={"path": "org/gated-model"}))
     assert seen == [("tokenizer", None), ("model", None)]
     seen.clear()
@@ -381,9 +386,9 @@ def check_device(kit: Kit) -> None:
     assert resolve_device("auto", 1) == torch.device("cuda", 1)
     assert resolve_device("cpu", 1) == torch.device("cpu")
     kit.monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    kit.monkeypatch.setattr(wmtp.distributed, "mps_available", lambda: True)
+    kit.monkeypatch.setattr(wmtp.runtime.distributed, "mps_available", lambda: True)
     assert resolve_device("auto") == resolve_device("mps") == torch.device("mps")
-    kit.monkeypatch.setattr(wmtp.distributed, "mps_available", lambda: False)
+    kit.monkeypatch.setattr(wmtp.runtime.distributed, "mps_available", lambda: False)
     assert kit.cli(kit.raw_config(compute={"device": "mps"}), None, "--dry-run") == 1
     assert "MPS is not available" in kit.capsys.readouterr().err
     assert kit.cli(kit.raw_config(compute={"device": "cpu"}), None, "--dry-run") == 0
@@ -638,7 +643,7 @@ def flaky_uploads(kit: Kit, failures: int) -> list[float]:
     """Make the next `failures` uploads fail; returns the list the mirror's backoff sleeps are recorded in."""
     import fsspec.implementations.memory
 
-    import wmtp.mirror
+    import wmtp.runtime.mirror
 
     left = [failures]
     original = fsspec.implementations.memory.MemoryFileSystem.put_file
@@ -651,7 +656,7 @@ def flaky_uploads(kit: Kit, failures: int) -> list[float]:
 
     sleeps: list[float] = []
     kit.monkeypatch.setattr(fsspec.implementations.memory.MemoryFileSystem, "put_file", put_file)
-    kit.monkeypatch.setattr(wmtp.mirror.time, "sleep", sleeps.append)
+    kit.monkeypatch.setattr(wmtp.runtime.mirror.time, "sleep", sleeps.append)
     return sleeps
 
 
@@ -771,13 +776,13 @@ def check_reduction(kit: Kit) -> None:
 def check_chunk_size(kit: Kit) -> None:
     """`loss.chunk_size` reaches the fused cross-entropy in training and validation (results do not change)."""
     seen: list[int] = []
-    original = wmtp.model.fused_linear_mtp_ce
+    original = wmtp.model.mtp.fused_linear_mtp_ce
 
     def fused(*args, chunk_size, **kwargs):
         seen.append(chunk_size)
         return original(*args, chunk_size=chunk_size, **kwargs)
 
-    kit.monkeypatch.setattr(wmtp.model, "fused_linear_mtp_ce", fused)
+    kit.monkeypatch.setattr(wmtp.model.mtp, "fused_linear_mtp_ce", fused)
     losses = {}
     for chunk in (1024, 7):
         seen.clear()
@@ -1130,32 +1135,6 @@ def check_rho1_train_head0_fully(kit: Kit) -> None:
     assert kept(full, valid, 1) == pytest.approx(0.3, abs=0.02)
 
 
-def in_forward_weights(trainer: Trainer, batch) -> torch.Tensor:
-    """The weights a scheme with `scoring: in_forward` makes inside the training forward of one micro-batch."""
-    assert trainer.scheme.step_weights([batch]) == [None]
-    out = trainer.model(batch.input_ids, batch.attention_mask, labels=batch.labels,
-                        weights_fn=trainer.scheme.weights_in_forward(0, batch))
-    return out.weights
-
-
-def check_scoring(kit: Kit, trainer_for) -> None:
-    """`<scheme>.scoring`: in_forward weighs each micro-batch inside its own training forward, with statistics
-    over that micro-batch; separate_pass weighs the whole step in a pass before. On a step of one micro-batch both
-    give the same weights; on a step of two they differ (the statistics span both)."""
-    separate, in_forward = trainer_for("separate_pass"), trainer_for("in_forward")
-    first = separate.step_batches()[0]
-    separate.step = 1
-    second = separate.step_batches()[0]
-    valid = first.labels != -100
-    alone = separate.scheme.step_weights([first])[0]
-    together = separate.scheme.step_weights([first, second])[0]
-    inside = in_forward_weights(in_forward, first)
-    assert torch.allclose(inside, alone, atol=1e-5)
-    assert not torch.allclose(inside[valid], together[valid], atol=1e-3)
-    with pytest.raises(ConfigError, match="needs loss.reduction token_mean"):
-        trainer_for("in_forward", {"loss": {"reduction": "weight_mean"}})
-
-
 def check_rho1_scoring(kit: Kit) -> None:
     """`rho1.scoring`: see check_scoring."""
     reference = {"path": str(kit.saved_llama(5, "reference"))}
@@ -1210,7 +1189,7 @@ def check_reference_hf_token(kit: Kit) -> None:
             return kit.shared.tokenizer
 
     kit.monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model_from_pretrained)
-    kit.monkeypatch.setattr("wmtp.runtime.AutoTokenizer", Tokenizers)
+    kit.monkeypatch.setattr("wmtp.model.build.AutoTokenizer", Tokenizers)
     kit.rho1_trainer(reference={"path": "org/gated-reference"})
     assert [token for path, token in seen if path == "org/gated-reference"] == [None, None]
     seen.clear()

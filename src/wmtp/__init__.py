@@ -15,9 +15,9 @@ _EXPORTS = {
     "mtp_labels": "loss",
     "per_target_to_heads": "loss",
     "weighted_mtp_loss": "loss",
-    "MTPConfig": "model",
-    "MTPModel": "model",
-    "MTPOutput": "model",
+    "MTPConfig": "model.mtp",
+    "MTPModel": "model.mtp",
+    "MTPOutput": "model.mtp",
 }
 
 __all__ = sorted(_EXPORTS)

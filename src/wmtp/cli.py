@@ -19,8 +19,8 @@ from .config import ConfigError, dump_masked, load_config, load_recipe, parse_ov
 from .evaluate.settings import PROMPT_FORMATS, EvalSettings, ExecuteSettings, Sampling, Scoring, eval_files
 from .execution import BENCHMARKS
 from .execution.sandbox import Limits
-from .storage import StorageError
-from .tracking import tracking_uri
+from .runtime.storage import StorageError
+from .runtime.tracking import tracking_uri
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -229,11 +229,11 @@ def train_command(args: argparse.Namespace) -> int:
         raise ConfigError("--resume auto needs --run-name (the run whose latest checkpoint to continue)")
     run_dir, run_url = _run_location(config, args)
 
-    from . import distributed as dist_utils
-    from .checkpoint import TOKENIZER_DIR, checkpoint_step
-    from .mirror import RunMirror, check_writable, remote_run_exists
-    from .setup import describe_plan, dry_run_report, prepare
-    from .train import Trainer, find_resume
+    from .components.checkpoint import TOKENIZER_DIR, checkpoint_step
+    from .runtime import distributed as dist_utils
+    from .runtime.mirror import RunMirror, check_writable, remote_run_exists
+    from .training.build import describe_plan, dry_run_report, prepare
+    from .training.trainer import Trainer, find_resume
 
     info = dist_utils.init_distributed(config.compute.device, config.compute.timeout_minutes)
     try:
@@ -279,8 +279,8 @@ def train_command(args: argparse.Namespace) -> int:
 
 def _run_location(config, args: argparse.Namespace) -> tuple[Path, str | None]:
     """The local run directory and, for a remote output_dir (or a remote --resume checkpoint), the run's URL."""
-    from .mirror import staging_dir
-    from .storage import is_remote
+    from .runtime.mirror import staging_dir
+    from .runtime.storage import is_remote
 
     staging = config.storage.staging_dir
     if args.resume and args.resume != "auto":
@@ -298,7 +298,7 @@ def _run_location(config, args: argparse.Namespace) -> tuple[Path, str | None]:
 
 
 def _memory_lines(config, recipe, world_size: int, device_memory: int | None, vocab_size: int | None) -> str:
-    from .plan import memory_plan
+    from .model.memory import memory_plan
 
     plan, flops = memory_plan(config, recipe, world_size, vocab_size)
     ranks = f"{world_size} {'rank' if world_size == 1 else 'ranks'}"
@@ -320,7 +320,7 @@ def plan_command(args: argparse.Namespace) -> int:
 
 
 def fetch_command(args: argparse.Namespace) -> int:
-    from .storage import fetch, is_remote
+    from .runtime.storage import fetch, is_remote
 
     for url in args.urls:
         if not is_remote(url):
@@ -331,8 +331,8 @@ def fetch_command(args: argparse.Namespace) -> int:
 
 
 def convert_meta_command(args: argparse.Namespace) -> int:
-    from .meta_checkpoint import convert_sentencepiece, is_meta_checkpoint, load_meta_mtp_checkpoint
-    from .runtime import DTYPES
+    from .model.meta import convert_sentencepiece, is_meta_checkpoint, load_meta_mtp_checkpoint
+    from .runtime.precision import DTYPES
 
     if not is_meta_checkpoint(args.directory):
         raise ConfigError(f"{args.directory}: not Meta's checkpoint layout (no params.json)")
@@ -350,12 +350,13 @@ def convert_meta_command(args: argparse.Namespace) -> int:
 def score_reference_command(args: argparse.Namespace) -> int:
     config, recipe = load_inputs(args)
 
-    from .distributed import resolve_device
-    from .reference_cache import write_cache
-    from .runtime import autocast_for
-    from .setup import load_run_data
+    from .runtime.distributed import resolve_device
+    from .runtime.precision import autocast_for
+    from .training.build import load_run_data
     from .weighting import scheme_settings
-    from .weighting.rho1 import load_reference, reference_cache_key, reference_cache_target, score_reference_set
+    from .weighting.reference import load_reference, score_reference_set
+    from .weighting.rho1.cache import write_cache
+    from .weighting.rho1.scheme import reference_cache_key, reference_cache_target
 
     target = reference_cache_target(config, recipe)
     scheme_settings(recipe)

@@ -541,7 +541,8 @@ def missing_recipe_message(path: Path) -> str:
     """`<path>: file not found`, with the recipes that exist beside it (and the new name of a `recipe.<name>.yaml`
     file of the earlier project)."""
     folder = path.parent
-    recipes = sorted(p.name for p in folder.glob("*.y*ml") if _looks_like_recipe(p)) if folder.is_dir() else []
+    recipes = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.y*ml")
+                     if _looks_like_recipe(p)) if folder.is_dir() else []
     renamed = folder / path.name.removeprefix("recipe.")
     hint = (f" (recipe files are named <name>.yaml now: {renamed})"
             if path.name.startswith("recipe.") and renamed.is_file() else "")

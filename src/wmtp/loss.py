@@ -91,7 +91,7 @@ def _head_coef_tensor(head_coef, n_heads: int, device: torch.device) -> torch.Te
     return coef
 
 
-def _check_weights(weights: torch.Tensor | None, labels: torch.Tensor, reduction: str,
+def check_weights(weights: torch.Tensor | None, labels: torch.Tensor, reduction: str,
                    allow_negative: bool) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -144,7 +144,7 @@ def loss_denominator(
     return pair_coefficients(labels, use_weights, head_coef=head_coef, ignore_index=ignore_index).sum()
 
 
-def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor | float) -> torch.Tensor:
+def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor | float) -> torch.Tensor:
     # A micro-batch (or step) without a valid pair has numerator 0 and denominator 0: it contributes 0.
     den = torch.as_tensor(denominator, dtype=torch.float32, device=numerator.device)
     return numerator / den.clamp_min(torch.finfo(torch.float32).tiny)
@@ -171,7 +171,7 @@ def weighted_mtp_loss(
     if logits.dim() != 4 or logits.shape[:3] != labels.shape:
         raise ValueError(f"logits must be [B, S, n, V] matching labels {tuple(labels.shape)}, "
                          f"got {tuple(logits.shape)}")
-    _check_weights(weights, labels, reduction, allow_negative)
+    check_weights(weights, labels, reduction, allow_negative)
     vocab = logits.shape[-1]
     ce = F.cross_entropy(logits.float().reshape(-1, vocab), labels.reshape(-1),
                          ignore_index=ignore_index, reduction="none").view(labels.shape)
@@ -179,7 +179,7 @@ def weighted_mtp_loss(
     if normalizer is None:
         normalizer = loss_denominator(labels, weights, head_coef=head_coef, reduction=reduction,
                                       ignore_index=ignore_index)
-    return _safe_divide((coef * ce).sum(), normalizer)
+    return safe_divide((coef * ce).sum(), normalizer)
 
 
 def mean1_clip(weights: torch.Tensor, valid: torch.Tensor, eps: float = 0.05, w_max: float = 3.0) -> torch.Tensor:

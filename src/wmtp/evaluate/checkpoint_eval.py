@@ -25,20 +25,22 @@ import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer
 
-from ..atomic import atomic_file
-from ..checkpoint import STATE_FILE, TOKENIZER_DIR, load_checkpoint_model
+from ..components.checkpoint import STATE_FILE, TOKENIZER_DIR, load_checkpoint_model
+from ..components.validate import head_quality
 from ..config import Config, ConfigError, Recipe
-from ..data import load_examples, recipe_sequences
-from ..distributed import DistInfo, broadcast_object, init_distributed, shutdown
+from ..data.sequences import recipe_sequences
+from ..data.sources import load_examples
 from ..execution.problems import Problem, load_problems
 from ..execution.samples import execute, read_generations
 from ..execution.sandbox import Sandbox
-from ..head_quality import head_quality
-from ..mirror import local_output_dir
-from ..model import HEADS_FILE, MTPModel
-from ..runtime import DTYPES, autocast_for, load_model_as_is, load_tokenizer_from, quiet_library_progress, secret
-from ..storage import local_path
-from ..tracking import Tracker
+from ..model.build import load_model_as_is, load_tokenizer_from, secret
+from ..model.mtp import HEADS_FILE, MTPModel
+from ..runtime.atomic import atomic_file
+from ..runtime.distributed import DistInfo, broadcast_object, init_distributed, shutdown
+from ..runtime.mirror import local_output_dir
+from ..runtime.precision import DTYPES, autocast_for
+from ..runtime.storage import local_path
+from ..runtime.tracking import Tracker, quiet_library_progress
 from .generation import generate_samples, raw_inputs
 from .passk import summarize
 from .report import find_results, write_json, write_reports

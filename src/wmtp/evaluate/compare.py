@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..atomic import atomic_file
 from ..config import ConfigError
-from ..tracking import METRICS_FILE, RUN_FILE
+from ..runtime.atomic import atomic_file
+from ..runtime.tracking import METRICS_FILE, RUN_FILE
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -36,7 +36,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..config import ConfigError
-from ..data import bos_prefix
+from ..data.sequences import bos_prefix
 from ..execution.problems import STOP, Problem, chat_message, code_block_closed, completion_from_reply, truncate_at_stop
 from .settings import Sampling
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..atomic import atomic_file
+from ..runtime.atomic import atomic_file
 from .passk import paired_difference
 
 MISSING = "—"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import ConfigError
 from ..execution.sandbox import Limits
-from ..storage import fetch, is_remote
+from ..runtime.storage import fetch, is_remote
 
 PROMPT_FORMATS = ("raw", "chat")
 RUN_CONFIG, RUN_RECIPE = "config.yaml", "recipe.yaml"  # the resolved files a training run writes beside final/

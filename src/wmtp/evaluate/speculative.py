@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from ..model import MTPModel, _decoder_parts
+from ..model.mtp import MTPModel, decoder_parts
 
 
 @dataclass
@@ -84,7 +84,7 @@ class _Forward:
         self.heads = list(model.heads[:n_draft])
         self.transformer = model.mtp_config.head_type == "transformer"
         if self.transformer:
-            self.inner, layers, self.norm = _decoder_parts(model.base)
+            self.inner, layers, self.norm = decoder_parts(model.base)
             self.last_layer = layers[-1]
         else:
             self.inner = model.base.base_model

@@ -24,7 +24,7 @@ import functools
 from dataclasses import dataclass
 
 from ..config import ConfigError, DataSource
-from ..data import Example, read_source
+from ..data.sources import Example, read_source
 from . import BENCHMARKS
 from .sandbox import Sandbox
 

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..config import ConfigError
-from ..data import read_records
+from ..data.sources import read_records
 from .problems import BENCHMARKS, check_tests, humaneval_problem, judge
 from .sandbox import Sandbox
 

@@ -22,12 +22,14 @@ import torch
 from pydantic import BaseModel
 
 from ..config import ConfigError
-from ..distributed import DistInfo, all_gather_concat
+from ..runtime.distributed import DistInfo, all_gather_concat
 
 if TYPE_CHECKING:
     from ..config import Config, Recipe
-    from ..data import Example, SequenceSet, StepPlan
-    from ..model import MTPModel
+    from ..data.sequences import SequenceSet
+    from ..data.sources import Example
+    from ..data.steps import StepPlan
+    from ..model.mtp import MTPModel
 
 HISTOGRAM_BINS = 40
 HISTOGRAM_MAX = 4.0

@@ -29,8 +29,8 @@ import torch
 from pydantic import Field, model_validator
 
 from ..config import Strict
-from ..distributed import DistInfo
 from ..loss import IGNORE_INDEX, fused_linear_grad_norm_sq, mean1_clip
+from ..runtime.distributed import DistInfo
 from .base import (
     SchemeContext,
     SchemePlugin,

@@ -8,8 +8,8 @@ A rollout (every `rollout_every` optimizer steps; the steps in between train on 
    itself, with temperature and nucleus (top-p) filtering, by the inverse CDF of its own seeded uniforms
    (`sample_tokens`), so a completion depends on the model, its prompt and its seed, never on the rows it was
    batched with;
-3. rewards from `grpo.reward` (`wmtp.rewards`, as the critic's) on Example(prompt, decoded completion) with the
-   source example's source, key and meta, so `verifiable` runs that example's own tests;
+3. rewards from `grpo.reward` (`wmtp.weighting.rewards`, as the critic's) on Example(prompt, decoded completion)
+   with the source example's source, key and meta, so `verifiable` runs that example's own tests;
 4. advantages per group: A_i = (r_i − mean)/(std + eps), the population std; a group whose rewards are all equal
    (zero variance) gets A = 0: nothing in it is better or worse than the rest.
 Training rows are [bos] + prompt + completion (up to its first eos, included), right-padded, so each token has the
@@ -46,13 +46,14 @@ from dataclasses import dataclass
 import torch
 from pydantic import Field, model_validator
 
-from .. import distributed as dist_utils
 from ..config import ConfigError, Strict
-from ..data import Example, bos_prefix, epoch_order, pad_token_id
+from ..data.sequences import bos_prefix, epoch_order, pad_token_id
+from ..data.sources import Example
 from ..loss import IGNORE_INDEX, fused_linear_mtp_ce, mtp_labels, per_target_to_heads
-from ..rewards import RewardFn, RewardSettings, make_reward
+from ..runtime import distributed as dist_utils
 from .base import SchemeContext, SchemePlugin, StepBatch, WeightingScheme
-from .rho1 import score_reference_batch
+from .reference import score_reference_batch
+from .rewards import RewardFn, RewardSettings, make_reward
 
 ADVANTAGE_BINS = 40
 ADVANTAGE_MAX = 4.0  # histogram range [−4, 4]; advantages outside are counted in the end bins

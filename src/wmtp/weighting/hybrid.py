@@ -26,8 +26,8 @@ import torch
 from pydantic import BaseModel, Field, PrivateAttr, create_model, model_validator
 
 from ..config import Strict
-from ..distributed import DistInfo
 from ..loss import IGNORE_INDEX, mean1_clip
+from ..runtime.distributed import DistInfo
 from . import SCHEMES, plugin
 from .base import (
     RunHooks,

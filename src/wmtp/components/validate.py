@@ -1,0 +1,97 @@
+"""Head quality on held-out text: per-head cross-entropy, perplexity and top-1 accuracy, overall and by position
+(docs/method.md §6). One function serves training validation, `wmtp eval` and `--dry-run`.
+
+Perplexity is exp of the token-mean CE over all valid pairs of a head (not a mean of per-batch perplexities).
+A position bucket groups pairs by the position t of the predicting token (how much context it had); head h at t
+predicts x[t+1+h]. A bucket without valid pairs is reported as missing (None). Uniform weights: runs with
+different schemes are compared on the same quantity.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+
+from ..data.sequences import SequenceSet, labels_for
+from ..loss import IGNORE_INDEX
+from ..runtime.distributed import DistInfo, all_reduce_sum
+
+DEFAULT_EDGES = (0, 16, 64, 256, 1024)
+
+
+def _stats(ce: float, correct: float, count: float) -> dict:
+    if count == 0:
+        return {"ce": None, "ppl": None, "acc": None, "pairs": 0}
+    mean = ce / count
+    return {"ce": mean, "ppl": math.exp(min(mean, 50.0)), "acc": correct / count, "pairs": int(count)}
+
+
+@torch.no_grad()
+def head_quality(model, sequences: SequenceSet, *, n_heads: int | None = None, batch_size: int = 8,
+                 mask_prompt: bool = False, chunk_size: int = 256, edges: tuple[int, ...] = DEFAULT_EDGES,
+                 device: torch.device | None = None, autocast=None, max_batches: int | None = None,
+                 info: DistInfo | None = None) -> dict:
+    """{"loss", "heads": [per-head stats], "buckets": [{"positions": [lo, hi), "heads": [...]}, ...], "sequences"}
+    over the first `max_batches` batches of `sequences`.
+
+    `model` may be wrapped (DDP/FSDP2; give `n_heads` then). With `info` of several ranks, rank r takes batches
+    r, r + world, ... and the sums are all-reduced; every rank runs the same number of forwards (a rank without a
+    batch left runs one whose labels are all ignored), which FSDP2's collectives need."""
+    n = n_heads if n_heads is not None else model.n_heads
+    device = device or next(model.parameters()).device
+    rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
+    length = sequences.input_ids.shape[1]
+    bounds = [e for e in edges if e < length] + [length]
+    bucket_of = torch.bucketize(torch.arange(length), torch.tensor(bounds[1:]), right=True).to(device)  # [S]
+    n_buckets = len(bounds) - 1
+    sums = torch.zeros(3, n_buckets, n, dtype=torch.float64, device=device)  # ce, correct, count
+    model.eval()
+    n_batches = math.ceil(len(sequences) / batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    for i in range(math.ceil(n_batches / world)):
+        b = i * world + rank
+        first = b * batch_size if b < n_batches else 0
+        index = torch.arange(first, min(first + batch_size, len(sequences)))
+        batch = {k: v.to(device) for k, v in sequences.select(index).items()}
+        labels = labels_for(batch, n, mask_prompt)
+        if b >= n_batches:
+            labels = torch.full_like(labels, IGNORE_INDEX)
+        with autocast or nullcontext():
+            out = model(batch["input_ids"], batch["attention_mask"], labels=labels, chunk_size=chunk_size)
+        valid = (labels != IGNORE_INDEX).double()  # [B, S, n]
+        index_b = bucket_of.view(1, -1, 1).expand_as(valid)
+        for row, values in enumerate((out.ce.double() * valid, out.correct.double() * valid, valid)):
+            sums[row].view(-1).index_add_(0, (index_b * n + torch.arange(n, device=device)).reshape(-1),
+                                          values.reshape(-1))
+    if info is not None:
+        all_reduce_sum(sums, info)
+    total = sums.sum(dim=1)  # [3, n]
+    heads = [{"head": h, **_stats(*(float(total[r, h]) for r in range(3)))} for h in range(n)]
+    buckets = [{"positions": [bounds[i], bounds[i + 1]],
+                "heads": [{"head": h, **_stats(*(float(sums[r, i, h]) for r in range(3)))} for h in range(n)]}
+               for i in range(n_buckets)]
+    pairs = float(total[2].sum())
+    return {"loss": float(total[0].sum()) / pairs if pairs else None, "heads": heads, "buckets": buckets,
+            "sequences": min(len(sequences), n_batches * batch_size)}
+
+
+def quality_metrics(report: dict, prefix: str = "val") -> dict[str, float]:
+    """`<prefix>/loss` (mean CE over all valid pairs of all heads) and per head `<prefix>/ce_head{h}`,
+    `ppl_head{h}`, `acc_head{h}` of a `head_quality` report. A head without valid pairs was not measured: its
+    metrics are absent, never a number."""
+    metrics = {} if report["loss"] is None else {f"{prefix}/loss": report["loss"]}
+    for head in report["heads"]:
+        if head["ce"] is None:
+            continue
+        h = head["head"]
+        metrics.update({f"{prefix}/ce_head{h}": head["ce"], f"{prefix}/ppl_head{h}": head["ppl"],
+                        f"{prefix}/acc_head{h}": head["acc"]})
+    return metrics
+
+
+def quality_metric_names(n_heads: int, prefix: str = "val") -> list[str]:
+    """The names `quality_metrics` reports (what early stopping may monitor, with the scheme's own)."""
+    return [f"{prefix}/loss"] + [f"{prefix}/{kind}_head{h}" for h in range(n_heads) for kind in ("ce", "ppl", "acc")]

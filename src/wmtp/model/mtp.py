@@ -1,0 +1,409 @@
+"""The multi-token prediction model: a Hugging Face causal LM as trunk, n output heads, one unembedding.
+
+Head h at position t predicts x[t+1+h] (docs/method.md §1–§2). Head 0 is always the base model itself, so
+decoding with head 0 (`generate`) is ordinary decoding of the wrapped model, KV cache included.
+
+Head types:
+- `transformer` (Meta-style, Gloeckle et al. 2024): the trunk is every decoder layer but the last, head 0
+  is the last layer, heads 1…n-1 are extra decoder layers initialised as copies of it. They see the same
+  trunk state, attention mask and rotary position embeddings as the last layer (captured from the base
+  model's own call, so the base model's masking rules apply unchanged), then the shared final norm and
+  the shared unembedding.
+- `linear` (Medusa-style): f_h(z) = z + W2·SiLU(W1·z) on the base model's final (normed) hidden state,
+  with W2 zero-initialised so each head starts as the identity on the shared unembedding. Works on any
+  causal LM; head 0 is the base model's own head.
+
+On disk (`save_pretrained`): the base model exactly as Hugging Face writes it (`config.json` plus
+`model.safetensors`, loadable by any HF tool as a plain causal LM), the extra heads in
+`mtp_heads.safetensors`, the MTP settings under the `wmtp` key of `config.json`, and the tokenizer.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from ..config import ConfigError
+from ..loss import (
+    IGNORE_INDEX,
+    check_weights,
+    fused_linear_grad_norm_sq,
+    fused_linear_mtp_ce,
+    loss_denominator,
+    pair_coefficients,
+    safe_divide,
+)
+from ..runtime.atomic import atomic_directory
+
+HEAD_TYPES = ("transformer", "linear")
+HEADS_FILE = "mtp_heads.safetensors"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+CONFIG_KEY = "wmtp"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class MTPConfig:
+    """The MTP shape. n_heads counts head 0 (the base model's own next-token head)."""
+
+    n_heads: int = 4
+    head_type: str = "transformer"
+
+    def __post_init__(self) -> None:
+        if self.n_heads < 1:
+            raise ValueError(f"n_heads must be >= 1, got {self.n_heads}")
+        if self.head_type not in HEAD_TYPES:
+            raise ValueError(f"head_type must be one of {HEAD_TYPES}, got {self.head_type!r}")
+
+
+@dataclass
+class MTPOutput:
+    """What a forward returns. Shapes: ce, correct, grad_norm_sq [B, S, n]; logits [B, S, n, V];
+    trunk_hidden [B, S, D]."""
+
+    loss: torch.Tensor | None = None
+    ce: torch.Tensor | None = None
+    correct: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    trunk_hidden: torch.Tensor | None = None
+    grad_norm_sq: torch.Tensor | None = None
+    weights: torch.Tensor | None = None  # the weights `weights_fn` made from this forward's hidden states
+
+
+class ResidualHead(nn.Module):
+    """Medusa-style head: z + W2·SiLU(W1·z), W2 zero-initialised (the head starts as the identity)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(hidden_size, hidden_size)
+        self.down = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z + self.down(nn.functional.silu(self.up(z)))
+
+
+def decoder_parts(base: PreTrainedModel) -> tuple[nn.Module, nn.ModuleList, nn.Module]:
+    """(inner model, its decoder layers, its final norm) for Llama-family and GPT-2-style models."""
+    inner = base.base_model
+    layers = next((getattr(inner, name) for name in ("layers", "h") if isinstance(getattr(inner, name, None),
+                                                                          nn.ModuleList)), None)
+    norm = next((getattr(inner, name) for name in ("norm", "ln_f") if getattr(inner, name, None) is not None),
+                None)
+    if layers is None or norm is None:
+        raise ValueError(f"transformer heads need a decoder with `layers` (or `h`) and a final `norm` (or `ln_f`); "
+                         f"{type(base).__name__} has neither: use head_type='linear'")
+    return inner, layers, norm
+
+
+def check_plain_unembedding(config) -> None:
+    # The fast path computes logits as hidden @ U.T (+ bias); a model that rescales or caps its logits
+    # would silently train on different logits.
+    for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        value = getattr(config, key, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(f"{config.model_type}: `{key}={value}` transforms the logits; the MTP fast path "
+                             "supports plain unembeddings only")
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A whole tensor on the CPU: a sharded DTensor is gathered from every rank (a collective)."""
+    if hasattr(tensor, "full_tensor"):
+        tensor = tensor.full_tensor()
+    return tensor.detach().cpu().contiguous()
+
+
+def _export_tensors(model: MTPModel) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The base model's tensors under Hugging Face's names, a tied weight once (under its first name, as Hugging Face
+    saves it), and the extra heads' tensors; possibly sharded, not yet gathered."""
+    base, seen = {}, set()
+    for name, tensor in model.base.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            base[name] = tensor
+    return base, dict(model.heads.state_dict(keep_vars=True))
+
+
+def _shard_plan(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    """Names per shard, in order, each shard at most `max_bytes` (a bigger tensor gets a shard of its own); sizes
+    come from the full shapes, so nothing is gathered to plan."""
+    plan: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if plan[-1] and size + nbytes > max_bytes:
+            plan.append([])
+            size = 0
+        plan[-1].append(name)
+        size += nbytes
+    return plan
+
+
+def read_tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a missing, truncated or damaged file is an error naming it."""
+    try:
+        return load_file(path, device=device)
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"{path}: cannot read the tensors ({str(exc).splitlines()[0]}); the file is damaged or "
+                         "incomplete") from None
+
+
+def load_causal_lm(spec: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                   token: str | None = None) -> PreTrainedModel:
+    """A causal LM from a hub id, a local directory, or a GGUF file (dequantised by transformers);
+    `token` for gated hub models."""
+    path = Path(spec)
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    if token is not None:
+        kwargs["token"] = token
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+    if path.exists() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json, not a Hugging Face model directory")
+    return AutoModelForCausalLM.from_pretrained(str(spec), **kwargs)
+
+
+def is_wmtp_model_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` is a directory written by `MTPModel.save_pretrained` (its config.json has the `wmtp` key)."""
+    config_path = Path(path) / "config.json"
+    try:
+        return config_path.is_file() and json.loads(config_path.read_text()).get(CONFIG_KEY) is not None
+    except (OSError, ValueError):
+        return False
+
+
+class MTPModel(nn.Module):
+    """A causal LM with n output heads sharing the final norm and the unembedding (docs/method.md §2)."""
+
+    def __init__(self, base: PreTrainedModel, heads: nn.ModuleList, config: MTPConfig) -> None:
+        super().__init__()
+        if len(heads) != config.n_heads - 1:
+            raise ValueError(f"{config.n_heads} heads need {config.n_heads - 1} extra head modules, got {len(heads)}")
+        check_plain_unembedding(base.config)
+        self.base = base
+        self.heads = heads
+        self.mtp_config = config
+
+    # construction -----------------------------------------------------------------------------------------
+    def set_trainable(self, trainable: str) -> MTPModel:
+        """`all`: every parameter trains; `heads`: only the extra heads 1…n-1 (the base model is frozen, so head 0
+        stays the base model bit for bit and no gradient flows through the trunk)."""
+        if trainable not in ("all", "heads"):
+            raise ValueError(f"trainable must be all or heads, got {trainable!r}")
+        self.base.requires_grad_(trainable == "all")
+        self.heads.requires_grad_(True)
+        return self
+
+    @classmethod
+    def from_base(cls, model_or_path: PreTrainedModel | str | os.PathLike, n_heads: int = 4,
+                  head_type: str = "transformer", *, dtype: torch.dtype | None = None) -> MTPModel:
+        """Wrap a causal LM; head 0 stays the base model bit for bit, extra heads are initialised as
+        copies of the last decoder layer (transformer) or as the identity (linear)."""
+        config = MTPConfig(n_heads=n_heads, head_type=head_type)
+        base = model_or_path if isinstance(model_or_path, PreTrainedModel) else load_causal_lm(model_or_path,
+                                                                                             dtype=dtype)
+        return cls(base, cls._new_heads(base, config), config)
+
+    @staticmethod
+    def _new_heads(base: PreTrainedModel, config: MTPConfig) -> nn.ModuleList:
+        if config.head_type == "transformer":
+            _, layers, _ = decoder_parts(base)
+            return nn.ModuleList(copy.deepcopy(layers[-1]) for _ in range(config.n_heads - 1))
+        hidden = base.get_output_embeddings().weight.shape[1]
+        ref = base.get_output_embeddings().weight
+        return nn.ModuleList(ResidualHead(hidden).to(device=ref.device, dtype=ref.dtype)
+                             for _ in range(config.n_heads - 1))
+
+    @property
+    def n_heads(self) -> int:
+        return self.mtp_config.n_heads
+
+    @property
+    def config(self):
+        """The base model's Hugging Face config."""
+        return self.base.config
+
+    @property
+    def unembedding(self) -> nn.Linear:
+        return self.base.get_output_embeddings()
+
+    # forward ----------------------------------------------------------------------------------------------
+    def head_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                           position_ids: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Each head's final hidden state (after the shared final norm) [B, S, D], and the trunk state z
+        [B, S, D] (the input of the last decoder layer for transformer heads, the base model's final hidden
+        state for linear heads)."""
+        if self.mtp_config.head_type == "linear":
+            out = self.base.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                       position_ids=position_ids, use_cache=False)
+            z = out.last_hidden_state
+            return [z] + [head(z) for head in self.heads], z
+
+        inner, layers, norm = decoder_parts(self.base)
+        captured: dict = {}
+
+        def capture(_module, args, kwargs):
+            captured["args"], captured["kwargs"] = args, kwargs
+
+        handle = layers[-1].register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            out = inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False)
+        finally:
+            handle.remove()
+        args, kwargs = captured["args"], dict(captured["kwargs"])
+        if args:
+            z, rest = args[0], args[1:]
+        else:
+            z, rest = kwargs.pop("hidden_states"), ()
+        hidden = [out.last_hidden_state]
+        for head in self.heads:
+            h = head(z, *rest, **kwargs)
+            hidden.append(norm(h[0] if isinstance(h, tuple) else h))
+        return hidden, z
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        head_coef=None,
+        reduction: str = "token_mean",
+        normalizer: torch.Tensor | float | None = None,
+        allow_negative: bool = False,
+        return_logits: bool = False,
+        chunk_size: int = 256,
+        grad_norm_sq: bool = False,
+        weights_fn: Callable[[list[torch.Tensor], MTPModel], torch.Tensor] | None = None,
+    ) -> MTPOutput:
+        """input_ids, attention_mask: [B, S]; labels: [B, S, n] from `mtp_labels`; weights: [B, S, n] detached.
+
+        With labels, computes the weighted loss on the fast path (no [B, S, n, V] tensor), with the same
+        meaning as `weighted_mtp_loss`. `return_logits` also returns all heads' logits [B, S, n, V]: for
+        small inputs and for the reference path only. `grad_norm_sq` (with labels) returns each pair's
+        ‖∂ℓ/∂logits‖² instead of the loss, chunked and without gradient: the scoring pass of gradient-norm
+        weighting, which goes through the forward so that DDP and FSDP2 gather the parameters as usual.
+        `weights_fn` (instead of `weights`) makes the weights from this forward's own head hidden states (detached,
+        under no_grad) before the loss is taken on the same hidden states: a weighting scheme's one-forward mode.
+        """
+        hidden, z = self.head_hidden_states(input_ids, attention_mask, position_ids)
+        output = MTPOutput(trunk_hidden=z)
+        if return_logits:
+            output.logits = torch.stack([self.unembedding(h) for h in hidden], dim=2)
+        if labels is None:
+            return output
+        if labels.shape != (*input_ids.shape, self.n_heads):
+            raise ValueError(f"labels must be [B, S, n]={(*input_ids.shape, self.n_heads)}, got {tuple(labels.shape)}")
+        if grad_norm_sq:
+            output.grad_norm_sq = fused_linear_grad_norm_sq(hidden, self.unembedding.weight, labels,
+                                                            bias=self.unembedding.bias, chunk_size=chunk_size)
+            return output
+        if weights_fn is not None:
+            if weights is not None:
+                raise ValueError("pass weights or weights_fn, not both")
+            with torch.no_grad():
+                weights = weights_fn([h.detach() for h in hidden], self).detach()
+            output.weights = weights
+        check_weights(weights, labels, reduction, allow_negative)
+        if normalizer is None:
+            normalizer = loss_denominator(labels, weights, head_coef=head_coef, reduction=reduction)
+        coef = safe_divide(pair_coefficients(labels, weights, head_coef=head_coef), normalizer)
+        output.loss, output.ce, output.correct = fused_linear_mtp_ce(
+            hidden, self.unembedding.weight, labels, coef, bias=self.unembedding.bias, chunk_size=chunk_size,
+            ignore_index=IGNORE_INDEX)
+        return output
+
+    def generate(self, *args, **kwargs):
+        """Ordinary Hugging Face decoding with head 0 (the base model), KV cache included."""
+        return self.base.generate(*args, **kwargs)
+
+    # persistence ------------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None, *, max_shard_size: int = 5 * 2**30,
+                        write: bool = True) -> Path | None:
+        """Write the model (and tokenizer) to `directory` atomically: into a sibling temp dir, then renamed.
+
+        The base model is written as Hugging Face writes it (config.json; safetensors shards of at most
+        `max_shard_size` bytes with `model.safetensors.index.json` when there are several; a tied output embedding
+        left out), the extra heads as `mtp_heads.safetensors`. Tensors are gathered one at a time, so a sharded
+        (FSDP2) model is never whole on one rank: every rank must call this (the gathers are collectives) and the
+        ranks with `write=False` only take part in them. Peak memory of the writer: one shard plus one tensor.
+        """
+        target = Path(directory)
+        base, heads = _export_tensors(self)
+        plan = _shard_plan(base, max_shard_size)
+        if not write:
+            for names in plan:
+                for name in names:
+                    _full(base[name])
+            for tensor in heads.values():
+                _full(tensor)
+            return None
+        with atomic_directory(target) as tmp:
+            files = [WEIGHTS_FILE] if len(plan) == 1 else [
+                f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+            weight_map, total = {}, 0
+            for file, names in zip(files, plan, strict=True):
+                shard = {name: _full(base[name]) for name in names}
+                total += sum(t.numel() * t.element_size() for t in shard.values())
+                save_file(shard, tmp / file, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(names, file))
+                del shard
+            if len(plan) > 1:
+                index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+                (tmp / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            save_file({name: _full(t) for name, t in heads.items()}, tmp / HEADS_FILE,
+                      metadata={"format": "pt", CONFIG_KEY: json.dumps(asdict(self.mtp_config))})
+            self.base.config.save_pretrained(tmp)
+            if getattr(self.base, "generation_config", None) is not None and self.base.can_generate():
+                self.base.generation_config.save_pretrained(tmp)
+            config_path = tmp / "config.json"
+            config = json.loads(config_path.read_text())
+            config[CONFIG_KEY] = {**asdict(self.mtp_config), "format_version": FORMAT_VERSION}
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        return target
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> MTPModel:
+        """Load a directory written by `save_pretrained`."""
+        directory = Path(directory)
+        config_path = directory / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{directory}: no config.json, not a saved wmtp model")
+        settings = json.loads(config_path.read_text()).get(CONFIG_KEY)
+        if settings is None:
+            raise ValueError(f"{config_path}: no `{CONFIG_KEY}` key; this is a plain causal LM, "
+                             "use MTPModel.from_base to add heads")
+        if settings.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{config_path}: wmtp format_version {settings.get('format_version')} is not "
+                             f"supported (expected {FORMAT_VERSION})")
+        config = MTPConfig(n_heads=settings["n_heads"], head_type=settings["head_type"])
+        try:
+            base = load_causal_lm(directory, dtype=dtype)
+        except (SafetensorError, OSError) as exc:  # a truncated or damaged weight file
+            raise ConfigError(f"{directory}: cannot read the model's weights ({str(exc).splitlines()[0]}); the "
+                             "files are damaged or incomplete") from None
+        if hasattr(base.config, CONFIG_KEY):  # the heads' settings belong to this object, not to the base model,
+            delattr(base.config, CONFIG_KEY)  # whose own save_pretrained must write a plain causal LM
+        heads = cls._new_heads(base, config)
+        if config.n_heads > 1:
+            heads.load_state_dict(read_tensors(directory / HEADS_FILE, device=str(base.device)), strict=True)
+        return cls(base, heads, config)

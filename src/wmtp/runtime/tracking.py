@@ -1,0 +1,240 @@
+"""MLflow tracking, the run's own record, and console progress. Only rank 0 tracks; other ranks get a tracker that
+does nothing.
+
+Besides MLflow (when enabled), a training run keeps its own record in its directory, readable without MLflow:
+`run.json` (name, parameters, status) and `metrics.jsonl` (one line per logged step: {"step": s, name: value}).
+`wmtp compare` reads either. Every checkpoint keeps a copy of these records (and of the run's config.yaml and
+recipe.yaml) as they were at its step, in `records/`; a run resumed from it continues that copy of
+metrics.jsonl, so the records hold every step once, and a run directory that was lost (a machine resuming from
+object storage) gets its records back (`restore_records`).
+
+By default the store is a local sqlite file shared by all runs under the output directory
+(`<output_dir>/mlflow.db`, artifacts in `<output_dir>/mlartifacts`), so runs can be compared side by side
+with `mlflow ui --backend-store-uri sqlite:///<output_dir>/mlflow.db`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from ..config import RUN_CONFIG_FILE, RUN_RECIPE_FILE, Tracking
+from .atomic import atomic_file
+
+
+def tracking_uri(settings: Tracking, output_dir: Path) -> str:
+    return settings.tracking_uri or f"sqlite:///{output_dir.resolve() / 'mlflow.db'}"
+
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+RECORDS_DIR = "records"  # a checkpoint's copy of the run's records as of its step
+RECORD_FILES = (RUN_FILE, METRICS_FILE, RUN_CONFIG_FILE, RUN_RECIPE_FILE)
+
+
+def restore_records(checkpoint: Path, run_dir: Path) -> list[str]:
+    """Copy the records a checkpoint keeps into `run_dir` where the run directory has lost them (a run resumed on
+    another machine from object storage); returns the names copied. Files still there are kept: metrics.jsonl is
+    continued from the checkpoint's copy by the resumed run's Tracker, the others do not change during a run."""
+    restored = []
+    for name in RECORD_FILES:
+        saved = checkpoint / RECORDS_DIR / name
+        if saved.is_file() and not (run_dir / name).is_file():
+            with atomic_file(run_dir / name) as tmp:
+                shutil.copyfile(saved, tmp)
+            restored.append(name)
+    return restored
+
+
+class Tracker:
+    def __init__(self, settings: Tracking, output_dir: Path, run_name: str, *, active: bool,
+                 tags: dict[str, str] | None = None, resume_run_id: str | None = None,
+                 record_dir: Path | None = None, resumed_from: Path | None = None) -> None:
+        """`resumed_from`: the checkpoint a resumed run starts from; its copy of metrics.jsonl replaces the run's,
+        dropping the lines the stopped run logged after that step (the resumed run logs those steps again)."""
+        self.active = active and settings.enabled
+        self.run_id: str | None = None
+        self.tracking_uri: str | None = None
+        self.record_dir = record_dir if active else None  # run.json and metrics.jsonl (rank 0)
+        if self.record_dir is not None:
+            if resumed_from is not None:
+                self._continue_metrics(resumed_from / RECORDS_DIR)
+            self._update_record(name=run_name, status="RUNNING", **({"tags": tags} if tags else {}))
+        if not self.active:
+            return
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        import mlflow
+
+        self._mlflow = mlflow
+        output_dir = output_dir.resolve()
+        self.tracking_uri = tracking_uri(settings, output_dir)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        experiment = mlflow.get_experiment_by_name(settings.experiment)
+        if experiment is None:
+            # a local store keeps its artifacts under output_dir (MLflow's default is ./mlruns in the CWD);
+            # a tracking server decides for itself
+            local = self.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in self.tracking_uri
+            artifacts = settings.artifact_location or ((output_dir / "mlartifacts").as_uri() if local else None)
+            experiment_id = mlflow.create_experiment(settings.experiment, artifact_location=artifacts)
+        else:
+            experiment_id = experiment.experiment_id
+        if resume_run_id is not None and not self._known(resume_run_id):
+            # a resumed run whose store is gone (a local store on a lost machine): a new run that says so
+            tags = {**(tags or {}), "wmtp.resumed_from_run_id": resume_run_id}
+            print(f"MLflow run {resume_run_id} is not in {self.tracking_uri}: the resumed run is tracked as a new "
+                  "run", file=sys.stderr)
+            resume_run_id = None
+        run = mlflow.start_run(run_id=resume_run_id, experiment_id=None if resume_run_id else experiment_id,
+                               run_name=None if resume_run_id else run_name, tags=tags or None)
+        self.run_id = run.info.run_id
+
+    def _known(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._mlflow.get_run(run_id)
+            return True
+        except MlflowException:
+            return False
+
+    def _continue_metrics(self, saved: Path) -> None:
+        """metrics.jsonl as the checkpoint's copy `saved/` has it (absent there: nothing was logged by then). A
+        checkpoint written before checkpoints kept records has no `saved/`: the run's file is left as it is."""
+        if not saved.is_dir():
+            return
+        path = self.record_dir / METRICS_FILE
+        if not (saved / METRICS_FILE).is_file():
+            path.unlink(missing_ok=True)
+            return
+        with atomic_file(path) as tmp:
+            shutil.copyfile(saved / METRICS_FILE, tmp)
+
+    def record_files(self) -> dict[str, Path]:
+        """The run's records as they are now, by the name a checkpoint keeps them under (`records/metrics.jsonl`,
+        ...): what `save_checkpoint` copies so that a resume continues them. Empty on ranks other than 0."""
+        if self.record_dir is None:
+            return {}
+        return {f"{RECORDS_DIR}/{name}": self.record_dir / name for name in RECORD_FILES
+                if (self.record_dir / name).is_file()}
+
+    def _update_record(self, **fields) -> None:
+        path = self.record_dir / RUN_FILE
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        record.update(fields)
+        self.record_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(record, indent=1))
+
+    def log_params(self, params: dict[str, str]) -> None:
+        if self.record_dir is not None:
+            self._update_record(params=params)
+        if self.active:
+            items = list(params.items())
+            for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+                self._mlflow.log_params({k: v[:6000] for k, v in items[i:i + 100]})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.record_dir is not None:
+            with (self.record_dir / METRICS_FILE).open("a") as f:
+                f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
+        if self.active:
+            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.active:
+            self._mlflow.set_tags(tags)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if self.active:
+            if path.is_dir():
+                self._mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+            else:
+                self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.record_dir is not None:
+            self._update_record(status=status, mlflow_run_id=self.run_id, tracking_uri=self.tracking_uri)
+        # MLflow has no status for a stop on request (KILLED reads as lost): FINISHED, and the tag wmtp.status says it
+        if self.active:
+            self._mlflow.end_run(status="FINISHED" if status == "STOPPED" else status)
+
+
+class Progress:
+    """Console progress on stderr: a tqdm bar when stderr is a terminal, otherwise one plain line every `every`
+    steps (a log file gets lines, not carriage returns). The first step (allocation, compilation, warm-up) is
+    said with its time and left out of the ETA."""
+
+    def __init__(self, total: int, start: int, *, enabled: bool, active: bool, every: int = 10,
+                 stream=None) -> None:
+        self.active = active
+        self.total = total
+        self.every = every
+        self.stream = stream or sys.stderr
+        self.bar = None
+        self.start = start
+        self.started = time.monotonic()
+        self.timed_from: tuple[int, float] | None = None  # (step, time) the ETA counts from: after the first step
+        if active and enabled and self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=self.stream)
+        self.plain = active and self.bar is None  # logging.progress false: plain lines too
+
+    def update(self, step: int, metrics: dict[str, float], logged: bool) -> None:
+        if not self.active:
+            return
+        now = time.monotonic()
+        first = self.timed_from is None
+        if first:
+            self.timed_from = (step, now)
+        if self.bar is not None:
+            if first:  # tqdm's rate and ETA count from here on
+                self.bar.reset(total=self.total)
+                self.bar.initial = step
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
+        line = f"step {step}/{self.total} loss {metrics['train/loss']:.4f} lr {metrics['train/lr']:.2e}"
+        if first:
+            self.write(f"{line} (took {now - self.started:.1f}s: the first step includes allocation and warm-up; the "
+                       "ETA leaves it out)")
+        elif self.plain and (logged or step % self.every == 0):
+            self.write(f"{line} eta {_duration(self.eta(step, now))}")
+
+    def eta(self, step: int, now: float) -> float:
+        """Seconds left at the mean step time since the first step."""
+        first, at = self.timed_from
+        return (now - at) / max(step - first, 1) * (self.total - step)
+
+    def write(self, line: str) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def quiet_library_progress() -> None:
+    """Silence the progress bars transformers and the hub draw while loading and saving ("Loading weights",
+    "Writing model shards"): with `logging.progress: false` the logs hold only wmtp's own lines."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()

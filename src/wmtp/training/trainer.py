@@ -1,0 +1,421 @@
+"""The training loop over a prepared run (`training.build.prepare`): optimizer steps that read top to bottom.
+
+One optimizer step (`Trainer.train_step`):
+1. take this rank's slice of the step's `grad_accum_steps` global micro-batches (a fixed order per epoch),
+   or what the scheme trains on instead (`scheme.step_batches`: GRPO's sampled completions);
+2. build per-head labels, ask the weighting scheme for detached weights over the whole step;
+3. sum the loss denominators of all micro-batches, all-reduce it over ranks (the global normaliser,
+   docs/method.md §3);
+4. forward + backward each micro-batch on the fast path with that normaliser (gradient sync on the last);
+5. clip, step the optimizer and the schedule; all-reduce and log the step's totals.
+Validation, early stopping, checkpoints and SIGTERM/SIGINT are handled between steps (`Trainer.run`).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ..components.checkpoint import (
+    STATE_FILE,
+    list_checkpoints,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    save_checkpoint,
+    save_model,
+)
+from ..components.early_stopping import EarlyStopper
+from ..components.optim import lr_lambda, make_optimizer
+from ..components.validate import head_quality, quality_metrics
+from ..config import RUN_CONFIG_FILE, RUN_RECIPE_FILE, ConfigError, flatten, resolved_yaml
+from ..data.sequences import labels_for
+from ..loss import loss_denominator
+from ..model import parallelize
+from ..model.memory import flops_per_token, peak_flops
+from ..runtime import distributed as dist_utils
+from ..runtime.atomic import atomic_file
+from ..runtime.distributed import DistInfo
+from ..runtime.mirror import COMPLETE, RunMirror, download_checkpoint, latest_checkpoint, remote_checkpoints
+from ..runtime.storage import StorageError, is_remote
+from ..runtime.tracking import METRICS_FILE, Progress, Tracker, restore_records
+from ..weighting.base import RunHooks, StepBatch
+from .build import RunSetup
+from .totals import StepTotals
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+class Trainer:
+    def __init__(self, setup: RunSetup, run_dir: Path, *, run_name: str, tags: dict[str, str] | None = None,
+                 resume: Path | None = None, config_files: tuple[Path, Path] | None = None,
+                 mirror: RunMirror | None = None) -> None:
+        self.s, self.info, self.plan = setup, setup.info, setup.plan
+        self.mirror = mirror  # uploads to a remote output_dir (mirror.py); None for a local one
+        self.recipe, self.config = setup.recipe, setup.config
+        self.model, self.wrapped, self.scheme, self.autocast = setup.model, setup.wrapped, setup.scheme, setup.autocast
+        self.run_dir = run_dir
+        self.optimizer = make_optimizer(self.model, self.recipe.optim)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lr_lambda(self.recipe.schedule, self.plan.total_steps))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.config.compute.precision == "fp16")
+        self.flops_per_token = flops_per_token(self.model, self.recipe.data.max_length)
+        self.peak_flops = peak_flops(self.info.device, self.config.compute.precision)
+        self.step = 0
+        self.early_stopping = EarlyStopper(self.recipe.train.early_stopping)
+        self.last_eval: dict[str, float] = {}
+        self.last_eval_step: int | None = None
+        self.stop_signal: str | None = None
+        state = self._restore(resume) if resume is not None else {}
+        if self.info.is_main:
+            self._write_run_inputs(fresh=resume is None)
+        overrides = " ".join(f"--set {text}" for text in {**self.config.overrides, **self.recipe.overrides}.values())
+        if overrides:  # the values are in the params; the tag says which came from this start's command line
+            tags = {**(tags or {}), "wmtp.overrides": overrides}
+        self.tracker = Tracker(self.config.mlflow, run_dir.parent, run_name, active=self.info.is_main,
+                               tags=tags, resume_run_id=state.get("mlflow_run_id"), record_dir=run_dir,
+                               resumed_from=resume)
+        if resume is None:
+            self.tracker.log_params({**flatten(self.config, "config"), **flatten(self.recipe, "recipe"),
+                                     **flatten(setup.scheme_settings, "recipe"),
+                                     **({"overrides": overrides} if overrides else {})})
+            for path in config_files or ():
+                self.tracker.log_artifact(path, "configs")
+
+    def _write_run_inputs(self, *, fresh: bool) -> None:
+        """The resolved config and recipe the run trains with (`wmtp eval` of its checkpoints reads them). A run
+        that starts at step 0 writes them; a resumed run keeps the ones it started with, unless they are gone."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if fresh:  # a start at step 0 where an attempt left no checkpoint: its records are not this run's
+            (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
+        for name, settings in ((RUN_CONFIG_FILE, self.config), (RUN_RECIPE_FILE, self.recipe)):
+            path = self.run_dir / name
+            if fresh or not path.is_file():
+                with atomic_file(path) as tmp:
+                    tmp.write_text(resolved_yaml(settings))
+
+    # data ---------------------------------------------------------------------------------------------------
+    def step_batches(self) -> list[StepBatch]:
+        """This rank's micro-batches of the current optimizer step, with their per-head labels."""
+        batches = []
+        for k in range(self.plan.grad_accum_steps):
+            rows = self.plan.micro_batch_rows(self.step * self.plan.grad_accum_steps + k, self.info.rank,
+                                              len(self.s.train_set))
+            b = {name: v.to(self.info.device) for name, v in self.s.train_set.select(rows).items()}
+            labels = labels_for(b, self.model.n_heads, self.plan.mask_prompt)
+            batches.append(StepBatch(b["input_ids"], b["attention_mask"], labels, rows, b["document_ids"]))
+        return batches
+
+    # one step -----------------------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        started = time.monotonic()
+        batches = self.scheme.step_batches(self.step, self.step_batches())  # or the scheme's own samples
+        weights = self.scheme.step_weights(batches)
+        normalizer = self.global_normalizer(batches, weights)
+        totals = StepTotals.zeros(self.model.n_heads, self.info.device)
+        self.model.train()
+        for k, (batch, w) in enumerate(zip(batches, weights, strict=True)):
+            out = self.forward_backward(k, batch, w, normalizer, sync=k == len(batches) - 1)
+            totals.add(out, batch, out.weights if out.weights is not None else w)
+        lr, grad_norm = self.optimizer_step()
+        self.scheme.after_backward(self.recipe.optim.grad_clip)
+        totals.all_reduce(self.info)
+        elapsed = time.monotonic() - started
+        return {**totals.metrics(), "train/lr": lr, "train/grad_norm": grad_norm,
+                **self.throughput(float(totals.tokens), elapsed), **self.scheme.metrics()}
+
+    def throughput(self, tokens: float, seconds: float) -> dict[str, float]:
+        """Tokens/s over all ranks, the model FLOP/s they mean (flops_per_token × tokens/s) and, on a GPU of known
+        peak, MFU = model FLOP/s / (peak × ranks). The time is the whole step, the scheme's own passes included
+        (Rho-1's scoring, the critic's value pass); the FLOPs are the training model's forward and backward only,
+        so MFU is the share of the peak that trains the model."""
+        tokens_per_s = tokens / max(seconds, 1e-9)
+        metrics = {"train/tokens_per_s": tokens_per_s, "train/model_tflops": self.flops_per_token * tokens_per_s / 1e12}
+        if self.peak_flops is not None:
+            metrics["train/mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.info.world_size)
+        return metrics
+
+    def global_normalizer(self, batches: list[StepBatch], weights: list[torch.Tensor | None]) -> torch.Tensor:
+        """The loss denominator of the whole step: all micro-batches, all ranks (docs/method.md §3)."""
+        denominator = sum(loss_denominator(b.labels, w, head_coef=self.recipe.mtp.head_coef,
+                                           reduction=self.recipe.loss.reduction)
+                          for b, w in zip(batches, weights, strict=True))
+        return dist_utils.all_reduce_sum(denominator.to(self.info.device), self.info)
+
+    def forward_backward(self, index: int, batch: StepBatch, weights: torch.Tensor | None, normalizer: torch.Tensor,
+                         *, sync: bool):
+        """One micro-batch: the weighted loss (plus the scheme's auxiliary loss) and its backward. Both DDP and
+        FSDP2 average gradients over ranks: the loss is scaled by the world size to sum them instead."""
+        with parallelize.gradient_sync(self.wrapped, sync), self.autocast:
+            out = self.wrapped(batch.input_ids, batch.attention_mask, labels=batch.labels, weights=weights,
+                               head_coef=self.recipe.mtp.head_coef, reduction=self.recipe.loss.reduction,
+                               normalizer=normalizer, chunk_size=self.plan.chunk_size,
+                               allow_negative=self.scheme.allow_negative,
+                               weights_fn=self.scheme.weights_in_forward(index, batch))
+        aux = self.scheme.auxiliary_loss(index, batch, out)
+        loss = out.loss if aux is None else out.loss + aux
+        self.scaler.scale(loss * self.info.world_size).backward()
+        return out
+
+    def optimizer_step(self) -> tuple[float, float]:
+        """Unscale, clip, step the optimizer and the schedule; returns (the step's lr, the gradient norm)."""
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = self.clip_gradients()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr, grad_norm
+
+    def clip_gradients(self) -> float:
+        """Clip the global gradient norm to `optim.grad_clip` (null: measure only); returns the norm before."""
+        clip = self.recipe.optim.grad_clip
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    # validation ---------------------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Uniform per-head CE, perplexity and top-1 accuracy on the validation sequences (head_quality), plus the
+        scheme's own validation metrics."""
+        if self.s.val_set is None:
+            return {}
+        report = head_quality(self.wrapped, self.s.val_set, n_heads=self.model.n_heads,
+                              batch_size=self.plan.micro_batch_size, mask_prompt=self.plan.mask_prompt,
+                              chunk_size=self.plan.chunk_size, device=self.info.device, autocast=self.autocast,
+                              max_batches=self.plan.eval_batches, info=self.info)
+        return {**quality_metrics(report), **self.scheme.evaluate()}
+
+    def _log_evaluation(self, progress: Progress) -> dict[str, float]:
+        evaluation = self.evaluate()
+        self.last_eval, self.last_eval_step = {**self.last_eval, **evaluation}, self.step
+        self.tracker.log_metrics(evaluation, self.step)
+        progress.write(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in evaluation.items()
+                                                          if "ppl" not in k))
+        return evaluation
+
+    # checkpoints and signals --------------------------------------------------------------------------------
+    def save(self) -> Path:
+        scheme_tensors, scheme_state = self.scheme.state()
+        state = {"best": self.early_stopping.best, "bad_evals": self.early_stopping.bad_evals,
+                 "last_eval": self.last_eval, "last_eval_step": self.last_eval_step,
+                 "mlflow_run_id": self.tracker.run_id,
+                 "micro_batches_done": self.step * self.plan.grad_accum_steps,
+                 **({"scheme": scheme_state} if scheme_state else {})}
+        path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, state,
+                               self.s.tokenizer, self.info, self.config.checkpoint.keep_last, scheme_tensors,
+                               prune=self.mirror is None,  # a mirror prunes what it has uploaded
+                               extra_files=self.tracker.record_files())
+        if self.mirror is not None:
+            self.mirror.checkpoint(path)
+        return path
+
+    def _restore(self, resume: Path) -> dict:
+        state = load_checkpoint(resume, self.model, self.optimizer, self.scheduler, self.info)
+        self.step = state["step"]
+        self.early_stopping.best, self.early_stopping.bad_evals = state["best"], state["bad_evals"]
+        self.last_eval = state.get("last_eval", {})
+        self.last_eval_step = state.get("last_eval_step")
+        if "scheme" in state:
+            self.scheme.load_state(state["scheme_tensors"], state["scheme"])
+        return state
+
+    def hooks(self) -> RunHooks:
+        """What a scheme's own stage before the first step may use of this run."""
+        return RunHooks(self.run_dir, self.tracker.log_metrics, self.stop_requested)
+
+    def stop_requested(self) -> bool:
+        """Whether SIGTERM/SIGINT reached any rank (all-reduced, so every rank stops at the same step). An upload
+        that failed on any rank stops every rank with its error."""
+        flags = torch.tensor([1.0 if self.stop_signal else 0.0, 1.0 if self.mirror and self.mirror.failed() else 0.0],
+                             device=self.info.device)
+        flags = dist_utils.all_reduce_sum(flags, self.info)
+        if flags[1].item() > 0:
+            self._upload_failed()
+        return bool(flags[0].item() > 0)
+
+    def _upload_failed(self) -> None:
+        self.mirror.raise_if_failed()
+        raise StorageError("an upload on another rank failed (its log names it); the run stops")
+
+    def _finish_uploads(self) -> None:
+        """Wait for every upload (on every rank); any rank's failure fails them all."""
+        if self.mirror is None:
+            return
+        try:
+            self.mirror.close()
+        except StorageError:
+            pass  # reported below, after the ranks agree
+        failed = torch.tensor([1.0 if self.mirror.failed() else 0.0], device=self.info.device)
+        if dist_utils.all_reduce_sum(failed, self.info).item() > 0:
+            self._upload_failed()
+
+    @contextmanager
+    def _signals(self) -> Iterator[None]:
+        def on_signal(signum, _frame) -> None:
+            self.stop_signal = signal.Signals(signum).name
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _stopped(self) -> str:
+        return (f"stopped by {self.stop_signal or 'a signal on another rank'} after step {self.step}; "
+                "--resume auto continues from its checkpoint")
+
+    # the loop ------------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Train to the end of the plan, an early stop or a stop signal; returns the outcome. Status: FINISHED
+        (completed or stopped early), STOPPED (SIGTERM/SIGINT: a checkpoint of the last step was saved; `--resume
+        auto` continues), FAILED (an error, re-raised)."""
+        t = self.recipe.train
+        progress = Progress(self.plan.total_steps, self.step, enabled=self.config.logging.progress,
+                            active=self.info.is_main, every=self.config.logging.log_every)
+        status, reason, checkpoint, final = "FINISHED", "completed", None, None
+        try:
+            with self._signals():
+                self.scheme.before_training(self.hooks())
+                if self.stop_requested():  # during a scheme's own first stage (critic stage 1)
+                    status, reason = "STOPPED", self._stopped()
+                if status == "FINISHED" and self.step == 0 and self.s.val_set is not None:
+                    initial = self.evaluate()
+                    self.tracker.log_metrics({f"{k}_initial": v for k, v in initial.items()}, step=0)
+                    if "val/loss" in initial:
+                        self.last_eval = {**self.last_eval, "initial_val_loss": initial["val/loss"]}
+                while status == "FINISHED" and self.step < self.plan.total_steps:
+                    metrics = self.train_step()
+                    self.step += 1
+                    last = self.step == self.plan.total_steps
+                    logged = self.step % self.config.logging.log_every == 0 or last
+                    if logged:
+                        self.tracker.log_metrics(metrics, self.step)
+                    progress.update(self.step, metrics, logged)
+                    stop = False
+                    if t.eval_every is not None and (self.step % t.eval_every == 0 or last):
+                        stop = self.early_stopping.should_stop(self._log_evaluation(progress))
+                        if stop:
+                            reason = self.early_stopping.reason()
+                    every = self.config.checkpoint.every_steps
+                    if every is not None and self.step % every == 0 and not last:
+                        checkpoint = self.save() or checkpoint
+                    if self.stop_requested():
+                        status, reason = "STOPPED", self._stopped()
+                        break
+                    if stop:
+                        break
+                if t.eval_every is None and self.s.val_set is not None:
+                    evaluation = self.evaluate()
+                    self.last_eval, self.last_eval_step = {**self.last_eval, **evaluation}, self.step
+                    self.tracker.log_metrics(evaluation, self.step)
+                checkpoint = self.save() or checkpoint
+                self._write_artifacts()
+                if status == "FINISHED":
+                    final = self._save_final()
+                self._finish_uploads()
+        except BaseException:
+            self.tracker.end("FAILED")
+            raise
+        finally:
+            progress.close()
+        self.tracker.set_tags({"wmtp.status": status, "wmtp.reason": reason, "wmtp.step": str(self.step)})
+        self.tracker.end(status)
+        if self.mirror is not None:
+            self.mirror.upload_records()  # after end: the store's run.json has the final status
+        return {"status": status, "reason": reason, "step": self.step, "total_steps": self.plan.total_steps,
+                "checkpoint": str(checkpoint) if checkpoint else None, "final_model": str(final) if final else None,
+                "eval": self.last_eval, "eval_step": self.last_eval_step, "n_heads": self.model.n_heads,
+                "mlflow_run_id": self.tracker.run_id, "tracking_uri": self.tracker.tracking_uri}
+
+    def _write_artifacts(self) -> None:
+        if self.info.is_main:
+            for name, text in self.scheme.artifacts().items():
+                (self.run_dir / name).write_text(text)
+                self.tracker.log_artifact(self.run_dir / name, "weights")
+
+    def _save_final(self) -> Path | None:
+        final = save_model(self.model, self.run_dir / "final", self.s.tokenizer, self.info,
+                           self.config.checkpoint.max_shard_bytes)
+        if final is not None:  # rank 0
+            self.scheme.finish(final)
+            self._log_model(final)
+            if self.mirror is not None:
+                self.mirror.final(final)
+        return final
+
+    def _log_model(self, final: Path) -> None:
+        """The final model as an MLflow artifact, unless it is larger than `mlflow.log_model_max_size`."""
+        if not self.config.mlflow.log_model:
+            return
+        size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
+        if size > self.config.mlflow.log_model_max_bytes:
+            where = f"{self.mirror.url}/final" if self.mirror is not None else str(final.resolve())
+            limit = self.config.mlflow.log_model_max_size
+            self.tracker.set_tags({"wmtp.model_location": where,
+                                   "wmtp.model_not_logged": f"{size / 1e9:.2f} GB > log_model_max_size {limit}"})
+            return
+        self.tracker.log_artifact(final, "model")
+
+
+def find_resume(resume: str | None, run_dir: Path, info: DistInfo | None = None,
+                run_url: str | None = None) -> Path | None:
+    """`auto` → the run's latest complete checkpoint (None when there is none); a path → that checkpoint. Leftovers
+    of a save that was killed mid-write are removed first. With a remote run (`run_url`) the latest complete
+    checkpoint, local or remote, is used; a remote one is downloaded into `run_dir` by rank 0, and by another rank
+    only when its node does not share rank 0's disk."""
+    if resume is None:
+        return None
+    if info is None or not info.distributed:
+        return _find_resume(resume, run_dir, run_url)
+    found: tuple[str, str | None] = ("", None)  # (error, checkpoint name)
+    if info.is_main:
+        try:
+            path = _find_resume(resume, run_dir, run_url)
+            found = ("", str(path) if path else None)
+        except ConfigError as exc:
+            found = (str(exc), None)
+    error, chosen = dist_utils.broadcast_object(found, info)
+    if error:
+        raise ConfigError(error)
+    if chosen is None:
+        return None
+    path = Path(chosen)
+    if not info.is_main and not (path / STATE_FILE).is_file() and run_url is not None:
+        for _, url, marker in remote_checkpoints(run_url):
+            if url.endswith("/" + path.name):
+                download_checkpoint(url, marker, path)
+    return path
+
+
+def _find_resume(resume: str, run_dir: Path, run_url: str | None) -> Path | None:
+    """The checkpoint to resume from, with the run's records it keeps copied back into `run_dir` where they are
+    missing (a run directory lost with its machine)."""
+    path = _checkpoint_to_resume(resume, run_dir, run_url)
+    if path is not None:
+        restore_records(path, run_dir)
+    return path
+
+
+def _checkpoint_to_resume(resume: str, run_dir: Path, run_url: str | None) -> Path | None:
+    if resume == "auto":
+        remove_partial_checkpoints(run_dir)
+        found = list_checkpoints(run_dir)
+        if run_url is not None:
+            return latest_checkpoint(run_dir, run_url, found)
+        return found[-1] if found else None
+    if is_remote(resume):
+        for _, url, marker in remote_checkpoints(run_url):
+            if url.rstrip("/") == resume.rstrip("/"):
+                return download_checkpoint(url, marker, run_dir / "checkpoints" / url.rsplit("/", 1)[-1])
+        raise ConfigError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE} marker)")
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(f"--resume {resume}: not a checkpoint directory (no {STATE_FILE})")
+    return path

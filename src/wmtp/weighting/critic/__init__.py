@@ -1,0 +1,5 @@
+"""The Critic-WMTP weighting scheme: see `scheme`."""
+
+from .scheme import PLUGIN
+
+__all__ = ["PLUGIN"]
