@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench clean demo demo-rho1 demo-critic
+.PHONY: install test lint bench clean demo demo-rho1 demo-critic docs config-docs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -39,6 +39,19 @@ demo-rho1: $(STAMP)
 # The offline Critic-WMTP workflow: write a corpus where half the documents are corrupted (and do not parse),
 # then train with the value-function weights of a `parses as Python` reward (stage 1, then stage 2).
 demo-critic: $(STAMP)
-	$(PY) benchmarks/corrupted_corpus.py --out $${WMTP_OUTPUT_DIR:-runs}/critic-demo-data --chunking top-level \
-		--train-docs 1000 --validation-docs 100 --reference-docs 1000 --data-only
+	$(PY) experiments/corrupted-corpus/corrupted_corpus.py --out $${WMTP_OUTPUT_DIR:-runs}/critic-demo-data \
+		--chunking top-level --train-docs 1000 --validation-docs 100 --reference-docs 1000 --data-only
 	HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/wmtp train --config configs/env/demo-critic.yaml --recipe configs/recipes/critic/demo.yaml
+
+# The documentation site, into site/ (gitignored): strict, so a broken link, a missing page or anchor fails.
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+# docs/configuration.md from the schemas' field descriptions (tests/unit/test_config_docs.py fails while stale).
+config-docs: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) tools/config_docs.py

@@ -4,7 +4,7 @@ bfloat16: the figure that decides whether verifying k drafts (k + 1 positions) i
 Each setting: a 24-token prefill, 2 warm-up steps, then the median of `--steps` single-token steps with the KV
 cache (rows stand in for positions: both enlarge the same matrix products).
 
-    .venv/bin/python benchmarks/forward_cost.py --threads 1 --out benchmarks/results/smollm2/forward_cost.json
+    .venv/bin/python benchmarks/forward_cost.py --threads 1 --out experiments/smollm2/results/forward_cost.json
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Variants: baseline-mtp; Rho-1 (weighted) with a cached reference, with `scoring:
 and with the reference run online; gradnorm in both scorings; the critic (GAE; stage 1 of 2 steps, untimed);
 a hybrid of Rho-1 (cached) and gradnorm; GRPO when the scheme table has it.
 
-    python benchmarks/scheme_overhead.py --out benchmarks/results/scheme_overhead_cpu.json
+    python benchmarks/scheme_overhead.py --out experiments/scheme-overhead/results/scheme_overhead_cpu.json
 """
 
 from __future__ import annotations

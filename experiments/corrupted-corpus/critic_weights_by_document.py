@@ -1,11 +1,13 @@
 """Where a trained critic puts its weight: mean stage-2 weight per head on clean vs corrupted documents.
 
-Reads a critic run of `benchmarks/corrupted_corpus.py` (its final model with value_head.safetensors, and the
-corpus in the experiment directory), scores the first --sequences training sequences as one step with the
-run's own critic settings, and splits the valid pairs by whether their document parses (clean chunks always
-do, corrupted ones never do). Also reports the mean TD error and value on each kind of document.
+Reads a critic run of `experiments/corrupted-corpus/corrupted_corpus.py` (its final model with
+value_head.safetensors, and the corpus in the experiment directory), scores the first --sequences training
+sequences as one step with the run's own critic settings, and splits the valid pairs by whether their document
+parses (clean chunks always do, corrupted ones never do).
+Also reports the mean TD error and value on each kind of document.
 
-    python benchmarks/critic_weights_by_document.py --experiment runs/corrupted-critic --run critic-parses-seed0
+    python experiments/corrupted-corpus/critic_weights_by_document.py --experiment runs/corrupted-critic \
+        --run critic-parses-seed0
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """GRPO against baseline-mtp on a synthetic task whose reward is known, over seeds.
 
-The task (as in tests/test_grpo.py): prompts are 2-5 words and a colon; the data's completions mix words and
+The task (as in tests/weighting/test_grpo.py): prompts are 2-5 words and a colon; the data's completions mix words and
 numbers; the reward of a completion is the share of its characters that are digits. A tiny Llama-family model
 (hidden 32, 2 layers, n = 2 heads) and a BPE tokenizer are trained from scratch for --steps steps per seed:
 - baseline-mtp on the data's completions (it learns the data, whose completions are 5.0% digits);
@@ -9,7 +9,8 @@ Both are then measured the same way: 8 samples (temperature 1, 8 new tokens) for
 from head 0, mean reward. The table holds mean ± std over seeds and the paired difference with its 95% t
 interval (`wmtp.evaluate.compare.difference`).
 
-    python benchmarks/grpo_synthetic.py --out benchmarks/results/grpo_synthetic.json --seeds 0 1 2 3 4
+    python experiments/grpo-synthetic/grpo_synthetic.py --out experiments/grpo-synthetic/results/grpo_synthetic.json \
+        --seeds 0 1 2 3 4
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Re-score the stored SmolLM2 evaluations with the standard harness's stop sequences, and re-count the README's
-failure categories, from the raw files in benchmarks/results/smollm2 (no model is run).
+failure categories, from the raw files in experiments/smollm2/results (no model is run).
 
 Re-cutting a stored completion is exact: each earlier stop sequence begins with one of today's (`EARLIER_STOP`
 below; checked at start), and today's contain no newline after their first character, so a completion cut at an
@@ -7,7 +7,7 @@ earlier stop holds every text that today's stops would cut at, and `truncate_at_
 new generation would give (greedy decoding: the tokens up to the cut are the same). Chat replies are not cut by
 stop sequences (their completion is the reply's first code block) and are only re-judged, to count why they fail.
 
-    .venv/bin/python benchmarks/smollm2_rescore.py --out benchmarks/results/smollm2/rescore_harness_stops.json
+    .venv/bin/python experiments/smollm2/smollm2_rescore.py --out experiments/smollm2/results/rescore_harness_stops.json
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from wmtp.execution.problems import STOP, truncate_at_stop
 from wmtp.execution.samples import execute
 from wmtp.execution.sandbox import Limits, Sandbox
 
-RESULTS = Path(__file__).resolve().parent / "results" / "smollm2"
+RESULTS = Path(__file__).resolve().parent / "results"
 RAW = {"unmodified": "base_eval", "baseline-mtp": "full_mtp_eval", "rho1": "full_rho1_eval"}
 CHAT = "base_humaneval_chat"
 # The stop sequences these evaluations were generated with (wmtp before commit bf6eae7).

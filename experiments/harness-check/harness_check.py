@@ -1,7 +1,7 @@
 """The evaluation harness on known answers: every HumanEval canonical solution and every MBPP test-split reference
 solution, written as a generations file and judged by `wmtp execute` in the sandbox, must pass.
 
-    .venv/bin/python benchmarks/harness_check.py --out benchmarks/results/harness_check
+    .venv/bin/python experiments/harness-check/harness_check.py --out runs/harness
 
 Writes `<out>/generations.jsonl`, `wmtp execute`'s files beside it, and `<out>/summary.json` with the pass rate per
 benchmark and every failure with its reason (an empty list is the expected result). Exit code 1 on a failure.
@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def main() -> int:
@@ -48,7 +48,8 @@ def main() -> int:
     totals, passed = Counter(r["benchmark"] for r in results), Counter(r["benchmark"] for r in results if r["passed"])
     failures = [{"benchmark": r["benchmark"], "task_id": r["task_id"], "reason": r["reason"]}
                 for r in results if not r["passed"]]
-    summary = {"command": " ".join(["benchmarks/harness_check.py", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d"),
+    summary = {"command": " ".join(["experiments/harness-check/harness_check.py", *sys.argv[1:]]),
+               "date": time.strftime("%Y-%m-%d"),
                "seconds": seconds, "problems": dict(totals), "passed": dict(passed), "failures": failures}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     for benchmark in totals:

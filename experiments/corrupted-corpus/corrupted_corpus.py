@@ -16,8 +16,8 @@ Set-up (all offline, deterministic given --data-seed):
   set for the same number of steps, once per --seeds value (model init and batch order), and is evaluated on
   the clean validation pool: val/loss (mean CE over all heads) and head 0's CE.
 
-    python benchmarks/corrupted_corpus.py --out runs/corrupted --seeds 0 1 2
-    python benchmarks/corrupted_corpus.py --out runs/corrupted-critic --chunking top-level \
+    python experiments/corrupted-corpus/corrupted_corpus.py --out runs/corrupted --seeds 0 1 2
+    python experiments/corrupted-corpus/corrupted_corpus.py --out runs/corrupted-critic --chunking top-level \
         --variants baseline-mtp critic-parses
 
 `--data-only` writes the corpus, the tokenizer and nothing else (the critic demo uses it).
