@@ -21,9 +21,11 @@ KL to the starting model (`kl_coef` β > 0): a frozen copy of the initial base m
 token once per rollout. In each training forward, head 0's own hidden states give ℓ = −log π_θ(y) on its pairs
 before the loss is taken (`weights_in_forward`), and with d = log π_ref(y) − log π_θ(y) the k3 estimate of
 KL(π_θ‖π_ref) is e^d − d − 1 ≥ 0. Its gradient is (e^d − 1)·∇ℓ, so head 0's weight gets β·(e^d − 1) added: the
-weighted CE then has the gradient of A·ℓ + β·k3 at the current parameters. The fused loss keeps no logits to
-differentiate a separate `auxiliary_loss` through, which would cost a second forward and backward per micro-batch;
-the weight costs one chunked CE of head 0 without gradient.
+weighted CE then has the gradient of A·ℓ + β·k3 at the current parameters. The value and the gradient estimate
+different divergences (docs/method.md §5.6): E[k3] = KL(π_θ‖π_ref) (what `grpo/kl` reports), but E[∇k3] =
+∇KL(π_ref‖π_θ); both only for tokens drawn from π_θ itself, i.e. at temperature 1 and top_p 1, on a rollout's
+first step. The fused loss keeps no logits to differentiate a separate `auxiliary_loss` through, which would cost
+a second forward and backward per micro-batch; the weight costs one chunked CE of head 0 without gradient.
 
 Prompts. The usable prompts are the distinct prompts of the training examples (first occurrence, training order)
 whose [bos] + prompt fits in data.max_length − max_new_tokens tokens; P of them. Rollout r draws world_size ×
@@ -70,14 +72,17 @@ class GRPOSettings(Strict):
     rollout_every: int = Field(
         1, ge=1, description="optimizer steps per rollout: the steps in between train on the same samples again, "
         "with no importance ratio (1: every step on fresh samples of the current model)")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts (with kl_coef > 0: "
+                               "the k3 estimate and its gradient are unbiased only at temperature 1 and top_p 1)")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: the smallest set of tokens with this "
-                         "probability mass (1: all tokens)")
+                         "probability mass (1: all tokens; with kl_coef > 0: the k3 estimate and its gradient are "
+                         "unbiased only at temperature 1 and top_p 1)")
     max_new_tokens: int = Field(256, ge=1, description="tokens per completion at most (its eos included)")
     eps: float = Field(1e-4, ge=0, description="A = (r − mean)/(std + eps) per group, population std")
     kl_coef: float = Field(
         0.0, ge=0, description="β of the k3 KL estimate to the starting model on head 0 (0: no KL term, no "
-        "reference copy)")
+        "reference copy). Its value estimates KL(π_θ‖π_ref), its gradient is that of KL(π_ref‖π_θ), both "
+        "unbiased only at temperature 1 and top_p 1 (docs/method.md §5.6)")
 
     @model_validator(mode="after")
     def _reward_of_completions(self) -> GRPOSettings:
@@ -373,7 +378,9 @@ class GRPOWeighting(WeightingScheme):
         return weights_fn
 
     def after_backward(self, grad_clip: float | None) -> None:
-        """The step's mean k3 over head 0's pairs on all ranks (with a KL term)."""
+        """`grpo/kl` (with a KL term): the step's mean k3 over head 0's pairs on all ranks, the estimate of the
+        per-token KL(π_θ‖π_ref) on the sampled completions (not of KL(π_ref‖π_θ), whose gradient the term gives);
+        unbiased only at temperature 1, top_p 1 and on a rollout's first step (docs/method.md §5.6)."""
         self._step_metrics = {}
         if self.rollout is not None and self.rollout.reference_ce is not None:
             k3_sum, count = dist_utils.all_reduce_sum(self._kl_sums.clone(), self.info).tolist()

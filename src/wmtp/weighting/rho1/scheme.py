@@ -3,16 +3,19 @@
 A frozen reference model R scores every target token once: ref[j] = −log p_R(x_j | x_<j). The excess loss of
 a pair is signed, e[t, h] = ℓ[t, h] − ref[t+1+h] (high: the reference knows the token, the model does not yet).
 The reference sees h more tokens of context than head h, so e grows with h for structural reasons: every
-statistic is taken per head, over the valid pairs of the whole optimizer step (all micro-batches, all ranks).
+statistic is taken per head, over the valid pairs of the whole optimizer step (all micro-batches, all ranks);
+with `scoring: in_forward`, over those of one micro-batch index on all ranks (statistics, cut and clip alike).
 
 Modes:
 - `weighted`: z = per-head standardised e, w = exp(z / T), then `mean1_clip(eps, w_max)`.
 - `token_skip`: drop the bottom `skip_fraction` of valid pairs per head, keep ⌈(1 − p)·N⌉ (weight 1, others 0).
 - `topk`: keep the top ⌈k·N⌉ valid pairs per head (the paper's 60% at 1B, 70% at 7B).
-Tie rule for the selection modes: pairs are ranked by e, descending; equal values keep the order of the step
-(rank, then micro-batch, then position, then head), so exactly the stated number is kept.
-`min_ce_diff`: pairs with e below it are never selected, and in `weighted` mode their raw exp(z/T) is capped at 1
-(the raw weight of a pair of average excess) before `mean1_clip`.
+Tie rule for the selection modes: each head is ranked on its own, by e, descending; equal values keep the order
+of that head's valid pairs in the step (rank, then micro-batch, then row, then position), so exactly the stated
+number is kept.
+`min_ce_diff`: pairs with e below it are never selected. In `weighted` mode they are capped, not excluded: their
+raw exp(z/T) is capped at 1 (that of a pair of average excess) before `mean1_clip`, so they weigh at most what a
+pair of average excess weighs, which exceeds 1 when most pairs are below it (≈ 1.28 with 95% below, normal e).
 `train_head0_fully`: head 0 keeps weight 1 on every valid pair; only heads 1… are re-weighted.
 
 The reference runs online (frozen, in eval mode, its CE computed in chunks from its hidden states) or is read
@@ -53,7 +56,8 @@ from ..reference import (
 
 
 class Rho1Settings(Strict):
-    """Recipe section `rho1`: weights from the signed excess loss ℓ − ref, per head, over the whole step."""
+    """Recipe section `rho1`: weights from the signed excess loss ℓ − ref, per head, over the whole step (over each
+    micro-batch with `scoring: in_forward`)."""
 
     mode: Literal["weighted", "token_skip", "topk"] = "weighted"
     temperature: float = Field(0.7, gt=0, description="weighted: w = exp(z/T) (the seed's 0.7)")
@@ -64,7 +68,10 @@ class Rho1Settings(Strict):
     skip_fraction: float = Field(0.3, ge=0, lt=1, description="token_skip: drop this bottom fraction per head")
     keep_fraction: float = Field(0.6, gt=0, le=1, description="topk: keep this top fraction per head (paper: 0.6 at "
                                  "1B, 0.7 at 7B)")
-    min_ce_diff: float | None = Field(None, description="pairs with excess below it are never selected/up-weighted")
+    min_ce_diff: float | None = Field(
+        None, description="token_skip/topk: pairs with excess below it are never selected; weighted: their "
+        "exp(z/T) is capped at 1 before mean1_clip, so they weigh at most what a pair of average excess weighs, "
+        "which is above 1 when most pairs are below it (docs/method.md §5.2)")
     train_head0_fully: bool = Field(False, description="head 0 keeps weight 1 on every valid pair")
     scoring: Literal["separate_pass", "in_forward"] = Field(
         "separate_pass", description="separate_pass: a no-grad forward over the whole step first, statistics over "
