@@ -73,6 +73,14 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def finish_together(info: DistInfo) -> None:
+    """A barrier at the end of a command that succeeded on every rank: no rank tears its process group down while
+    another still works on it (rank 0 writes the final model and the summary alone; a rank that left first could
+    abort at exit, "terminate called without an active exception", under gloo on a loaded machine)."""
+    if info.distributed:
+        dist.barrier()
+
+
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
