@@ -18,7 +18,7 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true $(PY) -m pytest -q tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks experiments tools
 
 bench: $(STAMP)
 	$(PY) benchmarks/loss_memory.py

@@ -29,27 +29,29 @@ class Strict(BaseModel):
 class ScratchModel(Strict):
     """A Llama-family model initialised from random weights (the demo; tests)."""
 
-    hidden_size: int = Field(256, gt=0)
+    hidden_size: int = Field(256, gt=0, description="width of the residual stream")
     num_layers: int = Field(4, ge=1, description="decoder layers of the base model; the last one is head 0")
-    num_attention_heads: int = Field(4, ge=1)
-    num_key_value_heads: int = Field(2, ge=1)
-    intermediate_size: int = Field(688, gt=0)
-    max_position_embeddings: int = Field(2048, gt=0)
-    tie_word_embeddings: bool = True
+    num_attention_heads: int = Field(4, ge=1, description="attention heads per layer (must divide hidden_size)")
+    num_key_value_heads: int = Field(2, ge=1, description="key/value heads (grouped-query attention; divides "
+                                     "num_attention_heads)")
+    intermediate_size: int = Field(688, gt=0, description="width of the SwiGLU feed-forward layer")
+    max_position_embeddings: int = Field(2048, gt=0, description="longest sequence the rotary positions cover")
+    tie_word_embeddings: bool = Field(True, description="share the embedding matrix with the unembedding")
 
 
 class TokenizerTraining(Strict):
     """A byte-level BPE tokenizer trained on the training texts before the model is built."""
 
-    vocab_size: int = Field(4096, ge=300)
-    min_frequency: int = Field(2, ge=1)
+    vocab_size: int = Field(4096, ge=300, description="tokens of the trained vocabulary (the 256 bytes included)")
+    min_frequency: int = Field(2, ge=1, description="a merge is learnt only from pairs seen this often")
 
 
 class ModelSource(Strict):
     """Where a model comes from: `path` (hub id, local directory, GGUF file, or `pkg:<package>/<file>`, a file
     shipped inside an installed Python package) or `from_scratch` (with `train_tokenizer` or `tokenizer`)."""
 
-    path: str | None = None
+    path: str | None = Field(None, description="hub id (org/name), local directory, GGUF file, storage URL or "
+                             "`pkg:<package>/<file>`; a path that does not exist is an error naming this key")
     tokenizer: str | None = Field(None, description="tokenizer location when it is not next to the model")
     from_scratch: ScratchModel | None = None
     train_tokenizer: TokenizerTraining | None = None
@@ -97,7 +99,7 @@ class Compute(Strict):
         "fp32", description="autocast dtype for the forward; fp16 needs CUDA and uses a gradient scaler; bf16 on "
         "MPS needs macOS 14+")
     distributed: Literal["ddp", "fsdp2"] = Field("ddp", description="used when WORLD_SIZE > 1 (torchrun)")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the model's initialisation, the data order per epoch and sampling")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     activation_checkpointing: Literal["none", "all"] | int = Field(
         "none", description="recompute blocks' activations in the backward instead of keeping them: none, all "
@@ -137,7 +139,7 @@ def parse_size(text: str) -> int:
 
 class Checkpointing(Strict):
     every_steps: int | None = Field(None, ge=1, description="save every N optimizer steps (and always at the end)")
-    keep_last: int = Field(2, ge=1)
+    keep_last: int = Field(2, ge=1, description="complete checkpoints kept; older ones are removed after a save")
     max_shard_size: str = Field("5GB", description="largest safetensors file of the final model (as Hugging Face "
                                 "shards it: model-0000k-of-0000n.safetensors + an index when there are several)")
 
@@ -153,10 +155,10 @@ class Checkpointing(Strict):
 
 
 class Tracking(Strict):
-    enabled: bool = True
+    enabled: bool = Field(True, description="track runs in MLflow (run.json and metrics.jsonl are written either way)")
     tracking_uri: str | None = Field(None, description="default: sqlite store under the output directory (a "
                                      "tracking server: http://host:5000)")
-    experiment: str = "wmtp"
+    experiment: str = Field("wmtp", description="MLflow experiment the runs go to (created when missing)")
     artifact_location: str | None = Field(
         None, description="where a new experiment keeps its artifacts (e.g. s3://bucket/mlflow); default: the "
         "store's own (a local store: <output_dir>/mlartifacts)")
@@ -201,11 +203,12 @@ class Config(Strict):
     datasets: dict[str, str] = Field(default_factory=dict, description="name -> file or directory")
     output_dir: str = Field("runs", description="a directory, or a storage URL (s3://bucket/runs) that runs are "
                             "uploaded to")
-    compute: Compute = Compute()
-    checkpoint: Checkpointing = Checkpointing()
-    mlflow: Tracking = Tracking()
-    storage: StorageSettings = StorageSettings()
-    logging: Logging = Logging()
+    compute: Compute = Field(Compute(), description="device, precision, seed, threads and distributed training")
+    checkpoint: Checkpointing = Field(Checkpointing(), description="how often checkpoints are saved and kept")
+    mlflow: Tracking = Field(Tracking(), description="MLflow tracking: store, experiment, model upload")
+    storage: StorageSettings = Field(StorageSettings(), description="a remote output_dir's staging and upload "
+                                     "retries")
+    logging: Logging = Field(Logging(), description="metric logging and console progress")
 
     @property
     def source(self) -> str:
@@ -221,7 +224,9 @@ class Config(Strict):
 # --------------------------------------------------------------------------------------------- recipe
 class MTPShape(Strict):
     n_heads: int = Field(4, ge=1, description="heads including head 0; 4 is best at 32k vocabularies (Meta)")
-    head_type: Literal["transformer", "linear"] = "transformer"
+    head_type: Literal["transformer", "linear"] = Field(
+        "transformer", description="transformer: each extra head a copy of the last decoder layer (Meta); linear: a "
+        "residual linear map of the trunk's output (Medusa-style, cheap drafts)")
     head_coef: list[float] | None = Field(
         None, description="λ_h per head (default all 1, Meta); DeepSeek-V3 style: [1, β/(n-1), ...]")
     trainable: Literal["all", "heads"] = Field(
@@ -242,7 +247,9 @@ class MTPShape(Strict):
 
 
 class LossSettings(Strict):
-    reduction: Literal["token_mean", "weight_mean"] = "token_mean"
+    reduction: Literal["token_mean", "weight_mean"] = Field(
+        "token_mean", description="token_mean: Σ w·ℓ / number of valid pairs; weight_mean: Σ w·ℓ / Σ w (docs/method.md "
+        "§3); over the whole step, all ranks")
     chunk_size: int = Field(
         256, ge=1, description="valid (token, head) pairs per CE chunk on the fast path: peak memory ~ chunk x V")
 
@@ -251,7 +258,8 @@ SourceKind = Literal["mbpp", "humaneval", "codecontests", "jsonl", "hf", "python
 
 
 class DataSource(Strict):
-    kind: SourceKind
+    kind: SourceKind = Field(description="mbpp, humaneval, codecontests, jsonl (your own file), hf (a hub "
+                             "dataset) or python-stdlib (the running Python's standard library)")
     dataset: str | None = Field(None, description="name in the config's `datasets` (a path), or a hub id for hf")
     split: str | None = Field(None, description="mbpp/hf split (train, validation, test)")
     limit: int | None = Field(None, ge=1, description="use at most this many records")
@@ -271,13 +279,14 @@ class DataSource(Strict):
 
 
 class DataSettings(Strict):
-    train: list[DataSource] = Field(min_length=1)
+    train: list[DataSource] = Field(min_length=1, description="the sources of the training examples, read in order")
     validation: list[DataSource] | None = Field(None, description="default: hold out validation_fraction of train")
-    validation_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    validation_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of train held out for "
+                                       "validation, by a hash of each example's key (deterministic)")
     max_length: int = Field(512, ge=8, description="tokens per training sequence")
     packing: bool = Field(True, description="pack documents into full sequences, labels stop at boundaries")
     mask_prompt: bool = Field(False, description="exclude prompt tokens from the loss (targets = solution only)")
-    shuffle_seed: int = 0
+    shuffle_seed: int = Field(0, description="seed of the order in which documents are packed into rows")
 
     @model_validator(mode="after")
     def _holdout_or_sources(self) -> DataSettings:
@@ -287,16 +296,17 @@ class DataSettings(Strict):
 
 
 class Optimizer(Strict):
-    lr: float = Field(3e-4, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
+    lr: float = Field(3e-4, gt=0, description="peak learning rate of AdamW")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW's decoupled weight decay (not on norms and biases)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW's moment decay rates (β1, β2)")
+    eps: float = Field(1e-8, gt=0, description="AdamW's denominator floor")
     grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm; null disables clipping")
 
 
 class Schedule(Strict):
-    kind: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
+    kind: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay of the lr after warm-up "
+                                                          "to min_lr_ratio × lr (constant: none)")
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warm-up from 0 to lr")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of optim.lr")
 
     @model_validator(mode="after")
@@ -308,19 +318,20 @@ class Schedule(Strict):
 
 class EarlyStopping(Strict):
     metric: str = Field("val/loss", description="a validation metric, e.g. val/loss or val/acc_head0")
-    mode: Literal["min", "max"] = "min"
+    mode: Literal["min", "max"] = Field("min", description="min: lower is better (losses); max: higher (accuracies)")
     patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
-    min_delta: float = Field(0.0, ge=0)
+    min_delta: float = Field(0.0, ge=0, description="smallest change that counts as an improvement")
 
 
 class Training(Strict):
     micro_batch_size: int = Field(8, ge=1, description="sequences per micro-batch per process")
-    grad_accum_steps: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    num_epochs: float | None = Field(None, gt=0)
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step and process")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps of the run (or num_epochs)")
+    num_epochs: float | None = Field(None, gt=0, description="passes over the training rows (when max_steps is not "
+                                     "given)")
     eval_every: int | None = Field(None, ge=1, description="optimizer steps between validations (and at the end)")
     eval_batches: int | None = Field(None, ge=1, description="cap on validation micro-batches")
-    early_stopping: EarlyStopping | None = None
+    early_stopping: EarlyStopping | None = Field(None, description="stop when a validation metric stops improving")
 
     @model_validator(mode="after")
     def _length(self) -> Training:
@@ -343,12 +354,12 @@ class Recipe(Strict):
         "baseline-mtp", description="the weighting scheme (wmtp.weighting.SCHEMES): baseline-mtp (uniform weights; "
         "n_heads=1 is next-token training), rho1 (excess loss against config.reference_model), critic (value "
         "function)")
-    mtp: MTPShape = MTPShape()
-    loss: LossSettings = LossSettings()
-    data: DataSettings
-    optim: Optimizer = Optimizer()
-    schedule: Schedule = Schedule()
-    train: Training
+    mtp: MTPShape = Field(MTPShape(), description="the heads: how many, which kind, their coefficients, what trains")
+    loss: LossSettings = Field(LossSettings(), description="how the weighted CE is normalised and chunked")
+    data: DataSettings = Field(description="training and validation sources, sequence length, packing")
+    optim: Optimizer = Field(Optimizer(), description="AdamW and gradient clipping")
+    schedule: Schedule = Field(Schedule(), description="the learning-rate schedule")
+    train: Training = Field(description="batch sizes, length of the run, validation, early stopping")
 
     @property
     def sections(self) -> dict[str, Any]:

@@ -37,7 +37,9 @@ RewardFn = Callable[[list[Example]], list[float]]
 class RewardSettings(Strict):
     """Where a document's reward comes from (one number per training document, placed at its last token)."""
 
-    kind: Literal["verifiable", "labels", "reward_model", "function"]
+    kind: Literal["verifiable", "labels", "reward_model", "function"] = Field(
+        description="verifiable: run the example's own tests or check it parses (`check`); labels: the dataset's "
+        "label; reward_model: a sequence-classification model's score; function: your `module:function`")
     check: Literal["tests", "parses"] = Field(
         "tests", description="verifiable: `tests` runs the example's own tests in the evaluation sandbox (MBPP "
         "test_list, HumanEval check, CodeContests tests) -> 1 if all pass else 0; `parses`: 1 if the document is "
