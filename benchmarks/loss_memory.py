@@ -5,7 +5,7 @@ forward + backward (no optimizer step) of each variant, all on the same weights 
 
 - `plain`: Hugging Face's own next-token loss, `base(input_ids=x, labels=x).loss.backward()`;
 - `naive n=4`: `weighted_mtp_loss(model(x, return_logits=True).logits, labels)`, materialising [B, S, n, V];
-- `fast n=4`: `model(x, labels=labels).loss` (the fused chunked path), once per `--chunk-size` value.
+- `fast n=4`: `model(x, objective=MTPLoss(labels)).loss` (the fused chunked path), once per `--chunk-size` value.
 
 Time: one subprocess runs a warm-up round, then `--repeats` rounds of one step per variant (round-robin, so
 load from other processes hits all variants alike); median per variant. Peak extra memory: one fresh
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from wmtp import MTPModel, mtp_labels, weighted_mtp_loss
+from wmtp import MTPLoss, MTPModel, mtp_labels, weighted_mtp_loss
 
 N_HEADS = 4
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -106,7 +106,7 @@ def variant_steps(args: argparse.Namespace, vocab: int, device: torch.device) ->
         "naive": lambda: weighted_mtp_loss(model(x, return_logits=True).logits, labels).backward(),
     }
     for chunk in args.chunk_size:
-        steps[f"fast:{chunk}"] = lambda c=chunk: model(x, labels=labels, chunk_size=c).loss.backward()
+        steps[f"fast:{chunk}"] = lambda c=chunk: model(x, objective=MTPLoss(labels, chunk_size=c)).loss.backward()
     return steps, model
 
 

@@ -1200,9 +1200,9 @@ def check_reference_hf_token(kit: Kit) -> None:
 def check_reference_cache(kit: Kit) -> None:
     """`reference_cache` replaces the reference's forward by the cached scores (the weights are not even loaded)."""
     online = kit.rho1_trainer()
-    reference = online.s.config.reference_model.path
-    scores = score_reference_set(online.scheme.reference, online.s.train_set, 4, online.autocast, CPU.device)
-    key = fingerprint(online.s.train_set, online.s.tokenizer, reference)
+    reference = online.setup.config.reference_model.path
+    scores = score_reference_set(online.scheme.reference, online.setup.train_set, 4, online.autocast, CPU.device)
+    key = fingerprint(online.setup.train_set, online.setup.tokenizer, reference)
     true_cache, zero_cache = kit.tmp / "true.safetensors", kit.tmp / "zero.safetensors"
     write_cache(true_cache, scores, key)
     write_cache(zero_cache, torch.zeros_like(scores), key)

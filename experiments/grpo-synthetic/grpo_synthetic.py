@@ -76,7 +76,7 @@ def train(directory: Path, algorithm: str, seed: int, steps: int) -> Trainer:
 
 @torch.no_grad()
 def measured_reward(trainer: Trainer, prompts: list[str], samples: int, seed: int) -> float:
-    tokenizer, model = trainer.s.tokenizer, trainer.model.eval()
+    tokenizer, model = trainer.setup.tokenizer, trainer.model.eval()
     torch.manual_seed(1000 + seed)
     rewards = []
     for prompt in prompts:

@@ -15,7 +15,9 @@ _EXPORTS = {
     "mtp_labels": "loss",
     "per_target_to_heads": "loss",
     "weighted_mtp_loss": "loss",
+    "GradNormScores": "model.mtp",
     "MTPConfig": "model.mtp",
+    "MTPLoss": "model.mtp",
     "MTPModel": "model.mtp",
     "MTPOutput": "model.mtp",
 }

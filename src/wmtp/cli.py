@@ -232,7 +232,7 @@ def train_command(args: argparse.Namespace) -> int:
     from .components.checkpoint import TOKENIZER_DIR, checkpoint_step
     from .runtime import distributed as dist_utils
     from .runtime.mirror import RunMirror, check_writable, remote_run_exists
-    from .training.build import describe_plan, dry_run_report, prepare
+    from .training.build import describe_run, dry_run_report, prepare
     from .training.trainer import Trainer, find_resume
 
     info = dist_utils.init_distributed(config.compute.device, config.compute.timeout_minutes)
@@ -254,13 +254,13 @@ def train_command(args: argparse.Namespace) -> int:
         if args.dry_run:
             report = dry_run_report(setup)
             if info.is_main:
-                print(describe_plan(setup, where, tracking, report))
+                print(describe_run(setup, where, tracking, report))
                 print(_memory_lines(config, recipe, info.world_size, args.device_memory, len(setup.tokenizer)))
                 print("\n".join(filter(None, [start, "dry run: configuration, data, tokenizer, model and weighting "
                                                "are valid; nothing was trained or written"])))
             return 0
         if info.is_main:
-            print("\n".join(filter(None, [describe_plan(setup, where, tracking), start])), flush=True)
+            print("\n".join(filter(None, [describe_run(setup, where, tracking), start])), flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         storage = config.storage
         mirror = None if run_url is None else RunMirror(

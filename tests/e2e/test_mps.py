@@ -9,7 +9,7 @@ from helpers.models import batch, grads_of, perturb_heads, tiny_llama
 from helpers.tiny_run import final_weights, train_args
 
 import wmtp.runtime.distributed
-from wmtp import MTPModel, mtp_labels, weighted_mtp_loss
+from wmtp import MTPLoss, MTPModel, mtp_labels, weighted_mtp_loss
 from wmtp.cli import main
 from wmtp.runtime.distributed import init_distributed, resolve_device
 
@@ -46,7 +46,7 @@ def test_fast_path_on_mps_equals_the_cpu_reference():
     want = grads_of(model)
     model.zero_grad(set_to_none=True)
     model.to("mps")
-    out = model(x.to("mps"), mask.to("mps"), labels=labels.to("mps"), weights=weights.to("mps"), chunk_size=7)
+    out = model(x.to("mps"), mask.to("mps"), MTPLoss(labels.to("mps"), weights.to("mps"), chunk_size=7))
     out.loss.backward()
     got = grads_of(model)
     assert torch.allclose(out.loss.cpu(), ref, rtol=1e-4)

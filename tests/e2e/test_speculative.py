@@ -8,7 +8,7 @@ import torch
 from helpers.models import VOCAB, tiny_gpt2, tiny_llama
 from transformers import GenerationConfig
 
-from wmtp import MTPModel, mtp_labels
+from wmtp import MTPLoss, MTPModel, mtp_labels
 from wmtp.evaluate.speculative import SpeculativeResult, speculative_generate, speculative_generate_batch
 
 N_HEADS = 4
@@ -44,7 +44,7 @@ def train_on_cycle(model: MTPModel, steps: int = 120) -> MTPModel:
     for _ in range(steps):
         start = torch.randint(0, len(CYCLE), (16, 1), generator=generator)
         x = CYCLE[(start + torch.arange(24)) % len(CYCLE)]
-        loss = model(x, labels=mtp_labels(x, model.n_heads)).loss
+        loss = model(x, objective=MTPLoss(mtp_labels(x, model.n_heads))).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from wmtp.model.mtp import MTPLoss
 from wmtp.training.trainer import Trainer
 
 
@@ -16,7 +17,7 @@ def forward_weights(trainer: Trainer, batches) -> list[torch.Tensor]:
         make = scheme.weights_in_forward(k, b)
         if make is not None:
             with torch.no_grad():
-                weights[k] = trainer.wrapped(b.input_ids, b.attention_mask, labels=b.labels, weights_fn=make,
-                                             allow_negative=True).weights
+                weights[k] = trainer.wrapped(b.input_ids, b.attention_mask,
+                                             MTPLoss(b.labels, weights_fn=make, allow_negative=True)).weights
     scheme.after_backward(None)
     return weights

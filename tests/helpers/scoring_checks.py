@@ -6,14 +6,15 @@ import pytest
 import torch
 
 from wmtp.config import ConfigError
+from wmtp.model.mtp import MTPLoss
 from wmtp.training.trainer import Trainer
 
 
 def in_forward_weights(trainer: Trainer, batch) -> torch.Tensor:
     """The weights a scheme with `scoring: in_forward` makes inside the training forward of one micro-batch."""
     assert trainer.scheme.step_weights([batch]) == [None]
-    out = trainer.model(batch.input_ids, batch.attention_mask, labels=batch.labels,
-                        weights_fn=trainer.scheme.weights_in_forward(0, batch))
+    out = trainer.model(batch.input_ids, batch.attention_mask,
+                        MTPLoss(batch.labels, weights_fn=trainer.scheme.weights_in_forward(0, batch)))
     return out.weights
 
 

@@ -17,7 +17,7 @@ from helpers.tiny_run import final_weights, train_args
 
 from wmtp.cli import main
 from wmtp.loss import mtp_labels
-from wmtp.model.mtp import MTPModel
+from wmtp.model.mtp import MTPLoss, MTPModel
 from wmtp.model.parallelize import apply_activation_checkpointing, blocks, wrap_model
 from wmtp.runtime.distributed import DistInfo
 
@@ -34,7 +34,7 @@ def gradients_and_saved(head_type: str, every: int | None) -> tuple[dict[str, to
     weights = torch.rand(labels.shape, generator=g)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        loss = model(ids, torch.ones_like(ids), labels=labels, weights=weights).loss
+        loss = model(ids, torch.ones_like(ids), MTPLoss(labels, weights)).loss
     loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, sum(saved)
 
@@ -81,7 +81,7 @@ def test_fsdp_policies_reach_every_sharded_block(one_rank_group):
     seen = []
     blocks(model)[0].register_forward_pre_hook(lambda m, a: seen.append(m.self_attn.q_proj.weight.dtype))
     ids = torch.randint(3, 97, (1, 8))
-    model(ids, torch.ones_like(ids), labels=mtp_labels(ids, 3)).loss.backward()
+    model(ids, torch.ones_like(ids), MTPLoss(mtp_labels(ids, 3))).loss.backward()
     assert seen == [torch.bfloat16]  # the gathered parameters the block computes with
 
 

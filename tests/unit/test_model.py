@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers.models import batch, grads_of, perturb_heads, tiny_gpt2, tiny_llama
 
-from wmtp import MTPModel, loss_denominator, mtp_labels, weighted_mtp_loss
+from wmtp import MTPLoss, MTPModel, loss_denominator, mtp_labels, weighted_mtp_loss
 
 
 @pytest.mark.parametrize("make_base,head_type", [(tiny_llama, "transformer"), (tiny_llama, "linear"),
@@ -28,7 +28,7 @@ def test_n1_uniform_equals_the_base_models_own_loss(llama):
     want = llama(input_ids=x, attention_mask=mask, labels=hf_labels).loss
     model = MTPModel.from_base(llama, n_heads=1)
     labels = mtp_labels(x, 1, attention_mask=mask)
-    got = model(x, mask, labels=labels).loss
+    got = model(x, mask, MTPLoss(labels)).loss
     assert torch.allclose(got, want, rtol=1e-5)
 
 
@@ -42,7 +42,7 @@ def test_fast_path_equals_reference_path_with_gradients(head_type, reduction):
     weights = torch.rand(labels.shape, generator=torch.Generator().manual_seed(3)) * 2
     lam = [1.0, 0.5, 0.5]
 
-    out = model(x, mask, labels=labels, weights=weights, head_coef=lam, reduction=reduction, chunk_size=7)
+    out = model(x, mask, MTPLoss(labels, weights, head_coef=lam, reduction=reduction, chunk_size=7))
     out.loss.backward()
     fast = grads_of(model)
     model.zero_grad(set_to_none=True)
@@ -67,15 +67,14 @@ def test_gradient_accumulation_invariance_8x1_equals_1x8(reduction):
     weights = torch.rand(labels.shape)
 
     model = MTPModel.from_base(tiny_llama(), n_heads=3)
-    model(x, mask, labels=labels, weights=weights, reduction=reduction).loss.backward()
+    model(x, mask, MTPLoss(labels, weights, reduction=reduction)).loss.backward()
     full = grads_of(model)
 
     model.zero_grad(set_to_none=True)
     total = loss_denominator(labels, weights, reduction=reduction)  # what the trainer sums over the step
     for i in range(8):
         sl = slice(i, i + 1)
-        model(x[sl], mask[sl], labels=labels[sl], weights=weights[sl], reduction=reduction,
-              normalizer=total).loss.backward()
+        model(x[sl], mask[sl], MTPLoss(labels[sl], weights[sl], reduction=reduction, normalizer=total)).loss.backward()
     accumulated = grads_of(model)
     for name in full:
         assert torch.allclose(full[name], accumulated[name], rtol=1e-4, atol=1e-7), name
@@ -84,7 +83,7 @@ def test_gradient_accumulation_invariance_8x1_equals_1x8(reduction):
     model.zero_grad(set_to_none=True)
     for i in range(8):
         sl = slice(i, i + 1)
-        (model(x[sl], mask[sl], labels=labels[sl], weights=weights[sl], reduction=reduction).loss / 8).backward()
+        (model(x[sl], mask[sl], MTPLoss(labels[sl], weights[sl], reduction=reduction)).loss / 8).backward()
     naive = grads_of(model)
     assert any(not torch.allclose(full[k], naive[k], rtol=1e-3) for k in full)
 

@@ -11,7 +11,7 @@ import yaml
 from helpers.models import tiny_gpt2, tiny_llama
 from helpers.tiny_run import files, final_weights, train_args
 
-from wmtp import IGNORE_INDEX, MTPModel, mean1_clip, mtp_labels
+from wmtp import IGNORE_INDEX, GradNormScores, MTPModel, mean1_clip, mtp_labels
 from wmtp.cli import main
 from wmtp.loss import fused_linear_grad_norm_sq, logit_grad_norm_sq
 from wmtp.runtime.distributed import DistInfo
@@ -106,7 +106,7 @@ def test_model_forward_scores_each_pair_without_gradient(make, head_type):
     mask = torch.ones_like(ids)
     mask[0, 8:] = 0
     labels = mtp_labels(ids, 3, attention_mask=mask)
-    out = model(ids, mask, labels=labels, chunk_size=7, grad_norm_sq=True)  # grad mode on: still no graph
+    out = model(ids, mask, GradNormScores(labels, chunk_size=7))  # grad mode on: still no graph
     assert out.loss is None and not out.grad_norm_sq.requires_grad
     logits = model(ids, mask, return_logits=True).logits
     valid = labels != IGNORE_INDEX

@@ -17,6 +17,7 @@ import torch
 from ..data.sequences import SequenceSet, labels_for
 from ..loss import IGNORE_INDEX
 from ..runtime.distributed import DistInfo, all_reduce_sum
+from ..model.mtp import MTPLoss
 
 DEFAULT_EDGES = (0, 16, 64, 256, 1024)
 
@@ -60,7 +61,7 @@ def head_quality(model, sequences: SequenceSet, *, n_heads: int | None = None, b
         if b >= n_batches:
             labels = torch.full_like(labels, IGNORE_INDEX)
         with autocast or nullcontext():
-            out = model(batch["input_ids"], batch["attention_mask"], labels=labels, chunk_size=chunk_size)
+            out = model(batch["input_ids"], batch["attention_mask"], MTPLoss(labels, chunk_size=chunk_size))
         valid = (labels != IGNORE_INDEX).double()  # [B, S, n]
         index_b = bucket_of.view(1, -1, 1).expand_as(valid)
         for row, values in enumerate((out.ce.double() * valid, out.correct.double() * valid, valid)):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -67,6 +67,45 @@ class MTPConfig:
             raise ValueError(f"head_type must be one of {HEAD_TYPES}, got {self.head_type!r}")
 
 
+WeightsFn = Callable[[list[torch.Tensor], "MTPModel"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MTPLoss:
+    """What a forward needs to take the weighted MTP loss (docs/method.md §3), with the meaning of
+    `weighted_mtp_loss`.
+
+    labels: [B, S, n] from `mtp_labels`. weights: [B, S, n] detached (None: 1 on every valid pair); or
+    weights_fn (instead of weights): makes them from the forward's own detached head hidden states (each [B, S, D])
+    and the model, under no_grad, before the loss is taken on the same hidden states (a scheme's one-forward mode).
+    head_coef: λ_h per head (None: all 1). reduction: token_mean or weight_mean. normalizer: the loss's denominator
+    (None: this micro-batch's own; a step summed over micro-batches passes the step's). allow_negative: weights may be
+    negative (token_mean only). chunk_size: valid pairs per CE chunk (peak memory ~ chunk × V)."""
+
+    labels: torch.Tensor
+    weights: torch.Tensor | None = None
+    weights_fn: WeightsFn | None = None
+    head_coef: Sequence[float] | torch.Tensor | None = None
+    reduction: str = "token_mean"
+    normalizer: torch.Tensor | float | None = None
+    allow_negative: bool = False
+    chunk_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.weights is not None and self.weights_fn is not None:
+            raise ValueError("pass weights or weights_fn, not both")
+
+
+@dataclass(frozen=True)
+class GradNormScores:
+    """Instead of a loss, each pair's ‖∂ℓ/∂logits‖² [B, S, n], chunked and without gradient: the scoring pass of
+    gradient-norm weighting, which goes through the forward so that DDP and FSDP2 gather the parameters as usual.
+    labels: [B, S, n]; chunk_size: valid pairs per chunk."""
+
+    labels: torch.Tensor
+    chunk_size: int = 256
+
+
 @dataclass
 class MTPOutput:
     """What a forward returns. Shapes: ce, correct, grad_norm_sq [B, S, n]; logits [B, S, n, V];
@@ -78,7 +117,7 @@ class MTPOutput:
     logits: torch.Tensor | None = None
     trunk_hidden: torch.Tensor | None = None
     grad_norm_sq: torch.Tensor | None = None
-    weights: torch.Tensor | None = None  # the weights `weights_fn` made from this forward's hidden states
+    weights: torch.Tensor | None = None  # the weights `MTPLoss.weights_fn` made from this forward's hidden states
 
 
 class ResidualHead(nn.Module):
@@ -276,58 +315,42 @@ class MTPModel(nn.Module):
             hidden.append(norm(h[0] if isinstance(h, tuple) else h))
         return hidden, z
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        weights: torch.Tensor | None = None,
-        *,
-        position_ids: torch.Tensor | None = None,
-        head_coef=None,
-        reduction: str = "token_mean",
-        normalizer: torch.Tensor | float | None = None,
-        allow_negative: bool = False,
-        return_logits: bool = False,
-        chunk_size: int = 256,
-        grad_norm_sq: bool = False,
-        weights_fn: Callable[[list[torch.Tensor], MTPModel], torch.Tensor] | None = None,
-    ) -> MTPOutput:
-        """input_ids, attention_mask: [B, S]; labels: [B, S, n] from `mtp_labels`; weights: [B, S, n] detached.
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                objective: MTPLoss | GradNormScores | None = None, *, position_ids: torch.Tensor | None = None,
+                return_logits: bool = False) -> MTPOutput:
+        """input_ids, attention_mask, position_ids: [B, S]. Always returns the trunk state [B, S, D].
 
-        With labels, computes the weighted loss on the fast path (no [B, S, n, V] tensor), with the same
-        meaning as `weighted_mtp_loss`. `return_logits` also returns all heads' logits [B, S, n, V]: for
-        small inputs and for the reference path only. `grad_norm_sq` (with labels) returns each pair's
-        ‖∂ℓ/∂logits‖² instead of the loss, chunked and without gradient: the scoring pass of gradient-norm
-        weighting, which goes through the forward so that DDP and FSDP2 gather the parameters as usual.
-        `weights_fn` (instead of `weights`) makes the weights from this forward's own head hidden states (detached,
-        under no_grad) before the loss is taken on the same hidden states: a weighting scheme's one-forward mode.
-        """
+        `objective` says what the forward computes from the labels: an `MTPLoss` gives the weighted loss on the fast
+        path (no [B, S, n, V] tensor) with each pair's CE and top-1 correctness [B, S, n]; `GradNormScores` gives
+        each pair's ‖∂ℓ/∂logits‖² instead; None: no loss. `return_logits` also returns all heads' logits
+        [B, S, n, V]: for small inputs and for the reference path only."""
         hidden, z = self.head_hidden_states(input_ids, attention_mask, position_ids)
         output = MTPOutput(trunk_hidden=z)
         if return_logits:
             output.logits = torch.stack([self.unembedding(h) for h in hidden], dim=2)
-        if labels is None:
+        if objective is None:
             return output
+        labels = objective.labels
         if labels.shape != (*input_ids.shape, self.n_heads):
             raise ValueError(f"labels must be [B, S, n]={(*input_ids.shape, self.n_heads)}, got {tuple(labels.shape)}")
-        if grad_norm_sq:
+        if isinstance(objective, GradNormScores):
             output.grad_norm_sq = fused_linear_grad_norm_sq(hidden, self.unembedding.weight, labels,
-                                                            bias=self.unembedding.bias, chunk_size=chunk_size)
+                                                            bias=self.unembedding.bias, chunk_size=objective.chunk_size)
             return output
-        if weights_fn is not None:
-            if weights is not None:
-                raise ValueError("pass weights or weights_fn, not both")
+        weights = objective.weights
+        if objective.weights_fn is not None:
             with torch.no_grad():
-                weights = weights_fn([h.detach() for h in hidden], self).detach()
+                weights = objective.weights_fn([h.detach() for h in hidden], self).detach()
             output.weights = weights
-        check_weights(weights, labels, reduction, allow_negative)
+        check_weights(weights, labels, objective.reduction, objective.allow_negative)
+        normalizer = objective.normalizer
         if normalizer is None:
-            normalizer = loss_denominator(labels, weights, head_coef=head_coef, reduction=reduction)
-        coef = safe_divide(pair_coefficients(labels, weights, head_coef=head_coef), normalizer)
+            normalizer = loss_denominator(labels, weights, head_coef=objective.head_coef,
+                                          reduction=objective.reduction)
+        coef = safe_divide(pair_coefficients(labels, weights, head_coef=objective.head_coef), normalizer)
         output.loss, output.ce, output.correct = fused_linear_mtp_ce(
-            hidden, self.unembedding.weight, labels, coef, bias=self.unembedding.bias, chunk_size=chunk_size,
-            ignore_index=IGNORE_INDEX)
+            hidden, self.unembedding.weight, labels, coef, bias=self.unembedding.bias,
+            chunk_size=objective.chunk_size, ignore_index=IGNORE_INDEX)
         return output
 
     def generate(self, *args, **kwargs):

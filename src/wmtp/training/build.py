@@ -180,7 +180,7 @@ def dry_run_report(setup: RunSetup) -> dict:
                         max_batches=1)
 
 
-def describe_plan(setup: RunSetup, run_dir: Path | str, tracking: str, report: dict | None = None) -> str:
+def describe_run(setup: RunSetup, run_dir: Path | str, tracking: str, report: dict | None = None) -> str:
     """What a run prints before its first step (and `--dry-run` with the `report` of one forward): the model, the
     data, the steps, the device and where outputs go."""
     model, recipe, info, plan = setup.model, setup.recipe, setup.info, setup.plan

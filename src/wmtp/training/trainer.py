@@ -38,6 +38,7 @@ from ..data.sequences import labels_for
 from ..loss import loss_denominator
 from ..model import parallelize
 from ..model.memory import flops_per_token, peak_flops
+from ..model.mtp import MTPLoss
 from ..runtime import distributed as dist_utils
 from ..runtime.atomic import atomic_file
 from ..runtime.distributed import DistInfo
@@ -54,7 +55,7 @@ class Trainer:
     def __init__(self, setup: RunSetup, run_dir: Path, *, run_name: str, tags: dict[str, str] | None = None,
                  resume: Path | None = None, config_files: tuple[Path, Path] | None = None,
                  mirror: RunMirror | None = None) -> None:
-        self.s, self.info, self.plan = setup, setup.info, setup.plan
+        self.setup, self.info, self.plan = setup, setup.info, setup.plan
         self.mirror = mirror  # uploads to a remote output_dir (mirror.py); None for a local one
         self.recipe, self.config = setup.recipe, setup.config
         self.model, self.wrapped, self.scheme, self.autocast = setup.model, setup.wrapped, setup.scheme, setup.autocast
@@ -104,8 +105,8 @@ class Trainer:
         batches = []
         for k in range(self.plan.grad_accum_steps):
             rows = self.plan.micro_batch_rows(self.step * self.plan.grad_accum_steps + k, self.info.rank,
-                                              len(self.s.train_set))
-            b = {name: v.to(self.info.device) for name, v in self.s.train_set.select(rows).items()}
+                                              len(self.setup.train_set))
+            b = {name: v.to(self.info.device) for name, v in self.setup.train_set.select(rows).items()}
             labels = labels_for(b, self.model.n_heads, self.plan.mask_prompt)
             batches.append(StepBatch(b["input_ids"], b["attention_mask"], labels, rows, b["document_ids"]))
         return batches
@@ -151,11 +152,10 @@ class Trainer:
         """One micro-batch: the weighted loss (plus the scheme's auxiliary loss) and its backward. Both DDP and
         FSDP2 average gradients over ranks: the loss is scaled by the world size to sum them instead."""
         with parallelize.gradient_sync(self.wrapped, sync), self.autocast:
-            out = self.wrapped(batch.input_ids, batch.attention_mask, labels=batch.labels, weights=weights,
-                               head_coef=self.recipe.mtp.head_coef, reduction=self.recipe.loss.reduction,
-                               normalizer=normalizer, chunk_size=self.plan.chunk_size,
-                               allow_negative=self.scheme.allow_negative,
-                               weights_fn=self.scheme.weights_in_forward(index, batch))
+            out = self.wrapped(batch.input_ids, batch.attention_mask, MTPLoss(
+                batch.labels, weights, self.scheme.weights_in_forward(index, batch),
+                head_coef=self.recipe.mtp.head_coef, reduction=self.recipe.loss.reduction, normalizer=normalizer,
+                allow_negative=self.scheme.allow_negative, chunk_size=self.plan.chunk_size))
         aux = self.scheme.auxiliary_loss(index, batch, out)
         loss = out.loss if aux is None else out.loss + aux
         self.scaler.scale(loss * self.info.world_size).backward()
@@ -183,9 +183,9 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Uniform per-head CE, perplexity and top-1 accuracy on the validation sequences (head_quality), plus the
         scheme's own validation metrics."""
-        if self.s.val_set is None:
+        if self.setup.val_set is None:
             return {}
-        report = head_quality(self.wrapped, self.s.val_set, n_heads=self.model.n_heads,
+        report = head_quality(self.wrapped, self.setup.val_set, n_heads=self.model.n_heads,
                               batch_size=self.plan.micro_batch_size, mask_prompt=self.plan.mask_prompt,
                               chunk_size=self.plan.chunk_size, device=self.info.device, autocast=self.autocast,
                               max_batches=self.plan.eval_batches, info=self.info)
@@ -208,7 +208,7 @@ class Trainer:
                  "micro_batches_done": self.step * self.plan.grad_accum_steps,
                  **({"scheme": scheme_state} if scheme_state else {})}
         path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, state,
-                               self.s.tokenizer, self.info, self.config.checkpoint.keep_last, scheme_tensors,
+                               self.setup.tokenizer, self.info, self.config.checkpoint.keep_last, scheme_tensors,
                                prune=self.mirror is None,  # a mirror prunes what it has uploaded
                                extra_files=self.tracker.record_files())
         if self.mirror is not None:
@@ -285,7 +285,7 @@ class Trainer:
                 self.scheme.before_training(self.hooks())
                 if self.stop_requested():  # during a scheme's own first stage (critic stage 1)
                     status, reason = "STOPPED", self._stopped()
-                if status == "FINISHED" and self.step == 0 and self.s.val_set is not None:
+                if status == "FINISHED" and self.step == 0 and self.setup.val_set is not None:
                     initial = self.evaluate()
                     self.tracker.log_metrics({f"{k}_initial": v for k, v in initial.items()}, step=0)
                     if "val/loss" in initial:
@@ -311,7 +311,7 @@ class Trainer:
                         break
                     if stop:
                         break
-                if t.eval_every is None and self.s.val_set is not None:
+                if t.eval_every is None and self.setup.val_set is not None:
                     evaluation = self.evaluate()
                     self.last_eval, self.last_eval_step = {**self.last_eval, **evaluation}, self.step
                     self.tracker.log_metrics(evaluation, self.step)
@@ -341,7 +341,7 @@ class Trainer:
                 self.tracker.log_artifact(self.run_dir / name, "weights")
 
     def _save_final(self) -> Path | None:
-        final = save_model(self.model, self.run_dir / "final", self.s.tokenizer, self.info,
+        final = save_model(self.model, self.run_dir / "final", self.setup.tokenizer, self.info,
                            self.config.checkpoint.max_shard_bytes)
         if final is not None:  # rank 0
             self.scheme.finish(final)

@@ -113,7 +113,7 @@ class WeightingScheme:
     def weights_in_forward(self, index: int, batch: StepBatch) -> Callable | None:
         """For a scheme that weighs inside the training forward (one trunk forward per micro-batch): a function
         from the forward's detached head hidden states and the model to the micro-batch's weights [B, S, n]
-        (`MTPModel.forward(weights_fn=...)`); its `step_weights` then returns None for every micro-batch, and the
+        (`MTPLoss.weights_fn`); its `step_weights` then returns None for every micro-batch, and the
         run's reduction must be token_mean (whose normaliser does not depend on the weights). None: weights come
         from `step_weights` alone."""
         return None

@@ -173,6 +173,8 @@ class GradNormWeighting(WeightingScheme):
         return weights_fn
 
     def metrics(self) -> dict[str, float]:
+    from ..model.mtp import GradNormScores  # here: the scheme's settings load without transformers
+
         return reported(self._metrics)
 
     def artifacts(self) -> dict[str, str]:
@@ -195,8 +197,8 @@ def build(settings: GradNormRecipe, context: SchemeContext) -> GradNormWeighting
     @torch.no_grad()
     def grad_norm_sq(batch: StepBatch) -> torch.Tensor:
         with context.autocast:
-            return context.wrapped(batch.input_ids, batch.attention_mask, labels=batch.labels, chunk_size=chunk_size,
-                                   grad_norm_sq=True).grad_norm_sq
+            return context.wrapped(batch.input_ids, batch.attention_mask,
+                                   GradNormScores(batch.labels, chunk_size)).grad_norm_sq
 
     check_in_forward("gradnorm", settings.gradnorm.scoring, context)
     return GradNormWeighting(settings.gradnorm, grad_norm_sq, context.info, chunk_size)

@@ -258,7 +258,7 @@ class GRPOWeighting(WeightingScheme):
 
     def __init__(self, settings: GRPOSettings, context: SchemeContext, prompt_rows: list[int],
                  prompt_ids: list[list[int]], reward: RewardFn, reference: torch.nn.Module | None) -> None:
-        self.s, self.info, self.reward = settings, context.info, reward
+        self.settings, self.info, self.reward = settings, context.info, reward
         self.model, self.wrapped, self.autocast = context.model, context.wrapped, context.autocast
         self.tokenizer, self.examples = context.tokenizer, context.train_examples
         self.prompt_rows, self.prompt_ids, self.reference = prompt_rows, prompt_ids, reference
@@ -283,7 +283,7 @@ class GRPOWeighting(WeightingScheme):
 
     def step_batches(self, step: int, batches: list[StepBatch]) -> list[StepBatch]:
         """The micro-batches of rollout step // rollout_every (sampled when it is new); the data's are not used."""
-        index = step // self.s.rollout_every
+        index = step // self.settings.rollout_every
         if self.rollout is None or self.rollout.index != index:
             self.rollout = self.sample(index)
         self.last_step = step
@@ -291,7 +291,7 @@ class GRPOWeighting(WeightingScheme):
 
     def sample(self, index: int) -> Rollout:
         """Rollout `index` of this rank: sample, score, standardise within groups (module docstring)."""
-        s, info, group = self.s, self.info, self.s.group_size
+        s, info, group = self.settings, self.info, self.settings.group_size
         per_rank = self.micro_batches * self.per_micro_batch
         first = (index * info.world_size + info.rank) * per_rank
         parts, masks, examples = [], [], []
@@ -327,7 +327,7 @@ class GRPOWeighting(WeightingScheme):
     def rollout_metrics(self, rewards: torch.Tensor, advantages: torch.Tensor,
                         batches: list[StepBatch]) -> dict[str, float]:
         """Reward and advantage statistics of a rollout over all ranks; adds its advantages to the histogram."""
-        r = rewards.view(-1, self.s.group_size)
+        r = rewards.view(-1, self.settings.group_size)
         equal = r.amax(dim=1) == r.amin(dim=1)
         tokens = sum(float((b.labels[..., 0] != IGNORE_INDEX).sum()) for b in batches)
         sums = torch.tensor([float(rewards.sum()), float(r.std(dim=1, unbiased=False).sum()), float(equal.sum()),
@@ -369,7 +369,7 @@ class GRPOWeighting(WeightingScheme):
                                                  bias=model.unembedding.bias, chunk_size=self.chunk_size)
             valid = head0[..., 0] != IGNORE_INDEX
             extra, k3 = kl_weights(model_ce[..., 0], per_target_to_heads(rollout.reference_ce[index], 1)[..., 0],
-                                   valid, self.s.kl_coef)
+                                   valid, self.settings.kl_coef)
             weights = completion_weights(rollout.advantages[index], batch.labels)
             weights[..., 0] += extra
             self._kl_sums += torch.stack([k3.sum().double(), valid.sum().double()])
@@ -406,7 +406,7 @@ class GRPOWeighting(WeightingScheme):
         if self.histogram is not None:
             state["histogram"] = self.histogram.tolist()
         rollout = self.rollout
-        if rollout is None or (self.last_step + 1) // self.s.rollout_every != rollout.index:
+        if rollout is None or (self.last_step + 1) // self.settings.rollout_every != rollout.index:
             return {}, state
         mine = {}
         for m, b in enumerate(rollout.batches):
@@ -433,8 +433,8 @@ class GRPOWeighting(WeightingScheme):
             return
         if state["world_size"] != self.info.world_size:
             raise ConfigError(f"grpo: this checkpoint was saved inside a rollout (grpo.rollout_every "
-                              f"{self.s.rollout_every}) by {state['world_size']} processes; resume it with as many, or "
-                              "resume from a checkpoint at a multiple of rollout_every steps")
+                              f"{self.settings.rollout_every}) by {state['world_size']} processes; resume it with as "
+                              "many, or resume from a checkpoint at a multiple of rollout_every steps")
         device, prefix = self.info.device, f"rollout/rank{self.info.rank}/mb"
         batches, masks, advantages, reference = [], [], [], []
         for m in range(state["micro_batches"]):

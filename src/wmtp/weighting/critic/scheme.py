@@ -122,7 +122,8 @@ class CriticWeighting(WeightingScheme):
 
     def __init__(self, settings: CriticSettings, pretrain: PretrainSettings, value: ValueFunction,
                  train_set: SequenceSet, plan: StepPlan, stage1_meta: dict[str, str] | None = None) -> None:
-        self.s, self.p, self.value, self.head, self.info = settings, pretrain, value, value.head, value.info
+        self.settings, self.pretrain, self.value = settings, pretrain, value
+        self.head, self.info = value.head, value.info
         self.train_set, self.plan = train_set, plan
         self.stage1_done = stage1_meta is not None
         self.stage1_meta: dict[str, str] = stage1_meta or {}
@@ -153,8 +154,9 @@ class CriticWeighting(WeightingScheme):
         self._value_count = dist_utils.all_reduce_sum(count, self.info).clamp_min(1)
         self._value_loss_sum = torch.zeros((), dtype=torch.float64, device=self.info.device)
         weights, self._metrics, histogram = critic_weights(signals, [b.labels for b in batches],
-                                                           temperature=self.s.temperature, eps=self.s.eps,
-                                                           w_max=self.s.w_max, info=self.info)
+                                                           temperature=self.settings.temperature,
+                                                           eps=self.settings.eps, w_max=self.settings.w_max,
+                                                           info=self.info)
         self.histogram = histogram if self.histogram is None else self.histogram + histogram
         self.head.train()
         return weights
@@ -165,7 +167,7 @@ class CriticWeighting(WeightingScheme):
         values = self.head(out.trunk_hidden)
         squared = torch.where(mask, (values - target) ** 2, torch.zeros((), device=values.device)).sum()
         self._value_loss_sum += squared.detach().double()
-        return self.s.aux_coef * squared / self._value_count
+        return self.settings.aux_coef * squared / self._value_count
 
     def after_backward(self, grad_clip: float | None) -> None:
         """Average the value head's gradients over ranks (it is not inside DDP/FSDP), clip, step its own
@@ -197,9 +199,9 @@ class CriticWeighting(WeightingScheme):
             self.stage1_done = True
         if self.stage1_done:
             return
-        meta = {"target": self.s.target, "gamma": str(self.s.gamma), "lam": str(self.s.lam),
-                "reward": self.s.reward.kind}
-        self.stage1_meta = pretrain_value_head(self.value, self.p, self.train_set, self.plan, run, meta)
+        meta = {"target": self.settings.target, "gamma": str(self.settings.gamma), "lam": str(self.settings.lam),
+                "reward": self.settings.reward.kind}
+        self.stage1_meta = pretrain_value_head(self.value, self.pretrain, self.train_set, self.plan, run, meta)
         self.stage1_done = self.stage1_meta.get("status") == "completed"
 
     # ------------------------------------------------------------------------------------- state and files

@@ -213,6 +213,8 @@ def reference_cache_target(config: Config, recipe: Recipe) -> Path:
         raise ConfigError(f"reference_cache {config.reference_cache}: score-reference writes a local file; upload "
                           "it to the URL afterwards (training reads it from there)")
     return Path(config.reference_cache)
+    from ...model.mtp import MTPLoss  # here: the scheme's settings load without transformers
+
 
 
 def reference_cache_key(sequences: SequenceSet, tokenizer, reference: ReferenceSource) -> str:
@@ -236,8 +238,8 @@ def build(settings: Rho1Recipe, context: SchemeContext) -> Rho1Weighting:
     @torch.no_grad()
     def model_ce(batch: StepBatch) -> torch.Tensor:
         with context.autocast:
-            return context.wrapped(batch.input_ids, batch.attention_mask, labels=batch.labels,
-                                   chunk_size=chunk_size).ce
+            return context.wrapped(batch.input_ids, batch.attention_mask,
+                                   MTPLoss(batch.labels, chunk_size=chunk_size)).ce
 
     if cached:
         from ...runtime.storage import local_path
