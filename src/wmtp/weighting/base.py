@@ -11,7 +11,6 @@ The trainer never sees the scheme's name or settings; it calls the protocol meth
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import torch
 from pydantic import BaseModel
 
 from ..config import ConfigError
-from ..runtime.distributed import DistInfo, all_gather_concat
+from ..runtime.distributed import DistInfo
 
 if TYPE_CHECKING:
     from ..config import Config, Recipe
@@ -30,9 +29,6 @@ if TYPE_CHECKING:
     from ..data.sources import Example
     from ..data.steps import StepPlan
     from ..model.mtp import MTPModel
-
-HISTOGRAM_BINS = 40
-HISTOGRAM_MAX = 4.0
 
 
 @dataclass
@@ -145,20 +141,6 @@ class SchemePlugin:
     build: Callable[[Any, SchemeContext], WeightingScheme]
 
 
-def running_mean(previous: dict[str, float], new: dict[str, float]) -> dict[str, float]:
-    """The metrics of a step's micro-batches so far, averaged (for schemes that weigh per micro-batch); the count
-    is kept under `_count`, which `reported` leaves out."""
-    count = previous.get("_count", 0.0)
-    merged = {k: (previous.get(k, v) * count + v) / (count + 1) for k, v in new.items()}
-    merged["_count"] = count + 1
-    return merged
-
-
-def reported(metrics: dict[str, float]) -> dict[str, float]:
-    """What `metrics()` returns of metrics kept with `running_mean`."""
-    return {k: v for k, v in metrics.items() if k != "_count"}
-
-
 def check_in_forward(section: str, scoring: str, context: SchemeContext) -> None:
     """`<section>.scoring: in_forward` makes the weights inside each micro-batch's forward, after the step's loss
     normaliser was taken: only token_mean, whose normaliser does not depend on the weights, allows that."""
@@ -167,39 +149,3 @@ def check_in_forward(section: str, scoring: str, context: SchemeContext) -> None
         raise ConfigError(f"{context.recipe.source}: {section}.scoring: in_forward makes the weights inside each "
                           "micro-batch's forward, after the step's loss normaliser; it needs loss.reduction "
                           f"token_mean, not {reduction}")
-
-
-# ------------------------------------------------------------------- per-head weights over a whole step
-def gather_head(signals: list[torch.Tensor], valid: list[torch.Tensor], head: int,
-                info: DistInfo) -> tuple[torch.Tensor, int, int]:
-    """All valid values of one head over the step's micro-batches and all ranks, in step order (rank-major);
-    with this rank's offset and count in that vector. signals, valid: [B, S, n] per micro-batch."""
-    local = torch.cat([s[..., head][v[..., head]] for s, v in zip(signals, valid, strict=True)])
-    gathered, offset = all_gather_concat(local, info)
-    return gathered, offset, local.numel()
-
-
-def scatter_head(weights: list[torch.Tensor], valid: list[torch.Tensor], head: int, values: torch.Tensor) -> None:
-    """Write this rank's values of one head (in step order) back into the micro-batches' [B, S, n] weights."""
-    start = 0
-    for w, v in zip(weights, valid, strict=True):
-        k = int(v[..., head].sum())
-        w[..., head][v[..., head]] = values[start:start + k]
-        start += k
-
-
-def weight_histogram(head_weights: torch.Tensor) -> torch.Tensor:
-    """Counts of one head's weights in HISTOGRAM_BINS bins over [0, HISTOGRAM_MAX] (above: not counted)."""
-    if head_weights.numel() == 0:
-        return torch.zeros(HISTOGRAM_BINS)
-    return torch.histc(head_weights.float(), bins=HISTOGRAM_BINS, min=0.0, max=HISTOGRAM_MAX).cpu()
-
-
-def histogram_artifact(name: str, histogram: torch.Tensor | None) -> dict[str, str]:
-    """`<name>_weight_histogram.json` (what `wmtp report` plots) from per-head counts summed over a run."""
-    if histogram is None:
-        return {}
-    edges = torch.linspace(0.0, HISTOGRAM_MAX, HISTOGRAM_BINS + 1).tolist()
-    return {f"{name}_weight_histogram.json": json.dumps({
-        "bin_edges": edges, "note": "weights above the last edge are not counted (torch.histc ignores them)",
-        "counts_per_head": histogram.tolist()})}

@@ -29,7 +29,7 @@ import torch
 from pydantic import Field, model_validator
 
 from ..config import Strict
-from ..loss import IGNORE_INDEX, fused_linear_grad_norm_sq, mean1_clip
+from ..loss import IGNORE_INDEX, fused_linear_grad_norm_sq
 from ..runtime.distributed import DistInfo
 from .base import (
     SchemeContext,
@@ -37,13 +37,8 @@ from .base import (
     StepBatch,
     WeightingScheme,
     check_in_forward,
-    gather_head,
-    histogram_artifact,
-    reported,
-    running_mean,
-    scatter_head,
-    weight_histogram,
 )
+from .per_head import PerHeadRecord, exp_weights, per_head_weights
 
 
 class GradNormSettings(Strict):
@@ -92,39 +87,25 @@ def gradnorm_weights(signals: list[torch.Tensor], labels: list[torch.Tensor], *,
     previous being `smoothed` [n, 2] (μ, σ per head, NaN for a head not seen yet). Returns the weights, per-head
     metrics, weight histograms [n, HISTOGRAM_BINS] and the (μ, σ) used [n, 2] float64 on the CPU.
     """
-    valid = [lab != IGNORE_INDEX for lab in labels]
-    weights = [torch.zeros(lab.shape, dtype=torch.float32, device=lab.device) for lab in labels]
     n_heads = labels[0].shape[-1]
     used = torch.full((n_heads, 2), math.nan, dtype=torch.float64) if smoothed is None else smoothed.clone()
-    sign = 1.0 if direction == "up" else -1.0
-    metrics: dict[str, float] = {}
-    histograms = []
-    for h in range(n_heads):
-        values, offset, local_count = gather_head(signals, valid, h, info)
-        if values.numel() == 0:
-            histograms.append(weight_histogram(values))
-            continue
+
+    def rule(head: int, values: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         values = values.double()
         step = torch.tensor([float(values.mean()), float(values.std(unbiased=False))], dtype=torch.float64)
-        previous = used[h]
-        used[h] = step if ema_decay is None or bool(previous.isnan().any()) else \
+        previous = used[head]
+        used[head] = step if ema_decay is None or bool(previous.isnan().any()) else \
             ema_decay * previous + (1.0 - ema_decay) * step
-        mean, std = float(used[h, 0]), float(used[h, 1])
-        z = (values - mean) / std if std > 0 else torch.zeros_like(values)
-        # mean1_clip ignores the scale of its input: shifting by the maximum changes nothing but keeps exp finite
-        exponent = sign * z / temperature
-        head_w = mean1_clip(torch.exp(exponent - exponent.max()), torch.ones_like(values, dtype=torch.bool),
-                            eps=eps, w_max=w_max)
-        metrics.update({f"gradnorm/signal_mean_head{h}": float(step[0]),
-                        f"gradnorm/signal_std_head{h}": float(step[1]),
-                        f"gradnorm/weight_mean_head{h}": float(head_w.mean()),
-                        f"gradnorm/weight_std_head{h}": float(head_w.std(unbiased=False)),
-                        f"gradnorm/weight_max_head{h}": float(head_w.max())})
+        mean, std = float(used[head, 0]), float(used[head, 1])
+        signal = {"signal_mean": float(step[0]), "signal_std": float(step[1])}
         if ema_decay is not None:
-            metrics.update({f"gradnorm/ema_mean_head{h}": mean, f"gradnorm/ema_std_head{h}": std})
-        histograms.append(weight_histogram(head_w))
-        scatter_head(weights, valid, h, head_w[offset:offset + local_count])
-    return weights, metrics, torch.stack(histograms).cpu(), used
+            signal.update({"ema_mean": mean, "ema_std": std})
+        return exp_weights(values, mean, std, temperature=temperature, eps=eps, w_max=w_max,
+                           sign=1.0 if direction == "up" else -1.0), signal
+
+    result = per_head_weights(signals, [lab != IGNORE_INDEX for lab in labels], rule, info, prefix="gradnorm",
+                              stats=("weight_mean", "weight_std", "weight_max"))
+    return result.weights, result.metrics, result.histograms, used
 
 
 class GradNormWeighting(WeightingScheme):
@@ -138,12 +119,11 @@ class GradNormWeighting(WeightingScheme):
         self.grad_norm_sq = grad_norm_sq
         self.info = info
         self.smoothed: torch.Tensor | None = None  # [n, 2] (μ, σ) per head, with smoothing: ema
-        self._metrics: dict[str, float] = {}
-        self.histogram: torch.Tensor | None = None  # per-head weight counts summed over the run
+        self.record = PerHeadRecord("gradnorm", per_micro_batch=settings.scoring == "in_forward")
 
     def step_weights(self, batches: list[StepBatch]) -> list[torch.Tensor | None]:
         if self.settings.scoring == "in_forward":
-            self._metrics = {}
+            self.record.new_step()
             return [None for _ in batches]
         return self._weights([self.grad_norm_sq(b) for b in batches], [b.labels for b in batches])
 
@@ -156,8 +136,7 @@ class GradNormWeighting(WeightingScheme):
             direction=s.direction, info=self.info, ema_decay=ema_decay, smoothed=self.smoothed)
         if ema_decay is not None:
             self.smoothed = used
-        self._metrics = metrics if s.scoring == "separate_pass" else running_mean(self._metrics, metrics)
-        self.histogram = histogram if self.histogram is None else self.histogram + histogram
+        self.record.add(metrics, histogram)
         return weights
 
     def weights_in_forward(self, index: int, batch: StepBatch):
@@ -173,12 +152,10 @@ class GradNormWeighting(WeightingScheme):
         return weights_fn
 
     def metrics(self) -> dict[str, float]:
-    from ..model.mtp import GradNormScores  # here: the scheme's settings load without transformers
-
-        return reported(self._metrics)
+        return dict(self.record.metrics)
 
     def artifacts(self) -> dict[str, str]:
-        return histogram_artifact("gradnorm", self.histogram)
+        return self.record.artifacts()
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         if self.smoothed is None:
@@ -192,6 +169,8 @@ class GradNormWeighting(WeightingScheme):
 def build(settings: GradNormRecipe, context: SchemeContext) -> GradNormWeighting:
     """The signal comes from a no-grad pass of the stepped (wrapped) model, so DDP and FSDP2 gather the
     parameters as in training."""
+    from ..model.mtp import GradNormScores  # here: the scheme's settings load without transformers
+
     chunk_size = context.plan.chunk_size
 
     @torch.no_grad()

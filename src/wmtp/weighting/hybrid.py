@@ -35,11 +35,8 @@ from .base import (
     SchemePlugin,
     StepBatch,
     WeightingScheme,
-    gather_head,
-    histogram_artifact,
-    scatter_head,
-    weight_histogram,
 )
+from .per_head import PerHeadRecord, gather_head, per_head_weights, scatter_head
 
 # schemes a hybrid cannot hold: itself, and schemes whose weights may be negative (a mean-1 normalisation and a
 # product have no meaning for them) or that replace the step's batches
@@ -143,8 +140,7 @@ class HybridWeighting(WeightingScheme):
     def __init__(self, settings: HybridSettings, components: list[tuple[str, WeightingScheme]],
                  info: DistInfo) -> None:
         self.settings, self.components, self.info = settings, components, info
-        self._metrics: dict[str, float] = {}
-        self.histogram: torch.Tensor | None = None
+        self.record = PerHeadRecord("hybrid")
 
     def step_weights(self, batches: list[StepBatch]) -> list[torch.Tensor | None]:
         s = self.settings
@@ -160,30 +156,24 @@ class HybridWeighting(WeightingScheme):
                 combined = [c * w for c, w in zip(combined, weights, strict=True)]
             else:
                 combined = [c + alpha * w for c, w in zip(combined, weights, strict=True)]
-        out = [torch.zeros_like(c) for c in combined]
-        histograms = []
-        for h in range(valid[0].shape[-1]):
-            values, offset, local = gather_head(combined, valid, h, self.info)
-            head_w = mean1_clip(values, torch.ones_like(values, dtype=torch.bool), eps=s.eps, w_max=s.w_max)
-            if values.numel():
-                self._metrics[f"hybrid/weight_std_head{h}"] = float(head_w.std(unbiased=False))
-                self._metrics[f"hybrid/weight_max_head{h}"] = float(head_w.max())
-                self._metrics[f"hybrid/zero_frac_head{h}"] = float((head_w == 0).float().mean())
-            histograms.append(weight_histogram(head_w))
-            scatter_head(out, valid, h, head_w[offset:offset + local])
-        histogram = torch.stack(histograms).cpu()
-        self.histogram = histogram if self.histogram is None else self.histogram + histogram
-        return out
+
+        def clip(head: int, values: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+            return mean1_clip(values, torch.ones_like(values, dtype=torch.bool), eps=s.eps, w_max=s.w_max), {}
+
+        result = per_head_weights(combined, valid, clip, self.info, prefix="hybrid",
+                                  stats=("weight_std", "weight_max", "zero_frac"))
+        self.record.add(result.metrics, result.histograms)
+        return result.weights
 
     # every other hook goes to every component ---------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
-        merged = dict(self._metrics)
+        merged = dict(self.record.metrics)
         for _, scheme in self.components:
             merged.update(scheme.metrics())
         return merged
 
     def artifacts(self) -> dict[str, str]:
-        files = histogram_artifact("hybrid", self.histogram)
+        files = self.record.artifacts()
         for _, scheme in self.components:
             files.update(scheme.artifacts())
         return files

@@ -14,7 +14,6 @@ trunk (a shared network, as in actor-critic), scaled by c.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Literal
 
@@ -25,7 +24,7 @@ from ...components.optim import lr_lambda
 from ...config import ConfigError, Schedule, Strict
 from ...data.sequences import SequenceSet
 from ...data.steps import StepPlan
-from ...loss import IGNORE_INDEX, mean1_clip, per_target_to_heads
+from ...loss import IGNORE_INDEX, per_target_to_heads
 from ...runtime import distributed as dist_utils
 from ...runtime.distributed import DistInfo
 from ..base import (
@@ -34,11 +33,8 @@ from ..base import (
     SchemePlugin,
     StepBatch,
     WeightingScheme,
-    gather_head,
-    histogram_artifact,
-    scatter_head,
-    weight_histogram,
 )
+from ..per_head import PerHeadRecord, PerHeadWeights, exp_weights, per_head_weights
 from ..rewards import RewardSettings, make_reward
 from .returns import token_rewards
 from .value import (
@@ -130,11 +126,11 @@ class CriticWeighting(WeightingScheme):
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=settings.value_lr, weight_decay=0.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lr_lambda(settings.value_schedule, plan.total_steps))
-        self._metrics: dict[str, float] = {}
+        self._value_metrics: dict[str, float] = {}  # of the last step's value-head update
         self._targets: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._value_count = torch.ones((), device=self.info.device)
         self._value_loss_sum = torch.zeros((), dtype=torch.float64, device=self.info.device)
-        self.histogram: torch.Tensor | None = None
+        self.record = PerHeadRecord("critic")
 
     # ---------------------------------------------------------------------------------------------- stage 2
     def step_weights(self, batches: list[StepBatch]) -> list[torch.Tensor | None]:
@@ -153,11 +149,10 @@ class CriticWeighting(WeightingScheme):
             signals.append(per_target_to_heads(signal, b.labels.shape[-1]))
         self._value_count = dist_utils.all_reduce_sum(count, self.info).clamp_min(1)
         self._value_loss_sum = torch.zeros((), dtype=torch.float64, device=self.info.device)
-        weights, self._metrics, histogram = critic_weights(signals, [b.labels for b in batches],
-                                                           temperature=self.settings.temperature,
-                                                           eps=self.settings.eps, w_max=self.settings.w_max,
-                                                           info=self.info)
-        self.histogram = histogram if self.histogram is None else self.histogram + histogram
+        weights, metrics, histogram = critic_weights(signals, [b.labels for b in batches],
+                                                     temperature=self.settings.temperature, eps=self.settings.eps,
+                                                     w_max=self.settings.w_max, info=self.info)
+        self.record.add(metrics, histogram)
         self.head.train()
         return weights
 
@@ -179,11 +174,10 @@ class CriticWeighting(WeightingScheme):
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss = dist_utils.all_reduce_sum(self._value_loss_sum.clone(), self.info) / self._value_count
-        self._metrics["critic/value_loss"] = float(loss)
-        self._metrics["critic/value_lr"] = self.scheduler.get_last_lr()[0]
+        self._value_metrics = {"critic/value_loss": float(loss), "critic/value_lr": self.scheduler.get_last_lr()[0]}
 
     def metrics(self) -> dict[str, float]:
-        return self._metrics
+        return {**self.record.metrics, **self._value_metrics}
 
     def evaluate(self) -> dict[str, float]:
         return self.value.evaluate()
@@ -223,41 +217,22 @@ class CriticWeighting(WeightingScheme):
         save_value_head(self.head, directory / VALUE_HEAD_FILE, {**self.stage1_meta, "stage": "2"})
 
     def artifacts(self) -> dict[str, str]:
-        return histogram_artifact("critic", self.histogram)
+        return self.record.artifacts()
 
 
 def critic_weights(signals: list[torch.Tensor], labels: list[torch.Tensor], *, temperature: float, eps: float,
-                   w_max: float, info: DistInfo) -> tuple[list[torch.Tensor], dict[str, float], torch.Tensor]:
+                   w_max: float, info: DistInfo) -> PerHeadWeights:
     """Detached weights [B, S, n] per micro-batch from the per-pair signal: per head over the step's valid pairs
     (all ranks) z = standardised signal, w = mean1_clip(exp(z/T)). Also per-head metrics (signal mean/std,
     weight mean/std/max, normalised weight entropy H/log N, 1 = uniform) and weight histograms."""
-    valid = [lab != IGNORE_INDEX for lab in labels]
-    weights = [torch.zeros_like(s) for s in signals]
-    metrics: dict[str, float] = {}
-    histograms = []
-    for h in range(labels[0].shape[-1]):
-        values, offset, local_count = gather_head(signals, valid, h, info)
-        count = values.numel()
-        if count == 0:
-            histograms.append(weight_histogram(values))
-            continue
+
+    def rule(head: int, values: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         mean, std = values.mean(), values.std(unbiased=False)
-        z = (values - mean) / std if float(std) > 0 else torch.zeros_like(values)
-        # exp of z/T shifted by its maximum and in float64: mean1_clip does not see the scale, exp cannot
-        # overflow, and the others of a dominant pair stay positive down to exp(−745)
-        head_w = mean1_clip(torch.exp((z / temperature - (z / temperature).max()).double()),
-                            torch.ones_like(values, dtype=torch.bool), eps=eps,
-                            w_max=w_max)
-        p = head_w / head_w.sum()
-        entropy = float(-(p * p.clamp_min(1e-30).log()).sum()) / math.log(count) if count > 1 else 1.0
-        metrics.update({f"critic/signal_mean_head{h}": float(mean), f"critic/signal_std_head{h}": float(std),
-                        f"critic/weight_mean_head{h}": float(head_w.mean()),
-                        f"critic/weight_std_head{h}": float(head_w.std(unbiased=False)),
-                        f"critic/weight_max_head{h}": float(head_w.max()),
-                        f"critic/weight_entropy_head{h}": entropy})
-        histograms.append(weight_histogram(head_w))
-        scatter_head(weights, valid, h, head_w[offset:offset + local_count])
-    return weights, metrics, torch.stack(histograms)
+        return (exp_weights(values, mean, std, temperature=temperature, eps=eps, w_max=w_max),
+                {"signal_mean": float(mean), "signal_std": float(std)})
+
+    return per_head_weights(signals, [lab != IGNORE_INDEX for lab in labels], rule, info, prefix="critic",
+                            stats=("weight_mean", "weight_std", "weight_max", "weight_entropy"))
 
 
 # ------------------------------------------------------------------------------------------------ construction

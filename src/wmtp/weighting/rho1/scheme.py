@@ -34,7 +34,7 @@ from pydantic import Field, model_validator
 
 from ...config import Config, ConfigError, Recipe, ReferenceSource, Strict
 from ...data.sequences import SequenceSet
-from ...loss import IGNORE_INDEX, fused_linear_mtp_ce, mean1_clip, per_target_to_heads
+from ...loss import IGNORE_INDEX, fused_linear_mtp_ce, per_target_to_heads
 from ...runtime.distributed import DistInfo
 from ..base import (
     SchemeContext,
@@ -42,13 +42,8 @@ from ..base import (
     StepBatch,
     WeightingScheme,
     check_in_forward,
-    gather_head,
-    histogram_artifact,
-    reported,
-    running_mean,
-    scatter_head,
-    weight_histogram,
 )
+from ..per_head import PerHeadRecord, PerHeadWeights, exp_weights, per_head_weights
 from ..reference import (
     load_reference,
     score_reference_batch,
@@ -100,50 +95,37 @@ def excess_loss(model_ce: torch.Tensor, ref_target: torch.Tensor, labels: torch.
     return torch.where(labels != IGNORE_INDEX, model_ce.float() - ref_pairs, torch.zeros((), device=labels.device))
 
 
+def top_fraction(values: torch.Tensor, fraction: float, min_ce_diff: float | None) -> torch.Tensor:
+    """1 on the top ⌈fraction·N⌉ of values [N] (ties: the earlier first), 0 elsewhere and below `min_ce_diff`."""
+    count = values.numel()
+    keep = min(count, math.ceil(fraction * count - 1e-9))
+    order = torch.sort(values, descending=True, stable=True).indices
+    selected = torch.zeros(count, device=values.device)
+    selected[order[:keep]] = 1.0
+    if min_ce_diff is None:
+        return selected
+    return torch.where(values < min_ce_diff, torch.zeros((), device=values.device), selected)
+
+
 def rho1_weights(excess: list[torch.Tensor], labels: list[torch.Tensor], *, mode: str, temperature: float,
                  eps: float, w_max: float, skip_fraction: float, keep_fraction: float, min_ce_diff: float | None,
-                 train_head0_fully: bool, info: DistInfo) -> tuple[list[torch.Tensor], dict[str, float], torch.Tensor]:
+                 train_head0_fully: bool, info: DistInfo) -> PerHeadWeights:
     """Detached weights [B, S, n] per micro-batch from the step's excess losses; per-head metrics; and per-head
     weight histograms [n, HISTOGRAM_BINS] over [0, HISTOGRAM_MAX] (the step's pairs, all ranks)."""
-    valid = [lab != IGNORE_INDEX for lab in labels]
-    weights = [torch.zeros_like(e) for e in excess]
-    n_heads = labels[0].shape[-1]
-    metrics: dict[str, float] = {}
-    histograms: list[torch.Tensor] = []
-    for h in range(n_heads):
-        values, offset, local_count = gather_head(excess, valid, h, info)
-        count = values.numel()
-        if count:
-            mean, std = values.mean(), values.std(unbiased=False)
-            metrics[f"rho1/excess_mean_head{h}"] = float(mean)
-            metrics[f"rho1/excess_std_head{h}"] = float(std)
-        if count == 0 or (h == 0 and train_head0_fully):
-            head_w = torch.ones(count, device=values.device)
-        elif mode == "weighted":
-            z = (values - mean) / std if float(std) > 0 else torch.zeros_like(values)
-            log_w = z / temperature  # in log space: exp(z/T) overflows fp32 beyond z/T ≈ 88
-            if min_ce_diff is not None:
-                log_w = torch.where(values < min_ce_diff, log_w.clamp(max=0.0), log_w)
-            # shifted by the maximum (mean1_clip does not see the scale) and in float64, where the others of a
-            # dominant pair stay positive down to exp(−745)
-            head_w = torch.exp((log_w - log_w.max()).double())
-            head_w = mean1_clip(head_w, torch.ones_like(head_w, dtype=torch.bool), eps=eps, w_max=w_max)
-        else:
-            fraction = keep_fraction if mode == "topk" else 1.0 - skip_fraction
-            keep = min(count, math.ceil(fraction * count - 1e-9))
-            order = torch.sort(values, descending=True, stable=True).indices
-            head_w = torch.zeros(count, device=values.device)
-            head_w[order[:keep]] = 1.0
-            if min_ce_diff is not None:
-                head_w = torch.where(values < min_ce_diff, torch.zeros((), device=values.device), head_w)
-        if count:
-            metrics[f"rho1/selected_frac_head{h}"] = float((head_w > 0).float().mean())
-            metrics[f"rho1/weight_mean_head{h}"] = float(head_w.mean())
-            metrics[f"rho1/weight_std_head{h}"] = float(head_w.std(unbiased=False))
-            metrics[f"rho1/weight_max_head{h}"] = float(head_w.max())
-        histograms.append(weight_histogram(head_w))
-        scatter_head(weights, valid, h, head_w[offset:offset + local_count])
-    return weights, metrics, torch.stack(histograms).cpu()
+
+    def rule(head: int, values: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        mean, std = values.mean(), values.std(unbiased=False)
+        signal = {"excess_mean": float(mean), "excess_std": float(std)}
+        if head == 0 and train_head0_fully:
+            return torch.ones(values.numel(), device=values.device), signal
+        if mode == "weighted":
+            capped = None if min_ce_diff is None else values < min_ce_diff
+            return exp_weights(values, mean, std, temperature=temperature, eps=eps, w_max=w_max,
+                               capped=capped), signal
+        return top_fraction(values, keep_fraction if mode == "topk" else 1.0 - skip_fraction, min_ce_diff), signal
+
+    return per_head_weights(excess, [lab != IGNORE_INDEX for lab in labels], rule, info, prefix="rho1",
+                            stats=("selected_frac", "weight_mean", "weight_std", "weight_max"))
 
 
 class Rho1Weighting(WeightingScheme):
@@ -160,12 +142,11 @@ class Rho1Weighting(WeightingScheme):
         self.model_ce = model_ce
         self.reference_ce = reference_ce
         self.info = info
-        self._metrics: dict[str, float] = {}
-        self.histogram: torch.Tensor | None = None  # per-head weight counts summed over the run
+        self.record = PerHeadRecord("rho1", per_micro_batch=settings.scoring == "in_forward")
 
     def step_weights(self, batches: list[StepBatch]) -> list[torch.Tensor | None]:
         if self.settings.scoring == "in_forward":
-            self._metrics = {}
+            self.record.new_step()
             return [None for _ in batches]
         return self._weights([excess_loss(self.model_ce(b), self.reference_ce(b), b.labels) for b in batches],
                              [b.labels for b in batches])
@@ -176,8 +157,7 @@ class Rho1Weighting(WeightingScheme):
             excess, labels, mode=s.mode, temperature=s.temperature, eps=s.eps, w_max=s.w_max,
             skip_fraction=s.skip_fraction, keep_fraction=s.keep_fraction, min_ce_diff=s.min_ce_diff,
             train_head0_fully=s.train_head0_fully, info=self.info)
-        self._metrics = metrics if s.scoring == "separate_pass" else running_mean(self._metrics, metrics)
-        self.histogram = histogram if self.histogram is None else self.histogram + histogram
+        self.record.add(metrics, histogram)
         return weights
 
     def weights_in_forward(self, index: int, batch: StepBatch):
@@ -195,10 +175,10 @@ class Rho1Weighting(WeightingScheme):
         return weights_fn
 
     def artifacts(self) -> dict[str, str]:
-        return histogram_artifact("rho1", self.histogram)
+        return self.record.artifacts()
 
     def metrics(self) -> dict[str, float]:
-        return reported(self._metrics)
+        return dict(self.record.metrics)
 
 
 def reference_cache_target(config: Config, recipe: Recipe) -> Path:
@@ -213,8 +193,6 @@ def reference_cache_target(config: Config, recipe: Recipe) -> Path:
         raise ConfigError(f"reference_cache {config.reference_cache}: score-reference writes a local file; upload "
                           "it to the URL afterwards (training reads it from there)")
     return Path(config.reference_cache)
-    from ...model.mtp import MTPLoss  # here: the scheme's settings load without transformers
-
 
 
 def reference_cache_key(sequences: SequenceSet, tokenizer, reference: ReferenceSource) -> str:
@@ -230,6 +208,8 @@ def reference_cache_key(sequences: SequenceSet, tokenizer, reference: ReferenceS
 def build(settings: Rho1Recipe, context: SchemeContext) -> Rho1Weighting:
     """The model's own per-pair CE comes from a no-grad pass of the stepped (wrapped) model; the reference's from
     the cache when the config names one, else from the reference model run online."""
+    from ...model.mtp import MTPLoss  # here: the scheme's settings load without transformers
+
     chunk_size = context.plan.chunk_size
     cached = context.config.reference_cache is not None
     reference = load_reference(context.config.reference_model, context.tokenizer, context.info.device,
