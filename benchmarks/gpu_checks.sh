@@ -13,8 +13,8 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 timeout 180 python3 benchmarks/loss_memory.py --device cuda --dtype bfloat16 --layers 30 --seq 2048 \
     --vocab 32000 49152 --chunk-size 256 1024 2>&1 | tee "$OUT/loss_memory.txt"
 sed -e 's/precision: fp32/precision: bf16/' -e 's/  experiment: wmtp-demo/  enabled: false/' \
-    configs/demo-config.yaml > /tmp/gpu-config.yaml
-sed -e 's/max_steps: 200/max_steps: 100/' configs/demo-recipe.yaml > /tmp/gpu-recipe.yaml
+    configs/env/demo.yaml > /tmp/gpu-config.yaml
+sed -e 's/max_steps: 200/max_steps: 100/' configs/recipes/baseline-mtp/demo.yaml > /tmp/gpu-recipe.yaml
 WMTP_DEVICE=cuda WMTP_OUTPUT_DIR=/tmp/gpu-runs timeout 120 python3 -m wmtp train --config /tmp/gpu-config.yaml \
     --recipe /tmp/gpu-recipe.yaml --run-name cuda-bf16 2>&1 | grep -v "it/s" | tail -25 | tee "$OUT/train_cuda.txt"
 timeout 300 python3 benchmarks/scale.py --device cuda --worlds 1 --out "$OUT/scale_cuda.json" 2>&1 \
