@@ -230,10 +230,11 @@ def train_command(args: argparse.Namespace) -> int:
     run_dir, run_url = _run_location(config, args)
 
     from .components.checkpoint import TOKENIZER_DIR, checkpoint_step
+    from .components.checkpointer import find_resume
     from .runtime import distributed as dist_utils
     from .runtime.mirror import RunMirror, check_writable, remote_run_exists
     from .training.build import describe_run, dry_run_report, prepare
-    from .training.trainer import Trainer, find_resume
+    from .training.trainer import Trainer
 
     info = dist_utils.init_distributed(config.compute.device, config.compute.timeout_minutes)
     try:
@@ -272,6 +273,7 @@ def train_command(args: argparse.Namespace) -> int:
         result = trainer.run()
         if info.is_main:
             print(_summary(result, run_dir, run_url))
+        dist_utils.finish_together(info)
         return 0
     finally:
         dist_utils.shutdown()

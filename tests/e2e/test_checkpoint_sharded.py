@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from wmtp.cli import main
 from wmtp.components.checkpoint import list_checkpoints
+from wmtp.components.checkpointer import find_resume
 from wmtp.model.mtp import WEIGHTS_INDEX, MTPModel
-from wmtp.training.trainer import find_resume
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}

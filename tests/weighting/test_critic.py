@@ -124,7 +124,7 @@ def test_resume_inside_stage1_and_across_the_stage_boundary_is_bit_identical(tmp
     assert first.run()["status"] == "STOPPED"
     assert json.loads((run_dir / "critic" / "stage1" / "state.json").read_text())["step"] in (2, 3)
     assert not (run_dir / "critic" / "value_head.safetensors").exists()
-    from wmtp.training.trainer import find_resume
+    from wmtp.components.checkpointer import find_resume
 
     second = Trainer(setup_for(tmp_path, pretrain=pretrain, train=train), run_dir, run_name="split",
                      resume=find_resume("auto", run_dir))

@@ -23,12 +23,13 @@ from helpers.rewards import digit_share
 from helpers.tiny_run import final_weights
 
 from wmtp.cli import main
+from wmtp.components.checkpointer import find_resume
 from wmtp.config import Config, ConfigError, Recipe
 from wmtp.data.sources import Example
 from wmtp.loss import IGNORE_INDEX
 from wmtp.runtime.distributed import DistInfo
 from wmtp.training.build import prepare
-from wmtp.training.trainer import Trainer, find_resume
+from wmtp.training.trainer import Trainer
 from wmtp.weighting import scheme_settings
 from wmtp.weighting.grpo import (
     group_advantages,

@@ -13,6 +13,12 @@ A checkpoint is a directory `checkpoints/step-00000100/` holding
   run id. The directory is filled under a hidden name and renamed only after that, so a save killed at any point
   leaves no `step-*` directory; its leftovers are removed on the next save or resume.
 
+A small checkpoint (`save_small_checkpoint`: critic stage 1, whose trunk is frozen) holds a scheme's modules
+without model shards: `state.safetensors` and `state.json`, the directory replaced whole. Its files are named apart
+from a training checkpoint's so that no `--resume` or `wmtp eval --checkpoint` takes one for the other. A small
+module's optimizer goes into either as flat tensors plus JSON param groups (`optimizer_tensors`): no pickles in
+checkpoints.
+
 Loading reshards: a checkpoint saved by 2 ranks (DDP or FSDP2) resumes on 1 and the other way round, because each
 tensor is stored once under its name with its global shape. A damaged file is an error naming it.
 """
@@ -40,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..config import ConfigError
 from ..model.mtp import MTPConfig, MTPModel, read_tensors
+from ..runtime.atomic import atomic_directory
 from ..runtime.distributed import DistInfo, mps_available
 
 STATE_FILE = "trainer_state.json"
@@ -47,6 +54,8 @@ SHARDS_DIR = "state"
 SCHEME_FILE = "scheme.safetensors"
 MTP_FILE = "mtp.json"
 TOKENIZER_DIR = "tokenizer"
+SMALL_TENSORS_FILE = "state.safetensors"  # a small checkpoint's tensors
+SMALL_STATE_FILE = "state.json"  # a small checkpoint's state, written last
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:
@@ -162,10 +171,11 @@ def save_checkpoint(run_dir: Path, step: int, model: MTPModel, optimizer: torch.
     return target
 
 
-def read_trainer_state(path: Path) -> dict:
-    state_path = path / STATE_FILE
+def read_trainer_state(path: Path, name: str = STATE_FILE) -> dict:
+    """The JSON state `name` of checkpoint `path`; a missing or damaged file is an error naming it."""
+    state_path = path / name
     if not state_path.is_file():
-        raise ConfigError(f"{path}: not a checkpoint (no {STATE_FILE})")
+        raise ConfigError(f"{path}: not a checkpoint (no {name})")
     try:
         return json.loads(state_path.read_text())
     except json.JSONDecodeError as exc:
@@ -206,6 +216,40 @@ def load_checkpoint(path: Path, model: MTPModel, optimizer: torch.optim.Optimize
     set_rng_state(json.loads((own if own.is_file() else path / "rng-rank0.json").read_text()))
     state["scheme_tensors"] = read_tensors(path / SCHEME_FILE) if (path / SCHEME_FILE).is_file() else {}
     return state
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], list]:
+    """A small module's optimizer state as flat tensors `<prefix>/<param index>/<name>` plus its JSON-able param
+    groups (a scheme's own optimizer: the critic's value head)."""
+    state = optimizer.state_dict()
+    tensors = {f"{prefix}/{i}/{k}": torch.as_tensor(v).detach().cpu().contiguous()
+               for i, per in state["state"].items() for k, v in per.items()}
+    return tensors, state["param_groups"]
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list,
+                           prefix: str) -> None:
+    """Restore what `optimizer_tensors` wrote (other keys of `tensors` are ignored)."""
+    per: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "/"):
+            _, index, name = key.split("/")
+            per.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": per, "param_groups": groups})
+
+
+def save_small_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    """A checkpoint of modules small enough for one process to write (rank 0): `tensors` in `state.safetensors`,
+    `state` in `state.json`; the directory is replaced whole or not at all."""
+    with atomic_directory(directory) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / SMALL_TENSORS_FILE)
+        (tmp / SMALL_STATE_FILE).write_text(json.dumps(state))
+
+
+def load_small_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, state) of `save_small_checkpoint`; a damaged file is an error naming it."""
+    state = read_trainer_state(directory, SMALL_STATE_FILE)
+    return read_tensors(directory / SMALL_TENSORS_FILE), state
 
 
 def load_checkpoint_model(path: Path, dtype: torch.dtype | None = None) -> MTPModel:

@@ -10,14 +10,15 @@ different schemes are compared on the same quantity.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import nullcontext
 
 import torch
 
 from ..data.sequences import SequenceSet, labels_for
 from ..loss import IGNORE_INDEX
-from ..runtime.distributed import DistInfo, all_reduce_sum
 from ..model.mtp import MTPLoss
+from ..runtime.distributed import DistInfo, all_reduce_sum
 
 DEFAULT_EDGES = (0, 16, 64, 256, 1024)
 
@@ -27,6 +28,21 @@ def _stats(ce: float, correct: float, count: float) -> dict:
         return {"ce": None, "ppl": None, "acc": None, "pairs": 0}
     mean = ce / count
     return {"ce": mean, "ppl": math.exp(min(mean, 50.0)), "acc": correct / count, "pairs": int(count)}
+
+
+def validation_rows(n_sequences: int, batch_size: int, max_batches: int | None,
+                    info: DistInfo | None) -> Iterator[tuple[torch.Tensor, bool]]:
+    """This rank's validation batches over the first `max_batches` batches of `n_sequences` rows: (row indices,
+    measured). Rank r takes batches r, r + world, ...; every rank yields the same number, a rank without a batch
+    left yields the first rows unmeasured (its forward keeps FSDP2's collectives matched, its result is dropped)."""
+    rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
+    n_batches = math.ceil(n_sequences / batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    for i in range(math.ceil(n_batches / world)):
+        b = i * world + rank
+        first = b * batch_size if b < n_batches else 0
+        yield torch.arange(first, min(first + batch_size, n_sequences)), b < n_batches
 
 
 @torch.no_grad()
@@ -42,7 +58,6 @@ def head_quality(model, sequences: SequenceSet, *, n_heads: int | None = None, b
     batch left runs one whose labels are all ignored), which FSDP2's collectives need."""
     n = n_heads if n_heads is not None else model.n_heads
     device = device or next(model.parameters()).device
-    rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
     length = sequences.input_ids.shape[1]
     bounds = [e for e in edges if e < length] + [length]
     bucket_of = torch.bucketize(torch.arange(length), torch.tensor(bounds[1:]), right=True).to(device)  # [S]
@@ -52,13 +67,10 @@ def head_quality(model, sequences: SequenceSet, *, n_heads: int | None = None, b
     n_batches = math.ceil(len(sequences) / batch_size)
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
-    for i in range(math.ceil(n_batches / world)):
-        b = i * world + rank
-        first = b * batch_size if b < n_batches else 0
-        index = torch.arange(first, min(first + batch_size, len(sequences)))
+    for index, measured in validation_rows(len(sequences), batch_size, max_batches, info):
         batch = {k: v.to(device) for k, v in sequences.select(index).items()}
         labels = labels_for(batch, n, mask_prompt)
-        if b >= n_batches:
+        if not measured:
             labels = torch.full_like(labels, IGNORE_INDEX)
         with autocast or nullcontext():
             out = model(batch["input_ids"], batch["attention_mask"], MTPLoss(labels, chunk_size=chunk_size))

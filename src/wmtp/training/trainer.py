@@ -22,18 +22,11 @@ from pathlib import Path
 
 import torch
 
-from ..components.checkpoint import (
-    STATE_FILE,
-    list_checkpoints,
-    load_checkpoint,
-    remove_partial_checkpoints,
-    save_checkpoint,
-    save_model,
-)
+from ..components.checkpointer import Checkpointer
 from ..components.early_stopping import EarlyStopper
 from ..components.optim import lr_lambda, make_optimizer
 from ..components.validate import head_quality, quality_metrics
-from ..config import RUN_CONFIG_FILE, RUN_RECIPE_FILE, ConfigError, flatten, resolved_yaml
+from ..config import RUN_CONFIG_FILE, RUN_RECIPE_FILE, flatten, resolved_yaml
 from ..data.sequences import labels_for
 from ..loss import loss_denominator
 from ..model import parallelize
@@ -41,10 +34,8 @@ from ..model.memory import flops_per_token, peak_flops
 from ..model.mtp import MTPLoss
 from ..runtime import distributed as dist_utils
 from ..runtime.atomic import atomic_file
-from ..runtime.distributed import DistInfo
-from ..runtime.mirror import COMPLETE, RunMirror, download_checkpoint, latest_checkpoint, remote_checkpoints
-from ..runtime.storage import StorageError, is_remote
-from ..runtime.tracking import METRICS_FILE, Progress, Tracker, restore_records
+from ..runtime.mirror import RunMirror
+from ..runtime.tracking import METRICS_FILE, Progress, Tracker
 from ..weighting.base import RunHooks, StepBatch
 from .build import RunSetup
 from .totals import StepTotals
@@ -56,7 +47,6 @@ class Trainer:
                  resume: Path | None = None, config_files: tuple[Path, Path] | None = None,
                  mirror: RunMirror | None = None) -> None:
         self.setup, self.info, self.plan = setup, setup.info, setup.plan
-        self.mirror = mirror  # uploads to a remote output_dir (mirror.py); None for a local one
         self.recipe, self.config = setup.recipe, setup.config
         self.model, self.wrapped, self.scheme, self.autocast = setup.model, setup.wrapped, setup.scheme, setup.autocast
         self.run_dir = run_dir
@@ -64,6 +54,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lr_lambda(self.recipe.schedule, self.plan.total_steps))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.config.compute.precision == "fp16")
+        # saves, restores, the final model and, with a mirror (a remote output_dir), their uploads
+        self.checkpointer = Checkpointer(run_dir, self.model, self.optimizer, self.scheduler, setup.tokenizer,
+                                         self.info, self.config.checkpoint, self.config.mlflow, mirror)
         self.flops_per_token = flops_per_token(self.model, self.recipe.data.max_length)
         self.peak_flops = peak_flops(self.info.device, self.config.compute.precision)
         self.step = 0
@@ -191,34 +184,33 @@ class Trainer:
                               max_batches=self.plan.eval_batches, info=self.info)
         return {**quality_metrics(report), **self.scheme.evaluate()}
 
-    def _log_evaluation(self, progress: Progress) -> dict[str, float]:
+    def _log_evaluation(self) -> dict[str, float]:
         evaluation = self.evaluate()
         self.last_eval, self.last_eval_step = {**self.last_eval, **evaluation}, self.step
         self.tracker.log_metrics(evaluation, self.step)
-        progress.write(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in evaluation.items()
-                                                          if "ppl" not in k))
         return evaluation
+
+    def _initial_evaluation(self) -> None:
+        """A fresh start's step-0 validation, logged as `<metric>_initial`."""
+        if self.step == 0 and self.setup.val_set is not None:
+            initial = self.evaluate()
+            self.tracker.log_metrics({f"{k}_initial": v for k, v in initial.items()}, step=0)
+            if "val/loss" in initial:
+                self.last_eval = {**self.last_eval, "initial_val_loss": initial["val/loss"]}
 
     # checkpoints and signals --------------------------------------------------------------------------------
     def save(self) -> Path:
         scheme_tensors, scheme_state = self.scheme.state()
-        state = {"best": self.early_stopping.best, "bad_evals": self.early_stopping.bad_evals,
-                 "last_eval": self.last_eval, "last_eval_step": self.last_eval_step,
+        state = {**self.early_stopping.state(), "last_eval": self.last_eval, "last_eval_step": self.last_eval_step,
                  "mlflow_run_id": self.tracker.run_id,
                  "micro_batches_done": self.step * self.plan.grad_accum_steps,
                  **({"scheme": scheme_state} if scheme_state else {})}
-        path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, state,
-                               self.setup.tokenizer, self.info, self.config.checkpoint.keep_last, scheme_tensors,
-                               prune=self.mirror is None,  # a mirror prunes what it has uploaded
-                               extra_files=self.tracker.record_files())
-        if self.mirror is not None:
-            self.mirror.checkpoint(path)
-        return path
+        return self.checkpointer.save(self.step, state, scheme_tensors, self.tracker.record_files())
 
     def _restore(self, resume: Path) -> dict:
-        state = load_checkpoint(resume, self.model, self.optimizer, self.scheduler, self.info)
+        state = self.checkpointer.restore(resume)
         self.step = state["step"]
-        self.early_stopping.best, self.early_stopping.bad_evals = state["best"], state["bad_evals"]
+        self.early_stopping.load_state(state)
         self.last_eval = state.get("last_eval", {})
         self.last_eval_step = state.get("last_eval_step")
         if "scheme" in state:
@@ -232,28 +224,12 @@ class Trainer:
     def stop_requested(self) -> bool:
         """Whether SIGTERM/SIGINT reached any rank (all-reduced, so every rank stops at the same step). An upload
         that failed on any rank stops every rank with its error."""
-        flags = torch.tensor([1.0 if self.stop_signal else 0.0, 1.0 if self.mirror and self.mirror.failed() else 0.0],
+        flags = torch.tensor([1.0 if self.stop_signal else 0.0, 1.0 if self.checkpointer.upload_failed() else 0.0],
                              device=self.info.device)
         flags = dist_utils.all_reduce_sum(flags, self.info)
         if flags[1].item() > 0:
-            self._upload_failed()
+            self.checkpointer.raise_upload_failure()
         return bool(flags[0].item() > 0)
-
-    def _upload_failed(self) -> None:
-        self.mirror.raise_if_failed()
-        raise StorageError("an upload on another rank failed (its log names it); the run stops")
-
-    def _finish_uploads(self) -> None:
-        """Wait for every upload (on every rank); any rank's failure fails them all."""
-        if self.mirror is None:
-            return
-        try:
-            self.mirror.close()
-        except StorageError:
-            pass  # reported below, after the ranks agree
-        failed = torch.tensor([1.0 if self.mirror.failed() else 0.0], device=self.info.device)
-        if dist_utils.all_reduce_sum(failed, self.info).item() > 0:
-            self._upload_failed()
 
     @contextmanager
     def _signals(self) -> Iterator[None]:
@@ -276,50 +252,24 @@ class Trainer:
         """Train to the end of the plan, an early stop or a stop signal; returns the outcome. Status: FINISHED
         (completed or stopped early), STOPPED (SIGTERM/SIGINT: a checkpoint of the last step was saved; `--resume
         auto` continues), FAILED (an error, re-raised)."""
-        t = self.recipe.train
         progress = Progress(self.plan.total_steps, self.step, enabled=self.config.logging.progress,
                             active=self.info.is_main, every=self.config.logging.log_every)
-        status, reason, checkpoint, final = "FINISHED", "completed", None, None
+        final = None
         try:
             with self._signals():
                 self.scheme.before_training(self.hooks())
                 if self.stop_requested():  # during a scheme's own first stage (critic stage 1)
                     status, reason = "STOPPED", self._stopped()
-                if status == "FINISHED" and self.step == 0 and self.setup.val_set is not None:
-                    initial = self.evaluate()
-                    self.tracker.log_metrics({f"{k}_initial": v for k, v in initial.items()}, step=0)
-                    if "val/loss" in initial:
-                        self.last_eval = {**self.last_eval, "initial_val_loss": initial["val/loss"]}
-                while status == "FINISHED" and self.step < self.plan.total_steps:
-                    metrics = self.train_step()
-                    self.step += 1
-                    last = self.step == self.plan.total_steps
-                    logged = self.step % self.config.logging.log_every == 0 or last
-                    if logged:
-                        self.tracker.log_metrics(metrics, self.step)
-                    progress.update(self.step, metrics, logged)
-                    stop = False
-                    if t.eval_every is not None and (self.step % t.eval_every == 0 or last):
-                        stop = self.early_stopping.should_stop(self._log_evaluation(progress))
-                        if stop:
-                            reason = self.early_stopping.reason()
-                    every = self.config.checkpoint.every_steps
-                    if every is not None and self.step % every == 0 and not last:
-                        checkpoint = self.save() or checkpoint
-                    if self.stop_requested():
-                        status, reason = "STOPPED", self._stopped()
-                        break
-                    if stop:
-                        break
-                if t.eval_every is None and self.setup.val_set is not None:
-                    evaluation = self.evaluate()
-                    self.last_eval, self.last_eval_step = {**self.last_eval, **evaluation}, self.step
-                    self.tracker.log_metrics(evaluation, self.step)
-                checkpoint = self.save() or checkpoint
+                else:
+                    self._initial_evaluation()
+                    status, reason = self._train(progress)
+                if self.recipe.train.eval_every is None and self.setup.val_set is not None:
+                    self._log_evaluation()  # the one validation, at the end
+                checkpoint = self.save()
                 self._write_artifacts()
                 if status == "FINISHED":
-                    final = self._save_final()
-                self._finish_uploads()
+                    final = self.checkpointer.save_final(self.tracker, self.scheme.finish)
+                self.checkpointer.finish_uploads()
         except BaseException:
             self.tracker.end("FAILED")
             raise
@@ -327,95 +277,40 @@ class Trainer:
             progress.close()
         self.tracker.set_tags({"wmtp.status": status, "wmtp.reason": reason, "wmtp.step": str(self.step)})
         self.tracker.end(status)
-        if self.mirror is not None:
-            self.mirror.upload_records()  # after end: the store's run.json has the final status
+        self.checkpointer.upload_records()  # after end: the store's run.json has the final status
         return {"status": status, "reason": reason, "step": self.step, "total_steps": self.plan.total_steps,
-                "checkpoint": str(checkpoint) if checkpoint else None, "final_model": str(final) if final else None,
+                "checkpoint": str(checkpoint), "final_model": str(final) if final else None,
                 "eval": self.last_eval, "eval_step": self.last_eval_step, "n_heads": self.model.n_heads,
                 "mlflow_run_id": self.tracker.run_id, "tracking_uri": self.tracker.tracking_uri}
+
+    def _train(self, progress: Progress) -> tuple[str, str]:
+        """Optimizer steps to the end of the plan, an early stop or a stop signal, with the validations and
+        checkpoints between them; returns (status, reason)."""
+        eval_every, save_every = self.recipe.train.eval_every, self.config.checkpoint.every_steps
+        while self.step < self.plan.total_steps:
+            metrics = self.train_step()
+            self.step += 1
+            last = self.step == self.plan.total_steps
+            logged = self.step % self.config.logging.log_every == 0 or last
+            if logged:
+                self.tracker.log_metrics(metrics, self.step)
+            progress.update(self.step, metrics, logged)
+            stop = False
+            if eval_every is not None and (self.step % eval_every == 0 or last):
+                evaluation = self._log_evaluation()
+                progress.write(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in evaluation.items()
+                                                                  if "ppl" not in k))
+                stop = self.early_stopping.should_stop(evaluation)
+            if save_every is not None and self.step % save_every == 0 and not last:
+                self.save()  # the last step's checkpoint is saved after the loop
+            if self.stop_requested():
+                return "STOPPED", self._stopped()
+            if stop:
+                return "FINISHED", self.early_stopping.reason()
+        return "FINISHED", "completed"
 
     def _write_artifacts(self) -> None:
         if self.info.is_main:
             for name, text in self.scheme.artifacts().items():
                 (self.run_dir / name).write_text(text)
                 self.tracker.log_artifact(self.run_dir / name, "weights")
-
-    def _save_final(self) -> Path | None:
-        final = save_model(self.model, self.run_dir / "final", self.setup.tokenizer, self.info,
-                           self.config.checkpoint.max_shard_bytes)
-        if final is not None:  # rank 0
-            self.scheme.finish(final)
-            self._log_model(final)
-            if self.mirror is not None:
-                self.mirror.final(final)
-        return final
-
-    def _log_model(self, final: Path) -> None:
-        """The final model as an MLflow artifact, unless it is larger than `mlflow.log_model_max_size`."""
-        if not self.config.mlflow.log_model:
-            return
-        size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
-        if size > self.config.mlflow.log_model_max_bytes:
-            where = f"{self.mirror.url}/final" if self.mirror is not None else str(final.resolve())
-            limit = self.config.mlflow.log_model_max_size
-            self.tracker.set_tags({"wmtp.model_location": where,
-                                   "wmtp.model_not_logged": f"{size / 1e9:.2f} GB > log_model_max_size {limit}"})
-            return
-        self.tracker.log_artifact(final, "model")
-
-
-def find_resume(resume: str | None, run_dir: Path, info: DistInfo | None = None,
-                run_url: str | None = None) -> Path | None:
-    """`auto` → the run's latest complete checkpoint (None when there is none); a path → that checkpoint. Leftovers
-    of a save that was killed mid-write are removed first. With a remote run (`run_url`) the latest complete
-    checkpoint, local or remote, is used; a remote one is downloaded into `run_dir` by rank 0, and by another rank
-    only when its node does not share rank 0's disk."""
-    if resume is None:
-        return None
-    if info is None or not info.distributed:
-        return _find_resume(resume, run_dir, run_url)
-    found: tuple[str, str | None] = ("", None)  # (error, checkpoint name)
-    if info.is_main:
-        try:
-            path = _find_resume(resume, run_dir, run_url)
-            found = ("", str(path) if path else None)
-        except ConfigError as exc:
-            found = (str(exc), None)
-    error, chosen = dist_utils.broadcast_object(found, info)
-    if error:
-        raise ConfigError(error)
-    if chosen is None:
-        return None
-    path = Path(chosen)
-    if not info.is_main and not (path / STATE_FILE).is_file() and run_url is not None:
-        for _, url, marker in remote_checkpoints(run_url):
-            if url.endswith("/" + path.name):
-                download_checkpoint(url, marker, path)
-    return path
-
-
-def _find_resume(resume: str, run_dir: Path, run_url: str | None) -> Path | None:
-    """The checkpoint to resume from, with the run's records it keeps copied back into `run_dir` where they are
-    missing (a run directory lost with its machine)."""
-    path = _checkpoint_to_resume(resume, run_dir, run_url)
-    if path is not None:
-        restore_records(path, run_dir)
-    return path
-
-
-def _checkpoint_to_resume(resume: str, run_dir: Path, run_url: str | None) -> Path | None:
-    if resume == "auto":
-        remove_partial_checkpoints(run_dir)
-        found = list_checkpoints(run_dir)
-        if run_url is not None:
-            return latest_checkpoint(run_dir, run_url, found)
-        return found[-1] if found else None
-    if is_remote(resume):
-        for _, url, marker in remote_checkpoints(run_url):
-            if url.rstrip("/") == resume.rstrip("/"):
-                return download_checkpoint(url, marker, run_dir / "checkpoints" / url.rsplit("/", 1)[-1])
-        raise ConfigError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE} marker)")
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise ConfigError(f"--resume {resume}: not a checkpoint directory (no {STATE_FILE})")
-    return path

@@ -1,8 +1,8 @@
 """Critic-WMTP (docs/method.md §5.3): a value head on the trunk decides which tokens matter.
 
 Stage 1 (`pretrain`): the trunk is frozen; the value head fits Monte-Carlo or TD(λ) targets by MSE over valid
-positions, with its own optimizer, held-out early stopping, checkpoints (`critic/stage1/`) and a final
-`critic/value_head.safetensors` (critic_value.py). Skipped when `critic.value_head_path` is given.
+positions, with its own optimizer, on the trainer's step plan, early stopper and checkpoint format (`critic/stage1/`)
+and a final `critic/value_head.safetensors` (value.py). Skipped when `critic.value_head_path` is given.
 
 Stage 2 (training): per step, a no-grad pass gives V on every micro-batch; the TD error δ (or the GAE
 advantage) of each target token is mapped to heads by the one convention (w[t, h] ← signal[t+1+h]),
@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from ...components.checkpoint import load_optimizer_tensors, optimizer_tensors
 from ...components.optim import lr_lambda
 from ...config import ConfigError, Schedule, Strict
 from ...data.sequences import SequenceSet
@@ -43,9 +44,7 @@ from .value import (
     ValueFunction,
     ValueHead,
     check_stage1,
-    load_optimizer_tensors,
     load_value_head,
-    optimizer_tensors,
     pretrain_value_head,
     save_value_head,
     sum_gradients,

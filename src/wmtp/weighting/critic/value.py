@@ -1,17 +1,19 @@
 """The critic's value function (docs/method.md §5.3): the value head on the trunk, its targets and per-token
 signal, its files, and stage 1, which fits it with the trunk frozen.
 
-Stage 1 batches follow the trainer's own order (same micro-batch size and shuffle seed, this rank's slice). The
-loss is MSE over the valid, non-terminal positions against Monte-Carlo or TD(λ) targets (bootstrapped from the
-current head, detached), normalised by the target count over all ranks. Every `eval_every` steps: held-out value
-loss and explained variance, early stopping, and a stage-1 checkpoint (`critic/stage1/`). The best head by
-held-out loss (the last one without validation data) becomes `critic/value_head.safetensors`, which marks stage 1
-done. The scheme itself (settings, weights, stage 2) is `critic.py`, which builds on this module.
+Stage 1 takes its micro-batches from the trainer's step plan (one micro-batch a step: same micro-batch size,
+shuffle seed and epoch order, this rank's slice). The loss is MSE over the valid, non-terminal positions against
+Monte-Carlo or TD(λ) targets (bootstrapped from the current head, detached), normalised by the target count over
+all ranks. Every `eval_every` steps: held-out value loss and explained variance over the trainer's validation
+rows, the trainer's early stopper, and a stage-1 checkpoint (`critic/stage1/`: components/checkpoint.py's small
+checkpoint, the trainer's serializers without model shards). The best head by held-out loss (the last one
+without validation data) becomes `critic/value_head.safetensors`, which marks stage 1 done. The scheme itself
+(settings, weights, stage 2) is `scheme.py`, which builds on this module.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import statistics
 from pathlib import Path
@@ -22,10 +24,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ...config import ConfigError
-from ...data.sequences import SequenceSet, epoch_order
+from ...components.checkpoint import (
+    SMALL_STATE_FILE,
+    load_optimizer_tensors,
+    load_small_checkpoint,
+    optimizer_tensors,
+    save_small_checkpoint,
+)
+from ...components.early_stopping import EarlyStopper
+from ...components.validate import validation_rows
+from ...config import ConfigError, EarlyStopping
+from ...data.sequences import SequenceSet
 from ...runtime import distributed as dist_utils
-from ...runtime.atomic import atomic_directory, atomic_file
+from ...runtime.atomic import atomic_file
 from ...runtime.distributed import DistInfo, all_gather_concat
 from ...runtime.storage import local_path
 from .returns import TokenRewards, explained_variance, gae, mc_returns, td_errors, td_lambda_targets
@@ -36,6 +47,8 @@ if TYPE_CHECKING:
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 STAGE1_DIR = "critic"
+STAGE1_STATE_DIR = "stage1"  # under STAGE1_DIR: the stage-1 checkpoint
+VALUE_LOSS = "val/critic_value_loss"  # the held-out metric stage 1's early stopper watches
 
 
 class ValueHead(nn.Module):
@@ -94,24 +107,6 @@ def load_value_head(spec: str | Path, hidden_size: int) -> tuple[ValueHead, dict
     return head, meta
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer's state as flat tensors plus its JSON-able param groups (no pickles in checkpoints)."""
-    state = optimizer.state_dict()
-    tensors = {f"{prefix}/{i}/{k}": torch.as_tensor(v).detach().cpu().contiguous()
-               for i, per in state["state"].items() for k, v in per.items()}
-    return tensors, state["param_groups"]
-
-
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list,
-                    prefix: str) -> None:
-    per: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith(prefix + "/"):
-            _, index, name = key.split("/")
-            per.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": per, "param_groups": groups})
-
-
 class ValueFunction:
     """The value head on the trunk and what is computed from it: targets (Monte-Carlo or TD(λ)), the per-token
     signal (TD error δ or the GAE advantage) and held-out quality. `wrapped` is the model the trainer steps (the
@@ -146,23 +141,16 @@ class ValueFunction:
     def evaluate(self) -> dict[str, float]:
         """Held-out value loss (against the configured targets) and explained variance (against the
         Monte-Carlo returns), over this rank's share of the validation rows."""
-        val_set, batch_size, max_batches = self.val_set, self.batch_size, self.eval_batches
+        val_set = self.val_set
         if val_set is None or self.val_rewards is None:
             return {}
         self.head.eval()
-        n_batches = math.ceil(len(val_set) / batch_size)
-        if max_batches is not None:
-            n_batches = min(n_batches, max_batches)
         sums = torch.zeros(2, dtype=torch.float64, device=self.info.device)
         preds, truths = [], []
-        per_rank = math.ceil(n_batches / self.info.world_size)
-        for i in range(per_rank):  # the same number of forwards on every rank (FSDP2 collectives)
-            b = i * self.info.world_size + self.info.rank
-            rows = torch.arange(b * batch_size, min((b + 1) * batch_size, len(val_set))) if b < n_batches else \
-                torch.arange(min(batch_size, len(val_set)))
+        for rows, measured in validation_rows(len(val_set), self.batch_size, self.eval_batches, self.info):
             batch = {k: v.to(self.info.device) for k, v in val_set.select(rows).items()}
             values = self.head(self.trunk(batch["input_ids"], batch["attention_mask"]))
-            if b >= n_batches:
+            if not measured:
                 continue
             tr = self.val_rewards.select(rows, self.info.device)
             target, mask = self.targets(values, tr, batch["attention_mask"], batch["document_ids"])
@@ -177,7 +165,7 @@ class ValueFunction:
                                  self.info)[0]
         truth = all_gather_concat(torch.cat(truths) if truths else torch.zeros(0, device=self.info.device),
                                   self.info)[0]
-        out = {"val/critic_value_loss": float(sums[0] / sums[1].clamp_min(1))}
+        out = {VALUE_LOSS: float(sums[0] / sums[1].clamp_min(1))}
         ev = explained_variance(pred, truth, torch.ones_like(pred, dtype=torch.bool))
         if ev is not None:
             out["val/critic_explained_variance"] = ev
@@ -191,26 +179,32 @@ def gradient_cv(norms: list[float]) -> float:
     return statistics.pstdev(norms) / statistics.mean(norms)
 
 
-def write_stage1_state(directory: Path, head: ValueHead, optimizer, state: dict,
-                       best: dict[str, torch.Tensor]) -> None:
-    """Stage-1 checkpoint: one directory replaced atomically (head, best head so far and optimizer as
-    safetensors, state as JSON)."""
-    with atomic_directory(directory) as tmp:
-        tensors = {f"head/{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-        best_tensors = {f"best/{k}": v.detach().cpu().contiguous() for k, v in best.items()}
-        optim, groups = optimizer_tensors(optimizer, "optim")
-        save_file({**tensors, **best_tensors, **optim}, tmp / "state.safetensors")
-        (tmp / "state.json").write_text(json.dumps({**state, "param_groups": groups}))
+def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under `<prefix>/`, by the rest of their names."""
+    return {k.removeprefix(prefix + "/"): v for k, v in tensors.items() if k.startswith(prefix + "/")}
 
 
-def read_stage1_state(directory: Path, head: ValueHead, optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Restore head and optimizer from a stage-1 checkpoint; returns its state and the best head so far."""
-    with safe_open(str(directory / "state.safetensors"), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    state = json.loads((directory / "state.json").read_text())
-    head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head/")})
+def save_stage1(directory: Path, head: ValueHead, optimizer: torch.optim.Optimizer, stopper: EarlyStopper,
+                step: int, best_step: int, best: dict[str, torch.Tensor]) -> None:
+    """Stage-1 checkpoint (a small checkpoint: components/checkpoint.py): the head, the best head so far and the
+    optimizer as tensors; the step, the early stopper's state and the best head's step as the trainer state."""
+    optim, groups = optimizer_tensors(optimizer, "optim")
+    tensors = {**{f"head/{k}": v for k, v in head.state_dict().items()},
+               **{f"best/{k}": v for k, v in best.items()}, **optim}
+    save_small_checkpoint(directory, tensors, {"step": step, **stopper.state(), "best_step": best_step,
+                                               "param_groups": groups})
+
+
+def load_stage1(directory: Path, head: ValueHead, optimizer: torch.optim.Optimizer, stopper: EarlyStopper,
+                device: torch.device) -> tuple[int, int, dict[str, torch.Tensor]]:
+    """Restore head, optimizer and early stopper from a stage-1 checkpoint; returns (step, best head's step, best
+    head)."""
+    tensors, state = load_small_checkpoint(directory)
+    head.load_state_dict(prefixed(tensors, "head"))
+    head.to(device)
     load_optimizer_tensors(optimizer, tensors, state["param_groups"], "optim")
-    return state, {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}
+    stopper.load_state(state)
+    return state["step"], state["best_step"], {k: v.to(device) for k, v in prefixed(tensors, "best").items()}
 
 
 def check_stage1(p, train_set: SequenceSet, val_set: SequenceSet | None, plan: StepPlan) -> None:
@@ -221,6 +215,49 @@ def check_stage1(p, train_set: SequenceSet, val_set: SequenceSet | None, plan: S
     if len(train_set) // (plan.micro_batch_size * plan.world_size) == 0:
         raise ConfigError("critic stage 1: fewer training sequences than one micro-batch per rank")
 
+def stage1_plan(plan: StepPlan, n_sequences: int, max_steps: int) -> StepPlan:
+    """The trainer's step plan with one micro-batch a step (stage 1 accumulates nothing), so that an epoch holds
+    every complete micro-batch of all ranks."""
+    per_epoch = n_sequences // (plan.micro_batch_size * plan.world_size)
+    return dataclasses.replace(plan, grad_accum_steps=1, steps_per_epoch=per_epoch, total_steps=max_steps)
+
+
+def stage1_stopper(p) -> EarlyStopper:
+    """The trainer's early stopper on the held-out value loss. It tracks the best head in every mode; whether it
+    may stop the stage is `pretrain.early_stopping`'s (see `pretrain_value_head`)."""
+    return EarlyStopper(EarlyStopping(metric=VALUE_LOSS, mode="min", patience=p.patience, min_delta=p.min_delta))
+
+
+def stage1_step(vf: ValueFunction, optimizer: torch.optim.Optimizer, train_set: SequenceSet,
+                rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One value-head step on this rank's micro-batch `rows`: (its loss, the target count over all ranks that
+    normalises it, the gradient norm)."""
+    info, head = vf.info, vf.head
+    batch = {k: v.to(info.device) for k, v in train_set.select(rows).items()}
+    tr = vf.train_rewards.select(rows, info.device)
+    values = head(vf.trunk(batch["input_ids"], batch["attention_mask"]))
+    target, mask = vf.targets(values.detach(), tr, batch["attention_mask"], batch["document_ids"])
+    count = dist_utils.all_reduce_sum(mask.sum().float(), info).clamp_min(1)
+    loss = torch.where(mask, (values - target) ** 2, torch.zeros((), device=values.device)).sum() / count
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    sum_gradients(head, info)  # the loss is already normalised by the count over all ranks
+    norm = float(torch.stack([param.grad.norm() for param in head.parameters() if param.grad is not None]).norm())
+    optimizer.step()
+    return loss, count, norm
+
+
+def stage1_metrics(loss: torch.Tensor, count: torch.Tensor, norms: list[float], evaluation: dict[str, float],
+                   info: DistInfo) -> dict[str, float]:
+    """What stage 1 logs at an evaluation: the last step's value loss over all ranks, its gradient norm and the
+    norms' coefficient of variation since the previous evaluation, the held-out value loss and explained variance
+    (an undefined value is left out, not logged as a number)."""
+    loss_sum = dist_utils.all_reduce_sum(loss.detach() * count, info)
+    metrics = {"critic_pretrain/train_value_loss": float(loss_sum / count), "critic_pretrain/grad_norm": norms[-1],
+               "critic_pretrain/grad_cv": gradient_cv(norms),
+               **{k.replace("val/critic_", "critic_pretrain/val_"): v for k, v in evaluation.items()}}
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
+
 
 def pretrain_value_head(vf: ValueFunction, p, train_set: SequenceSet, plan: StepPlan, run: RunHooks,
                         meta: dict[str, str]) -> dict[str, str]:
@@ -228,80 +265,53 @@ def pretrain_value_head(vf: ValueFunction, p, train_set: SequenceSet, plan: Step
     result (`meta` added), with status "completed" or "stopped" (a signal: state saved, resumable). The settings
     were checked against the data in set-up (`check_stage1`)."""
     info, head = vf.info, vf.head
-    mb = plan.micro_batch_size
-    per_epoch = len(train_set) // (mb * info.world_size)
+    steps = stage1_plan(plan, len(train_set), p.max_steps)
     optimizer = torch.optim.AdamW(head.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-    directory = run.run_dir / STAGE1_DIR
-    state = {"step": 0, "best": None, "bad_evals": 0, "best_step": 0}
-    best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
-    if (directory / "stage1" / "state.json").is_file():
-        state, best = read_stage1_state(directory / "stage1", head, optimizer)
-        head.to(info.device)
-        best_state = {k: v.to(info.device) for k, v in best.items()}
+    stopper = stage1_stopper(p)
+    directory = run.run_dir / STAGE1_DIR / STAGE1_STATE_DIR
+    step, best_step = 0, 0
+    best = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    if (directory / SMALL_STATE_FILE).is_file():
+        step, best_step, best = load_stage1(directory, head, optimizer, stopper, info.device)
     norms: list[float] = []
-    status = "completed"
-    reason = f"max_steps {p.max_steps}"
+    status, reason = "completed", f"max_steps {p.max_steps}"
     head.train()
-    while state["step"] < p.max_steps:
-        epoch, within = divmod(state["step"], per_epoch)
-        order = epoch_order(len(train_set), plan.shuffle_seed, epoch)
-        start = within * mb * info.world_size + info.rank * mb
-        rows = order[start:start + mb]
-        batch = {k: v.to(info.device) for k, v in train_set.select(rows).items()}
-        tr = vf.train_rewards.select(rows, info.device)
-        z = vf.trunk(batch["input_ids"], batch["attention_mask"])
-        values = head(z)
-        target, mask = vf.targets(values.detach(), tr, batch["attention_mask"], batch["document_ids"])
-        count = dist_utils.all_reduce_sum(mask.sum().float(), info).clamp_min(1)
-        loss = torch.where(mask, (values - target) ** 2, torch.zeros((), device=values.device)).sum() / count
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        sum_gradients(head, info)  # the loss is already normalised by the count over all ranks
-        grads = [param.grad.norm() for param in head.parameters() if param.grad is not None]
-        norms.append(float(torch.stack(grads).norm()))
-        optimizer.step()
-        state["step"] += 1
-        step = state["step"]
-        last = step == p.max_steps
-        if step % p.eval_every == 0 or last:
-            loss_sum = dist_utils.all_reduce_sum(loss.detach() * count, info)
-            metrics = {"critic_pretrain/train_value_loss": float(loss_sum / count),
-                       "critic_pretrain/grad_norm": norms[-1], "critic_pretrain/grad_cv": gradient_cv(norms)}
+    while step < p.max_steps:
+        loss, count, norm = stage1_step(vf, optimizer, train_set, steps.micro_batch_rows(step, info.rank,
+                                                                                         len(train_set)))
+        norms.append(norm)
+        step += 1
+        stop = False
+        if step % p.eval_every == 0 or step == p.max_steps:
             evaluation = vf.evaluate()
-            metrics.update({k.replace("val/critic_", "critic_pretrain/val_"): v for k, v in evaluation.items()})
-            run.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step)
-            stop = False
-            if evaluation:
-                value = evaluation["val/critic_value_loss"]
-                if state["best"] is None or value < state["best"] - p.min_delta:
-                    state.update(best=value, bad_evals=0, best_step=step)
-                    best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
-                else:
-                    state["bad_evals"] += 1
-                if p.early_stopping != "none" and state["bad_evals"] >= p.patience:
-                    stable = p.early_stopping == "loss" or gradient_cv(norms) <= p.grad_cv_max
-                    if stable:
-                        stop, reason = True, (f"early stopping ({p.early_stopping}): held-out value loss did not "
-                                              f"improve for {p.patience} evaluations")
+            run.log_metrics(stage1_metrics(loss, count, norms, evaluation, info), step)
+            improved = stopper.observe(evaluation)
+            if improved:
+                best_step, best = step, {k: v.detach().clone() for k, v in head.state_dict().items()}
+            # loss_and_gradient: an exhausted patience stops the stage only once the gradient norm is stable
+            stop = (improved is not None and p.early_stopping != "none" and stopper.exhausted()
+                    and (p.early_stopping == "loss" or gradient_cv(norms) <= p.grad_cv_max))
+            if stop:
+                reason = (f"early stopping ({p.early_stopping}): held-out value loss did not improve for "
+                          f"{p.patience} evaluations")
             norms = []
             if info.is_main:
-                write_stage1_state(directory / "stage1", head, optimizer, state, best_state)
+                save_stage1(directory, head, optimizer, stopper, step, best_step, best)
             if stop:
                 break
         if run.stop_requested():
             if info.is_main:
-                write_stage1_state(directory / "stage1", head, optimizer, state, best_state)
+                save_stage1(directory, head, optimizer, stopper, step, best_step, best)
             status, reason = "stopped", "stopped by a signal"
             break
-    if status == "completed":
-        if state["best"] is not None:
-            head.load_state_dict(best_state)
-        meta = {"status": "completed", "reason": reason, "steps": str(state["step"]),
-                "best_step": str(state["best_step"]), "best_val_value_loss": str(state["best"]), **meta}
-        if info.is_main:
-            save_value_head(head, directory / VALUE_HEAD_FILE, meta)
-        if info.distributed:
-            torch.distributed.barrier()
-        return meta
-    return {"status": status, "reason": reason, "steps": str(state["step"])}
-
+    if status == "stopped":
+        return {"status": status, "reason": reason, "steps": str(step)}
+    if stopper.best is not None:
+        head.load_state_dict(best)
+    meta = {"status": "completed", "reason": reason, "steps": str(step), "best_step": str(best_step),
+            "best_val_value_loss": str(stopper.best), **meta}
+    if info.is_main:
+        save_value_head(head, directory.parent / VALUE_HEAD_FILE, meta)
+    if info.distributed:
+        torch.distributed.barrier()
+    return meta
