@@ -50,7 +50,7 @@ from wmtp.runtime.distributed import DistInfo, init_distributed, resolve_device
 from wmtp.runtime.tracking import tracking_uri
 from wmtp.training.build import prepare
 from wmtp.training.trainer import Trainer
-from wmtp.weighting import SCHEMES, plugin
+from wmtp.weighting import SCHEMES, config_schemas, plugin
 from wmtp.weighting.base import WeightingScheme
 from wmtp.weighting.reference import score_reference_set
 from wmtp.weighting.rho1.cache import fingerprint, write_cache
@@ -82,7 +82,8 @@ def _nested(annotation) -> tuple[type[BaseModel] | None, bool]:
 def leaf_keys(schema: type[BaseModel] | None = None, prefix: str = "") -> set[str]:
     """Every leaf key path of the schemas: nested models recursed, list items as `[]`, dicts as one leaf."""
     if schema is None:  # the recipe's own sections and those of every weighting scheme
-        schemes = set().union(*(leaf_keys(plugin(name).settings, "recipe") for name in SCHEMES))
+        schemes = set().union(*(leaf_keys(plugin(name).settings, "recipe") for name in SCHEMES),
+                              *(leaf_keys(schema, "config") for schema in config_schemas().values()))
         return leaf_keys(Config, "config") | leaf_keys(Recipe, "recipe") | schemes
     keys: set[str] = set()
     for name, field in schema.model_fields.items():

@@ -1,4 +1,5 @@
-"""Writes docs/configuration.md from the schemas: every key of a config (`wmtp.config.Config`), of a recipe
+"""Writes docs/configuration.md from the schemas: every key of a config (`wmtp.config.Config`, and the top-level
+keys a weighting scheme owns: `wmtp.weighting.config_schemas()`), of a recipe
 (`wmtp.config.Recipe`) and of each weighting scheme's own recipe sections (`wmtp.weighting.plugin(name).settings`
 for every name in `wmtp.weighting.SCHEMES`), with its type, default and the field's pydantic description.
 
@@ -22,7 +23,7 @@ from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
 from wmtp.config import Config, Recipe
-from wmtp.weighting import SCHEMES, plugin
+from wmtp.weighting import SCHEMES, config_schemas, plugin
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
@@ -185,7 +186,8 @@ def rows_of_field(name: str, field: FieldInfo) -> list[Row]:
 
 def render() -> str:
     """The whole page."""
-    config = f"## Config (`--config`, `wmtp.config.Config`)\n\n{table(rows(Config))}"
+    owned = [row for schema in config_schemas().values() for row in rows(schema)]
+    config = f"## Config (`--config`, `wmtp.config.Config`)\n\n{table(rows(Config) + owned)}"
     recipe = (f"## Recipe (`--recipe`, `wmtp.config.Recipe`)\n\n{doc_line(Recipe)}\n\n{table(rows(Recipe))}")
     return "\n\n".join([HEADER.rstrip(), config, recipe, scheme_part()]) + "\n"
 

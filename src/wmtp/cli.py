@@ -12,6 +12,7 @@ import sys
 import time
 import traceback
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from . import __version__
@@ -21,6 +22,7 @@ from .execution import BENCHMARKS
 from .execution.sandbox import Limits
 from .runtime.storage import StorageError
 from .runtime.tracking import tracking_uri
+from .weighting import CommandInputs, SchemeCommand, checked_config, commands, config_section_names, frozen_model
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,12 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--max-shard-size", type=_size, default=parse_size("5GB"),
                          help="largest safetensors file, e.g. 5GB")
     convert.add_argument("--verbose", action="store_true", help="print tracebacks")
-    score = sub.add_parser("score-reference", help="Rho-1: score the training set with the reference model once "
-                           "and write the config's reference_cache")
-    score.add_argument("--config", required=True, type=Path)
-    score.add_argument("--recipe", required=True, type=Path)
-    _add_overrides(score)
-    score.add_argument("--verbose", action="store_true", help="print tracebacks")
+    for command in commands().values():  # a weighting scheme's own commands (Rho-1's score-reference)
+        scheme = sub.add_parser(command.name, help=command.help)
+        scheme.add_argument("--config", required=True, type=Path)
+        scheme.add_argument("--recipe", required=True, type=Path)
+        _add_overrides(scheme)
+        scheme.add_argument("--verbose", action="store_true", help="print tracebacks")
 
     evaluate = sub.add_parser("eval", formatter_class=_DefaultsShown,
                               help="generate for code benchmarks, then (opt-in) execute for pass@k; head "
@@ -146,9 +148,11 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
 
 
 def load_inputs(args: argparse.Namespace):
-    """The config and the recipe of a command, with its `--set` overrides applied and validated."""
-    config_overrides, recipe_overrides, texts = parse_overrides(getattr(args, "overrides", []))
-    return (load_config(args.config, config_overrides, texts), load_recipe(args.recipe, recipe_overrides, texts))
+    """The config and the recipe of a command, with its `--set` overrides applied and validated (the config's
+    scheme-owned keys by their schemes)."""
+    config_overrides, recipe_overrides, texts = parse_overrides(getattr(args, "overrides", []), config_section_names())
+    config = checked_config(load_config(args.config, config_overrides, texts))
+    return config, load_recipe(args.recipe, recipe_overrides, texts)
 
 
 class _DefaultsShown(argparse.HelpFormatter):
@@ -302,7 +306,7 @@ def _run_location(config, args: argparse.Namespace) -> tuple[Path, str | None]:
 def _memory_lines(config, recipe, world_size: int, device_memory: int | None, vocab_size: int | None) -> str:
     from .model.memory import memory_plan
 
-    plan, flops = memory_plan(config, recipe, world_size, vocab_size)
+    plan, flops = memory_plan(config, recipe, world_size, vocab_size, reference=frozen_model(config))
     ranks = f"{world_size} {'rank' if world_size == 1 else 'ranks'}"
     return "\n".join([f"memory per rank ({ranks}, {config.compute.distributed}, {plan.params_total / 1e6:.1f}M "
                       f"parameters, {plan.blocks} blocks):",
@@ -349,30 +353,16 @@ def convert_meta_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def score_reference_command(args: argparse.Namespace) -> int:
+def scheme_command(command: SchemeCommand, args: argparse.Namespace) -> int:
+    """Run a weighting scheme's command on the validated config and recipe; the data is read when it asks."""
     config, recipe = load_inputs(args)
 
-    from .runtime.distributed import resolve_device
-    from .runtime.precision import autocast_for
-    from .training.build import load_run_data
-    from .weighting import scheme_settings
-    from .weighting.reference import load_reference, score_reference_set
-    from .weighting.rho1.cache import write_cache
-    from .weighting.rho1.scheme import reference_cache_key, reference_cache_target
+    def load_data():
+        from .training.build import load_run_data
 
-    target = reference_cache_target(config, recipe)
-    scheme_settings(recipe)
-    device = resolve_device(config.compute.device)
-    data = load_run_data(config, recipe)
-    reference = load_reference(config.reference_model, data.tokenizer, device)
-    started = time.monotonic()
-    ref = score_reference_set(reference, data.train_set, recipe.train.micro_batch_size,
-                              autocast_for(device, config.compute.precision), device, recipe.loss.chunk_size)
-    key = reference_cache_key(data.train_set, data.tokenizer, config.reference_model)
-    write_cache(target, ref, key)
-    print(f"scored {len(data.train_set)} sequences ({data.train_set.n_tokens} tokens) in "
-          f"{time.monotonic() - started:.1f}s -> {target} (fingerprint {key[:12]})")
-    return 0
+        return load_run_data(config, recipe)
+
+    return command.run(CommandInputs(config, recipe, load_data))
 
 
 def _passk_lines(results: dict) -> list[str]:
@@ -419,7 +409,7 @@ def eval_settings(args: argparse.Namespace) -> EvalSettings:
 def eval_command(args: argparse.Namespace) -> int:
     settings = eval_settings(args)
     config_path, recipe_path = eval_files(args.config, args.recipe, args.checkpoint)
-    config = load_config(config_path)
+    config = checked_config(load_config(config_path))
     recipe = None if recipe_path is None else load_recipe(recipe_path)
     if recipe is None and settings.heads_skipped is None:
         settings = replace(settings, heads_skipped="no --recipe and no recipe.yaml in the checkpoint's run (the "
@@ -484,12 +474,12 @@ def compare_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    commands = {"train": train_command, "plan": plan_command, "fetch": fetch_command,
-                "convert-meta": convert_meta_command, "score-reference": score_reference_command,
-                "eval": eval_command, "execute": execute_command, "report": report_command,
-                "compare": compare_command}
+    handlers = {"train": train_command, "plan": plan_command, "fetch": fetch_command,
+                "convert-meta": convert_meta_command, "eval": eval_command, "execute": execute_command,
+                "report": report_command, "compare": compare_command,
+                **{name: partial(scheme_command, command) for name, command in commands().items()}}
     try:
-        return commands[args.command](args)
+        return handlers[args.command](args)
     except KeyboardInterrupt:
         print("wmtp: interrupted", file=sys.stderr)
         return 130

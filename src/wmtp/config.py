@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,15 +69,6 @@ class ModelSource(Strict):
         if self.from_scratch is not None and (self.train_tokenizer is None) == (self.tokenizer is None):
             raise ValueError("a `from_scratch` model needs exactly one of `train_tokenizer` and `tokenizer`")
         return self
-
-
-class ReferenceSource(Strict):
-    """Rho-1's reference model: a pretrained causal LM sharing the trained model's tokenizer."""
-
-    path: str = Field(description="hub id, directory, GGUF file or `pkg:<package>/<file>`")
-    tokenizer: str | None = Field(None, description="tokenizer location when it is not next to the model")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype the reference runs in")
-    hf_token: SecretStr | None = Field(None, description="token for a gated hub reference; never printed")
 
 
 class FSDPSettings(Strict):
@@ -191,15 +183,14 @@ class Logging(Strict):
 
 
 class Config(Strict):
+    """Where and how to run. Top-level keys a weighting scheme owns (Rho-1's `reference_model`) are kept here as
+    given and validated by their scheme (`wmtp.weighting.checked_config`), so this file knows no scheme."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
     _source: str = PrivateAttr("config")  # the file it came from, for error messages
     _overrides: dict[str, str] = PrivateAttr(default_factory=dict)  # dotted key -> its `--set` argument
 
     model: ModelSource
-    reference_model: ReferenceSource | None = Field(
-        None, description="Rho-1's frozen reference (same tokenizer as `model`); bfloat16 on GPUs via `dtype`")
-    reference_cache: str | None = Field(
-        None, description="Rho-1: file of reference CEs written by `wmtp score-reference`; read instead of "
-        "running the reference (a fingerprint mismatch is an error)")
     datasets: dict[str, str] = Field(default_factory=dict, description="name -> file or directory")
     output_dir: str = Field("runs", description="a directory, or a storage URL (s3://bucket/runs) that runs are "
                             "uploaded to")
@@ -209,6 +200,19 @@ class Config(Strict):
     storage: StorageSettings = Field(StorageSettings(), description="a remote output_dir's staging and upload "
                                      "retries")
     logging: Logging = Field(Logging(), description="metric logging and console progress")
+
+    @property
+    def sections(self) -> dict[str, Any]:
+        """The top-level keys this schema does not know: the weighting schemes', as written (or as validated)."""
+        return dict(self.model_extra or {})
+
+    def with_sections(self, sections: dict[str, Any]) -> Config:
+        """This config with its extra keys replaced by `sections` (validated by their schemes, defaults included);
+        keys the file and `--set` did not set stay unset, so `resolved_yaml` leaves them out."""
+        values = {name: getattr(self, name) for name in type(self).model_fields}
+        checked = type(self).model_construct(_fields_set=self.model_fields_set, **values, **sections)
+        checked._source, checked._overrides = self._source, self._overrides
+        return checked
 
     @property
     def source(self) -> str:
@@ -475,12 +479,14 @@ def _set_key(tree: dict, key: str, value: Any, where: str) -> None:
             node = node[part]
 
 
-def parse_overrides(items: list[str]) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+def parse_overrides(items: list[str], config_keys: Collection[str] = ()) -> tuple[dict[str, Any], dict[str, Any],
+                                                                              dict[str, str]]:
     """`--set key=value` arguments -> (config overrides, recipe overrides, dotted key -> argument text).
 
-    A key names its file by its first part: a config section (`compute.seed`, `output_dir`) is the config's,
-    anything else the recipe's (`train.max_steps`, `rho1.temperature`); `config.` / `recipe.` in front says it
-    explicitly. The value is read as YAML (`10` an integer, `1e-4` a number, `null`, `[1, 0.5]` a list, `true`)."""
+    A key names its file by its first part: a config section (`compute.seed`, `output_dir`, or one of
+    `config_keys`, the top-level config keys the weighting schemes own) is the config's, anything else the
+    recipe's (`train.max_steps`, `rho1.temperature`); `config.` / `recipe.` in front says it explicitly.
+    The value is read as YAML (`10` an integer, `1e-4` a number, `null`, `[1, 0.5]` a list, `true`)."""
     config: dict[str, Any] = {}
     recipe: dict[str, Any] = {}
     texts: dict[str, str] = {}
@@ -497,7 +503,7 @@ def parse_overrides(items: list[str]) -> tuple[dict[str, Any], dict[str, Any], d
         if target in ("config", "recipe") and rest:
             chosen, key = (config if target == "config" else recipe), rest
         else:
-            chosen = config if target in Config.model_fields else recipe
+            chosen = config if target in Config.model_fields or target in config_keys else recipe
         if key in chosen:
             raise ConfigError(f"--set {item}: `{key}` is set twice")
         chosen[key] = parsed
@@ -570,12 +576,15 @@ def _looks_like_recipe(path: Path) -> bool:
 
 
 def flatten(model: BaseModel, prefix: str = "") -> dict[str, str]:
-    """`a.b.c -> value` for logging as parameters; secrets are masked."""
+    """`a.b.c -> value` for logging as parameters; secrets are masked. Extra keys count once validated (a scheme's
+    config keys after `wmtp.weighting.checked_config`); sections as given (mappings, lists) are left out: a
+    recipe's are logged from its scheme's settings."""
     out: dict[str, str] = {}
 
     def walk(value: Any, key: str) -> None:
         if isinstance(value, BaseModel):
-            for name in type(value).model_fields:
+            checked = [k for k, v in (value.model_extra or {}).items() if not isinstance(v, dict | list)]
+            for name in [*type(value).model_fields, *checked]:
                 walk(getattr(value, name), f"{key}.{name}" if key else name)
         elif isinstance(value, dict):
             for k, v in value.items():
@@ -603,8 +612,9 @@ def resolved_yaml(model: BaseModel) -> str:
     or by an override), secrets left out (a reader gives its own, e.g. through HF_TOKEN)."""
     def without_secrets(value: Any, tree: Any) -> Any:
         if isinstance(value, BaseModel):
+            # pydantic dumps extra keys even when unset: a scheme key's default is left out like a field's
             return {k: without_secrets(getattr(value, k, None), v) for k, v in tree.items()
-                    if not isinstance(getattr(value, k, None), SecretStr)}
+                    if not isinstance(getattr(value, k, None), SecretStr) and k in value.model_fields_set}
         if isinstance(value, list | tuple) and isinstance(tree, list):
             return [without_secrets(v, t) for v, t in zip(value, tree, strict=True)]
         return tree

@@ -133,7 +133,7 @@ def saved_bytes(block: nn.Module, hidden: torch.Tensor, **kwargs) -> int:
 
 
 def meta_model(source, shape, vocab_size: int | None = None) -> nn.Module:
-    """The MTP model of a config's `model` (or `reference_model`) source on the meta device: its shapes from its
+    """The MTP model of a config's `model` source (or a frozen reference's) on the meta device: its shapes from its
     config alone (a directory's or GGUF file's config, or `from_scratch`), no weights read. `vocab_size`: the
     tokenizer's size for a from-scratch model."""
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -290,10 +290,12 @@ def plan_inputs(config, recipe, world_size: int) -> PlanInputs:
         chunk_size=recipe.loss.chunk_size)
 
 
-def memory_plan(config, recipe, world_size: int, vocab_size: int | None = None) -> tuple[MemoryPlan, float]:
+def memory_plan(config, recipe, world_size: int, vocab_size: int | None = None,
+                reference=None) -> tuple[MemoryPlan, float]:
     """The memory plan of a config and recipe at `world_size` ranks, and the model's training FLOPs per token.
     `vocab_size`: the tokenizer's size when the model is built from scratch (default: the trained tokenizer's
-    configured size)."""
+    configured size); `reference`: the source (path, dtype) of a frozen model that runs beside the trained one
+    (`wmtp.weighting.frozen_model`: Rho-1's online reference), counted per rank."""
     from dataclasses import replace
 
     from ..runtime.precision import DTYPES
@@ -308,8 +310,7 @@ def memory_plan(config, recipe, world_size: int, vocab_size: int | None = None) 
             vocab_size = len(load_tokenizer_from(source.tokenizer))
     model = meta_model(source, recipe.mtp, vocab_size)
     inputs = plan_inputs(config, recipe, world_size)
-    reference = config.reference_model
-    if reference is not None and config.reference_cache is None:  # an online reference (Rho-1) runs beside
+    if reference is not None:
         ref = meta_model(reference, None)
         inputs = replace(inputs, reference_params=sum(p.numel() for p in ref.parameters()),
                          reference_dtype=DTYPES[reference.dtype])

@@ -30,7 +30,7 @@ from ..runtime.distributed import DistInfo
 from ..runtime.precision import DTYPES, autocast_for, dtype_or_none
 from ..runtime.storage import is_remote
 from ..runtime.tracking import quiet_library_progress
-from ..weighting import plugin, scheme_settings
+from ..weighting import checked_config, plugin, scheme_settings
 from ..weighting.base import SchemeContext, WeightingScheme
 
 
@@ -130,6 +130,7 @@ def prepare(config: Config, recipe: Recipe, info: DistInfo, *, tokenizer_dir: Pa
         torch.set_num_threads(config.compute.threads)
     if not config.logging.progress or not sys.stderr.isatty():  # a log file gets no carriage-return bars
         quiet_library_progress()
+    config = checked_config(config)  # the config's scheme-owned keys (a config built in code is checked here)
     settings = scheme_settings(recipe)
     torch.manual_seed(config.compute.seed)
     data = load_run_data(config, recipe, tokenizer_dir=tokenizer_dir)

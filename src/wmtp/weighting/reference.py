@@ -5,11 +5,16 @@ excess loss against it; GRPO's KL term compares the trained head 0 with it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError, ReferenceSource
+from ..config import ConfigError
 from ..data.sequences import SequenceSet
+
+if TYPE_CHECKING:
+    from .rho1.settings import ReferenceSource
 
 # texts both tokenizers must split alike: code, prose, whitespace, non-ASCII
 PROBE_STRINGS = ("def f(x):\n    return x + 1\n", "Hello, world!", "  \t\n", "import numpy as np", "ünïcødé 文字 🙂")

@@ -32,10 +32,11 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from ...config import Config, ConfigError, Recipe, ReferenceSource, Strict
+from ...config import ConfigError, Recipe, Strict
 from ...data.sequences import SequenceSet
 from ...loss import IGNORE_INDEX, fused_linear_mtp_ce, per_target_to_heads
 from ...runtime.distributed import DistInfo
+from .. import scheme_config
 from ..base import (
     SchemeContext,
     SchemePlugin,
@@ -48,6 +49,7 @@ from ..reference import (
     load_reference,
     score_reference_batch,
 )
+from .settings import ReferenceSource, Rho1Config
 
 
 class Rho1Settings(Strict):
@@ -181,18 +183,18 @@ class Rho1Weighting(WeightingScheme):
         return dict(self.record.metrics)
 
 
-def reference_cache_target(config: Config, recipe: Recipe) -> Path:
-    """Where `wmtp score-reference` writes the cache of this config and recipe; refuses a recipe of another
-    scheme or a config without `reference_cache` and `reference_model`."""
+def reference_cache_target(sections: Rho1Config, recipe: Recipe) -> Path:
+    """Where `wmtp score-reference` writes the cache of this config (its Rho-1 keys) and recipe; refuses a recipe
+    of another scheme or a config without `reference_cache` and `reference_model`."""
     from ...runtime.storage import is_remote
 
-    if recipe.algorithm != "rho1" or config.reference_cache is None or config.reference_model is None:
+    if recipe.algorithm != "rho1" or sections.reference_cache is None or sections.reference_model is None:
         raise ConfigError("score-reference needs a recipe with algorithm: rho1 and a config with reference_model "
                           "and reference_cache")
-    if is_remote(config.reference_cache):
-        raise ConfigError(f"reference_cache {config.reference_cache}: score-reference writes a local file; upload "
+    if is_remote(sections.reference_cache):
+        raise ConfigError(f"reference_cache {sections.reference_cache}: score-reference writes a local file; upload "
                           "it to the URL afterwards (training reads it from there)")
-    return Path(config.reference_cache)
+    return Path(sections.reference_cache)
 
 
 def reference_cache_key(sequences: SequenceSet, tokenizer, reference: ReferenceSource) -> str:
@@ -211,8 +213,9 @@ def build(settings: Rho1Recipe, context: SchemeContext) -> Rho1Weighting:
     from ...model.mtp import MTPLoss  # here: the scheme's settings load without transformers
 
     chunk_size = context.plan.chunk_size
-    cached = context.config.reference_cache is not None
-    reference = load_reference(context.config.reference_model, context.tokenizer, context.info.device,
+    sections = scheme_config(context.config, "rho1")
+    cached = sections.reference_cache is not None
+    reference = load_reference(sections.reference_model, context.tokenizer, context.info.device,
                                load_weights=not cached)
 
     @torch.no_grad()
@@ -225,8 +228,8 @@ def build(settings: Rho1Recipe, context: SchemeContext) -> Rho1Weighting:
         from ...runtime.storage import local_path
         from .cache import read_cache
 
-        cache = read_cache(Path(local_path(context.config.reference_cache, "reference_cache")),
-                           reference_cache_key(context.train_set, context.tokenizer, context.config.reference_model))
+        cache = read_cache(Path(local_path(sections.reference_cache, "reference_cache")),
+                           reference_cache_key(context.train_set, context.tokenizer, sections.reference_model))
 
         def reference_ce(batch: StepBatch) -> torch.Tensor:
             return cache[batch.rows].to(batch.input_ids.device)
