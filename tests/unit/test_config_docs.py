@@ -8,7 +8,7 @@ import importlib.util
 from pathlib import Path
 
 from wmtp.config import Config, Recipe
-from wmtp.weighting import SCHEMES, plugin
+from wmtp.weighting import SCHEMES, config_schemas, plugin
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,6 +31,8 @@ def test_page_lists_every_key_of_the_config_the_recipe_and_each_scheme():
     tool = generator()
     page = tool.render()
     keys = [*Config.model_fields, *Recipe.model_fields, "compute.fsdp.cpu_offload", "data.train[].kind"]
+    keys += [name for schema in config_schemas().values() for name in schema.model_fields]  # schemes' config keys
+    keys += ["reference_model.path", "reference_model.dtype"]
     for algorithm in SCHEMES:
         for section, field in plugin(algorithm).settings.model_fields.items():
             settings = tool.section_model(field.annotation)

@@ -79,15 +79,16 @@ class PretrainSettings(Strict):
     """Critic-WMTP stage 1: fit the value head with the trunk frozen."""
 
     max_steps: int = Field(200, ge=1, description="value-head optimizer steps at most")
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the value head in stage 1 (constant)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay of the value head in stage 1")
     eval_every: int = Field(20, ge=1, description="steps between held-out value-loss evaluations")
     early_stopping: Literal["none", "loss", "loss_and_gradient"] = Field(
         "loss", description="loss: stop after `patience` evaluations without a held-out value-loss improvement "
         "> min_delta; loss_and_gradient: and only once the gradient norm is stable (coefficient of variation over "
         "the last eval_every steps <= grad_cv_max), as in the seed")
-    patience: int = Field(3, ge=1)
-    min_delta: float = Field(0.0, ge=0)
+    patience: int = Field(3, ge=1, description="evaluations without an improvement before stage 1 stops")
+    min_delta: float = Field(0.0, ge=0, description="smallest held-out value-loss decrease that counts as an "
+                             "improvement")
     grad_cv_max: float = Field(0.5, gt=0, description="loss_and_gradient: stability threshold")
 
     @model_validator(mode="after")

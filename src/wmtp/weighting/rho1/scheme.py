@@ -56,7 +56,9 @@ class Rho1Settings(Strict):
     """Recipe section `rho1`: weights from the signed excess loss ℓ − ref, per head, over the whole step (over each
     micro-batch with `scoring: in_forward`)."""
 
-    mode: Literal["weighted", "token_skip", "topk"] = "weighted"
+    mode: Literal["weighted", "token_skip", "topk"] = Field(
+        "weighted", description="weighted: w = exp(z/T) of the standardised excess loss, then mean1_clip; "
+        "token_skip: drop the bottom skip_fraction of pairs per head; topk: keep the top k per head")
     temperature: float = Field(0.7, gt=0, description="weighted: w = exp(z/T) (the seed's 0.7)")
     eps: float = Field(0.05, ge=0, le=1, description="weighted: mean1_clip floor, no weight lies below it (the "
                        "seed's 0.05)")
