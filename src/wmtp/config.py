@@ -182,13 +182,40 @@ class Logging(Strict):
     progress: bool = Field(True, description="console progress bar with ETA")
 
 
-class Config(Strict):
+class FromFile(Strict):
+    """What a config and a recipe share: top-level keys this schema does not know are kept as given for the
+    weighting schemes to validate (`sections`), and each remembers its file and its `--set` overrides for error
+    messages."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    _source: str = PrivateAttr("file")  # the file it came from
+    _overrides: dict[str, str] = PrivateAttr(default_factory=dict)  # dotted key -> its `--set` argument
+
+    @property
+    def sections(self) -> dict[str, Any]:
+        """The top-level keys this schema does not know: the weighting schemes', as written (or as validated)."""
+        return dict(self.model_extra or {})
+
+    @property
+    def source(self) -> str:
+        """The file this was read from ("config" or "recipe" when it was built in code)."""
+        return self._source
+
+    @property
+    def overrides(self) -> dict[str, str]:
+        """The `--set` overrides applied over the file: dotted key -> the argument as given."""
+        return self._overrides
+
+    def where(self, key: str) -> str:
+        """What set `key`: its `--set` argument, else the file (for error messages)."""
+        return override_for(key, self._overrides) or self._source
+
+
+class Config(FromFile):
     """Where and how to run. Top-level keys a weighting scheme owns (Rho-1's `reference_model`) are kept here as
     given and validated by their scheme (`wmtp.weighting.checked_config`), so this file knows no scheme."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
-    _source: str = PrivateAttr("config")  # the file it came from, for error messages
-    _overrides: dict[str, str] = PrivateAttr(default_factory=dict)  # dotted key -> its `--set` argument
+    _source: str = PrivateAttr("config")
 
     model: ModelSource
     datasets: dict[str, str] = Field(default_factory=dict, description="name -> file or directory")
@@ -201,11 +228,6 @@ class Config(Strict):
                                      "retries")
     logging: Logging = Field(Logging(), description="metric logging and console progress")
 
-    @property
-    def sections(self) -> dict[str, Any]:
-        """The top-level keys this schema does not know: the weighting schemes', as written (or as validated)."""
-        return dict(self.model_extra or {})
-
     def with_sections(self, sections: dict[str, Any]) -> Config:
         """This config with its extra keys replaced by `sections` (validated by their schemes, defaults included);
         keys the file and `--set` did not set stay unset, so `resolved_yaml` leaves them out."""
@@ -213,16 +235,6 @@ class Config(Strict):
         checked = type(self).model_construct(_fields_set=self.model_fields_set, **values, **sections)
         checked._source, checked._overrides = self._source, self._overrides
         return checked
-
-    @property
-    def source(self) -> str:
-        """The file this config was read from ("config" when it was built in code)."""
-        return self._source
-
-    @property
-    def overrides(self) -> dict[str, str]:
-        """The `--set` overrides applied over the file: dotted key -> the argument as given."""
-        return self._overrides
 
 
 # --------------------------------------------------------------------------------------------- recipe
@@ -346,13 +358,11 @@ class Training(Strict):
         return self
 
 
-class Recipe(Strict):
+class Recipe(FromFile):
     """What to train. The weighting scheme's own sections (`rho1`, `critic`, `pretrain`, ...) are owned and
     validated by the scheme (`wmtp.weighting`); here they are kept as given, so this file knows no scheme."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
-    _source: str = PrivateAttr("recipe")  # the file it came from, for error messages
-    _overrides: dict[str, str] = PrivateAttr(default_factory=dict)  # dotted key -> its `--set` argument
+    _source: str = PrivateAttr("recipe")
 
     algorithm: str = Field(
         "baseline-mtp", description="the weighting scheme (wmtp.weighting.SCHEMES): baseline-mtp (uniform weights; "
@@ -365,24 +375,6 @@ class Recipe(Strict):
     schedule: Schedule = Field(Schedule(), description="the learning-rate schedule")
     train: Training = Field(description="batch sizes, length of the run, validation, early stopping")
 
-    @property
-    def sections(self) -> dict[str, Any]:
-        """The top-level sections this schema does not know: the weighting scheme's, as written."""
-        return dict(self.model_extra or {})
-
-    @property
-    def source(self) -> str:
-        """The file this recipe was read from ("recipe" when it was built in code)."""
-        return self._source
-
-    @property
-    def overrides(self) -> dict[str, str]:
-        """The `--set` overrides applied over the file: dotted key -> the argument as given."""
-        return self._overrides
-
-    def where(self, key: str) -> str:
-        """What set `key`: its `--set` argument, else the recipe file (for error messages)."""
-        return override_for(key, self._overrides) or self._source
 
 
 # --------------------------------------------------------------------------------------------- loading
