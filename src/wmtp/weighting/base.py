@@ -141,6 +141,45 @@ class SchemePlugin:
     build: Callable[[Any, SchemeContext], WeightingScheme]
 
 
+class PairSignalWeighting(WeightingScheme):
+    """A scheme whose weights are a function of one per-pair signal [B, S, n] (Rho-1's excess loss, gradnorm's
+    gradient norm at the logits), made either in a pass before the step over all its micro-batches (`scoring:
+    separate_pass`) or inside each micro-batch's training forward from its own head hidden states (`scoring:
+    in_forward`, statistics per micro-batch: docs/method.md §5). A subclass gives `scoring`, `record` (its
+    `per_head.PerHeadRecord`), `signal`, `signal_in_forward` and `weigh`."""
+
+    scoring: str
+    record: Any
+
+    def signal(self, batch: StepBatch) -> torch.Tensor:
+        """The signal of one micro-batch from a pass of its own: [B, S, n]."""
+        raise NotImplementedError
+
+    def signal_in_forward(self, hidden: list[torch.Tensor], model, batch: StepBatch) -> torch.Tensor:
+        """The signal of one micro-batch from the training forward's detached head hidden states: [B, S, n]."""
+        raise NotImplementedError
+
+    def weigh(self, signals: list[torch.Tensor], labels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Weights [B, S, n] per micro-batch from their signals, with statistics over all of them."""
+        raise NotImplementedError
+
+    def step_weights(self, batches: list[StepBatch]) -> list[torch.Tensor | None]:
+        if self.scoring == "in_forward":
+            self.record.new_step()
+            return [None for _ in batches]
+        return self.weigh([self.signal(b) for b in batches], [b.labels for b in batches])
+
+    def weights_in_forward(self, index: int, batch: StepBatch) -> Callable | None:
+        if self.scoring != "in_forward":
+            return None
+
+        def weights_fn(hidden: list[torch.Tensor], model) -> torch.Tensor:
+            (weights,) = self.weigh([self.signal_in_forward(hidden, model, batch)], [batch.labels])
+            return weights
+
+        return weights_fn
+
+
 def check_in_forward(section: str, scoring: str, context: SchemeContext) -> None:
     """`<section>.scoring: in_forward` makes the weights inside each micro-batch's forward, after the step's loss
     normaliser was taken: only token_mean, whose normaliser does not depend on the weights, allows that."""

@@ -32,10 +32,10 @@ from ..config import Strict
 from ..loss import IGNORE_INDEX, fused_linear_grad_norm_sq
 from ..runtime.distributed import DistInfo
 from .base import (
+    PairSignalWeighting,
     SchemeContext,
     SchemePlugin,
     StepBatch,
-    WeightingScheme,
     check_in_forward,
 )
 from .per_head import PerHeadRecord, exp_weights, per_head_weights
@@ -108,26 +108,28 @@ def gradnorm_weights(signals: list[torch.Tensor], labels: list[torch.Tensor], *,
     return result.weights, result.metrics, result.histograms, used
 
 
-class GradNormWeighting(WeightingScheme):
+class GradNormWeighting(PairSignalWeighting):
     """Per step: each pair's ‖p − e_y‖² from a no-grad pass of the current model, then per-head weights over the
     whole step. With `smoothing: ema` the per-head (μ, σ) carry over steps and are checkpointed."""
 
     def __init__(self, settings: GradNormSettings, grad_norm_sq: Callable[[StepBatch], torch.Tensor],
                  info: DistInfo, chunk_size: int = 256) -> None:
         self.settings = settings
+        self.scoring = settings.scoring
         self.chunk_size = chunk_size
         self.grad_norm_sq = grad_norm_sq
         self.info = info
         self.smoothed: torch.Tensor | None = None  # [n, 2] (μ, σ) per head, with smoothing: ema
         self.record = PerHeadRecord("gradnorm", per_micro_batch=settings.scoring == "in_forward")
 
-    def step_weights(self, batches: list[StepBatch]) -> list[torch.Tensor | None]:
-        if self.settings.scoring == "in_forward":
-            self.record.new_step()
-            return [None for _ in batches]
-        return self._weights([self.grad_norm_sq(b) for b in batches], [b.labels for b in batches])
+    def signal(self, batch: StepBatch) -> torch.Tensor:
+        return self.grad_norm_sq(batch)
 
-    def _weights(self, squared: list[torch.Tensor], labels: list[torch.Tensor]) -> list[torch.Tensor]:
+    def signal_in_forward(self, hidden: list[torch.Tensor], model, batch: StepBatch) -> torch.Tensor:
+        return fused_linear_grad_norm_sq(hidden, model.unembedding.weight, batch.labels, bias=model.unembedding.bias,
+                                         chunk_size=self.chunk_size)
+
+    def weigh(self, squared: list[torch.Tensor], labels: list[torch.Tensor]) -> list[torch.Tensor]:
         s = self.settings
         signals = squared if s.signal == "squared" else [g.sqrt() for g in squared]
         ema_decay = s.ema_decay if s.smoothing == "ema" else None
@@ -138,18 +140,6 @@ class GradNormWeighting(WeightingScheme):
             self.smoothed = used
         self.record.add(metrics, histogram)
         return weights
-
-    def weights_in_forward(self, index: int, batch: StepBatch):
-        if self.settings.scoring != "in_forward":
-            return None
-
-        def weights_fn(hidden: list[torch.Tensor], model) -> torch.Tensor:
-            squared = fused_linear_grad_norm_sq(hidden, model.unembedding.weight, batch.labels,
-                                                bias=model.unembedding.bias, chunk_size=self.chunk_size)
-            (weights,) = self._weights([squared], [batch.labels])
-            return weights
-
-        return weights_fn
 
     def metrics(self) -> dict[str, float]:
         return dict(self.record.metrics)

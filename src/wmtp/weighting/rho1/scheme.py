@@ -38,10 +38,10 @@ from ...loss import IGNORE_INDEX, fused_linear_mtp_ce, per_target_to_heads
 from ...runtime.distributed import DistInfo
 from .. import scheme_config
 from ..base import (
+    PairSignalWeighting,
     SchemeContext,
     SchemePlugin,
     StepBatch,
-    WeightingScheme,
     check_in_forward,
 )
 from ..per_head import PerHeadRecord, PerHeadWeights, exp_weights, per_head_weights
@@ -132,7 +132,7 @@ def rho1_weights(excess: list[torch.Tensor], labels: list[torch.Tensor], *, mode
                             stats=("selected_frac", "weight_mean", "weight_std", "weight_max"))
 
 
-class Rho1Weighting(WeightingScheme):
+class Rho1Weighting(PairSignalWeighting):
     """Per step: the model's own per-pair CE (a no-grad pass), the reference's CE per target token, the signed
     excess, then per-head weights over the whole step. With `scoring: in_forward` the same per micro-batch, the
     model's CE taken from the training forward's own hidden states (`weights_in_forward`)."""
@@ -141,6 +141,7 @@ class Rho1Weighting(WeightingScheme):
                  reference_ce: Callable[[StepBatch], torch.Tensor], info: DistInfo,
                  reference: torch.nn.Module | None = None, chunk_size: int = 256) -> None:
         self.settings = settings
+        self.scoring = settings.scoring
         self.chunk_size = chunk_size
         self.reference = reference  # the online reference model; None when its CEs come from the cache
         self.model_ce = model_ce
@@ -148,14 +149,16 @@ class Rho1Weighting(WeightingScheme):
         self.info = info
         self.record = PerHeadRecord("rho1", per_micro_batch=settings.scoring == "in_forward")
 
-    def step_weights(self, batches: list[StepBatch]) -> list[torch.Tensor | None]:
-        if self.settings.scoring == "in_forward":
-            self.record.new_step()
-            return [None for _ in batches]
-        return self._weights([excess_loss(self.model_ce(b), self.reference_ce(b), b.labels) for b in batches],
-                             [b.labels for b in batches])
+    def signal(self, batch: StepBatch) -> torch.Tensor:
+        return excess_loss(self.model_ce(batch), self.reference_ce(batch), batch.labels)
 
-    def _weights(self, excess: list[torch.Tensor], labels: list[torch.Tensor]) -> list[torch.Tensor]:
+    def signal_in_forward(self, hidden: list[torch.Tensor], model, batch: StepBatch) -> torch.Tensor:
+        zero = torch.zeros(batch.labels.shape, device=batch.labels.device)
+        _, model_ce, _ = fused_linear_mtp_ce(hidden, model.unembedding.weight, batch.labels, zero,
+                                             bias=model.unembedding.bias, chunk_size=self.chunk_size)
+        return excess_loss(model_ce, self.reference_ce(batch), batch.labels)
+
+    def weigh(self, excess: list[torch.Tensor], labels: list[torch.Tensor]) -> list[torch.Tensor]:
         s = self.settings
         weights, metrics, histogram = rho1_weights(
             excess, labels, mode=s.mode, temperature=s.temperature, eps=s.eps, w_max=s.w_max,
@@ -163,20 +166,6 @@ class Rho1Weighting(WeightingScheme):
             train_head0_fully=s.train_head0_fully, info=self.info)
         self.record.add(metrics, histogram)
         return weights
-
-    def weights_in_forward(self, index: int, batch: StepBatch):
-        if self.settings.scoring != "in_forward":
-            return None
-
-        def weights_fn(hidden: list[torch.Tensor], model) -> torch.Tensor:
-            zero = torch.zeros(batch.labels.shape, device=batch.labels.device)
-            _, model_ce, _ = fused_linear_mtp_ce(hidden, model.unembedding.weight, batch.labels, zero,
-                                                 bias=model.unembedding.bias, chunk_size=self.chunk_size)
-            (weights,) = self._weights([excess_loss(model_ce, self.reference_ce(batch), batch.labels)],
-                                       [batch.labels])
-            return weights
-
-        return weights_fn
 
     def artifacts(self) -> dict[str, str]:
         return self.record.artifacts()
