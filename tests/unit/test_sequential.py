@@ -279,3 +279,40 @@ def test_speculative_decoding_refuses_sequential_heads_for_now():
 
     with pytest.raises(ValueError, match="sequential"):
         _Forward(sequential_model(), 2)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_under_fsdp2_with_checkpointing_equal_one_process(tmp_path):
+    """Each depth is an FSDP2 unit, built on the meta device and filled from rank 0, and recomputed in the backward:
+    two ranks (2 x 2 rows) end where one process (4 rows) ends."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers.tiny_run import final_weights
+
+    from wmtp.cli import main
+
+    recipe = {"mtp": {"head_type": "sequential"}, "train": {"max_steps": 3, "micro_batch_size": 4}}
+    assert main(train_args(tmp_path, "one", recipe=recipe)) == 0
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
+    args = train_args(tmp_path, "two", recipe={**recipe, "train": {"max_steps": 3, "micro_batch_size": 2}},
+                      config={"compute": {"distributed": "fsdp2", "activation_checkpointing": "all"}})
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           "-m", "wmtp", *args], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = final_weights(tmp_path / "runs" / "one"), final_weights(tmp_path / "runs" / "two")
+    assert one.keys() == two.keys() and any(".eh_proj." in k for k in one)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=5e-5, rtol=1e-4, msg=key)
+
+
+def test_trainable_heads_trains_only_the_depths():
+    model = sequential_model().train().set_trainable("heads")
+    x, mask = batch()
+    model(x, mask, MTPLoss(mtp_labels(x, N, attention_mask=mask))).loss.backward()
+    grads = grads_of(model)
+    assert grads and all(name.startswith("heads.") for name in grads)
+    assert len(grads) == sum(1 for _ in model.heads.parameters())
