@@ -44,7 +44,7 @@ from wmtp.data.sequences import labels_for, train_bpe_tokenizer
 from wmtp.data.sources import load_examples
 from wmtp.data.steps import plan_steps
 from wmtp.model.build import build_model
-from wmtp.model.mtp import ResidualHead
+from wmtp.model.mtp import ResidualHead, SequentialDepth
 from wmtp.model.parallelize import blocks
 from wmtp.runtime.distributed import DistInfo, init_distributed, resolve_device
 from wmtp.runtime.tracking import tracking_uri
@@ -718,11 +718,14 @@ def check_n_heads(kit: Kit) -> None:
 
 
 def check_head_type(kit: Kit) -> None:
-    """`mtp.head_type` is the kind of extra head: a decoder layer or a residual MLP."""
+    """`mtp.head_type` is the kind of extra head: a decoder layer, a residual MLP, or a sequential MTP module."""
     transformer = kit.prepare(recipe=kit.recipe(mtp={"head_type": "transformer"})).model
     linear = kit.prepare(recipe=kit.recipe(mtp={"head_type": "linear"})).model
+    sequential = kit.prepare(recipe=kit.recipe(mtp={"head_type": "sequential"})).model
     assert type(transformer.heads[0]) is type(transformer.base.model.layers[-1])
     assert all(isinstance(h, ResidualHead) for h in linear.heads)
+    assert all(isinstance(h, SequentialDepth) and type(h.mtp_block) is type(sequential.base.model.layers[-1])
+               for h in sequential.heads)
 
 
 def check_head_coef(kit: Kit) -> None:

@@ -240,9 +240,10 @@ class Config(FromFile):
 # --------------------------------------------------------------------------------------------- recipe
 class MTPShape(Strict):
     n_heads: int = Field(4, ge=1, description="heads including head 0; 4 is best at 32k vocabularies (Meta)")
-    head_type: Literal["transformer", "linear"] = Field(
+    head_type: Literal["transformer", "linear", "sequential"] = Field(
         "transformer", description="transformer: each extra head a copy of the last decoder layer (Meta); linear: a "
-        "residual linear map of the trunk's output (Medusa-style, cheap drafts)")
+        "residual linear map of the trunk's output (Medusa-style, cheap drafts); sequential: DeepSeek-V3 MTP modules, "
+        "depth k mixes depth k-1's state with the embedding of the token k ahead (docs/method.md §2.1)")
     head_coef: list[float] | None = Field(
         None, description="λ_h per head (default all 1, Meta); DeepSeek-V3 style: [1, β/(n-1), ...]")
     trainable: Literal["all", "heads"] = Field(

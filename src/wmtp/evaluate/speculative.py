@@ -82,6 +82,9 @@ class _Forward:
     def __init__(self, model: MTPModel, n_draft: int) -> None:
         self.model = model
         self.heads = list(model.heads[:n_draft])
+        if model.mtp_config.head_type == "sequential":
+            raise ValueError("speculative decoding with sequential heads (chain drafting) is not implemented yet; "
+                             "train transformer or linear heads to draft")
         self.transformer = model.mtp_config.head_type == "transformer"
         if self.transformer:
             self.inner, layers, self.norm = decoder_parts(model.base)

@@ -221,6 +221,8 @@ def estimate(model: nn.Module, inputs: PlanInputs) -> MemoryPlan:
         head_bytes = 0
         if model.mtp_config.head_type == "linear" and len(model.heads):
             head_bytes = saved_bytes(model.heads[0], hidden)
+        if model.mtp_config.head_type == "sequential" and len(model.heads):  # a decoder layer, two norms, the
+            head_bytes = saved_bytes(model.heads[0], hidden, inputs_embeds=hidden, **kwargs)  # projection, a norm
     n_layers, n_extra = len(layers), len(model.heads)
     heads = model.n_heads
     input_bytes = b * s * d * _BYTES[compute_dtype]
@@ -260,7 +262,7 @@ def estimate(model: nn.Module, inputs: PlanInputs) -> MemoryPlan:
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
     """Training FLOPs per token (forward and backward): 6 per parameter that multiplies activations (the
     embedding lookup excluded) plus attention's 12 · layers · d · seq_len (Kaplan et al. 2020; PaLM's MFU,
-    Chowdhery et al. 2022), the extra transformer heads counted as layers."""
+    Chowdhery et al. 2022), the extra transformer heads and sequential depths counted as layers."""
     from .mtp import decoder_parts
 
     inner, layers, _ = decoder_parts(model.base)
@@ -269,7 +271,7 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     if model.unembedding.weight is not embedding:
         dense -= embedding.numel()
     attention_layers = len(layers)
-    if model.mtp_config.head_type == "transformer":
+    if model.mtp_config.head_type in ("transformer", "sequential"):
         attention_layers += len(model.heads)
     return 6.0 * dense + 12.0 * attention_layers * model.config.hidden_size * seq_len
 

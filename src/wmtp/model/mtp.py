@@ -9,6 +9,11 @@ Head types:
   trunk state, attention mask and rotary position embeddings as the last layer (captured from the base
   model's own call, so the base model's masking rules apply unchanged), then the shared final norm and
   the shared unembedding.
+- `sequential` (DeepSeek-V3-style MTP modules, docs/method.md §2.1): depth k = 1…n-1 combines the previous
+  depth's hidden state with the embedding of the token k ahead, h'_k = Block_k(W_k [RMSNorm(emb(x[t+k])) ;
+  RMSNorm(h_{k-1,t})]) (embedding half first, as vLLM, SGLang and transformers' `MtpLayer`; depth 1 reads the
+  trunk's output after its final norm, as transformers and vLLM), then the depth's own final norm and the shared
+  unembedding. Each depth is one `SequentialDepth` module (one unit for activation checkpointing and FSDP2).
 - `linear` (Medusa-style): f_h(z) = z + W2·SiLU(W1·z) on the base model's final (normed) hidden state,
   with W2 zero-initialised so each head starts as the identity on the shared unembedding. Works on any
   causal LM; head 0 is the base model's own head.
@@ -45,7 +50,7 @@ from ..loss import (
 )
 from ..runtime.atomic import atomic_directory
 
-HEAD_TYPES = ("transformer", "linear")
+HEAD_TYPES = ("transformer", "linear", "sequential")
 HEADS_FILE = "mtp_heads.safetensors"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -132,6 +137,62 @@ class ResidualHead(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return z + self.down(nn.functional.silu(self.up(z)))
+
+
+def _reset_norm(norm: nn.Module) -> nn.Module:
+    """A norm set to the identity map of its normalised input (weight 1, bias 0)."""
+    with torch.no_grad():
+        for name, param in norm.named_parameters(recurse=False):
+            param.fill_(0.0 if name == "bias" else 1.0)
+    return norm
+
+
+class SequentialDepth(nn.Module):
+    """One DeepSeek-V3-style MTP module (docs/method.md §2.1): h'_k = block(eh_proj([enorm(e) ; hnorm(h_{k-1})])),
+    returned with its own final norm applied, norm(h'_k), which goes to the shared unembedding.
+
+    The weights are named as DeepSeek-V3's checkpoints and transformers' `MtpLayer` name them (enorm, hnorm, eh_proj,
+    the decoder layer as mtp_block); `norm` is DeepSeek's `shared_head.norm` (transformers' `post_norm`). Initialised
+    from the trunk: the block a copy of its last decoder layer, `norm` a copy of its final norm, enorm and hnorm at
+    weight 1, and eh_proj = [0 | I], so that a fresh depth starts as a transformer head on the trunk's normed output
+    and learns how much of the next token's embedding to mix in."""
+
+    def __init__(self, block: nn.Module, final_norm: nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        self.enorm = _reset_norm(copy.deepcopy(final_norm))
+        self.hnorm = _reset_norm(copy.deepcopy(final_norm))
+        ref = next(block.parameters())
+        self.eh_proj = nn.Linear(2 * hidden_size, hidden_size, bias=False, device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            self.eh_proj.weight.zero_()
+            self.eh_proj.weight[:, hidden_size:].copy_(torch.eye(hidden_size, device=ref.device, dtype=ref.dtype))
+        self.mtp_block = block
+        self.norm = copy.deepcopy(final_norm)
+
+    def forward(self, hidden_states: torch.Tensor, inputs_embeds: torch.Tensor, *args,
+                **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden_states: the previous depth's state h_{k-1} [B, S, D]; inputs_embeds: emb(x[t+k]) [B, S, D]; the
+        rest: the decoder layer's own arguments (mask, rotary embeddings), as the trunk's last layer got them.
+        Returns (h'_k, norm(h'_k)): the state the next depth reads and the one the unembedding reads."""
+        x = self.eh_proj(torch.cat([self.enorm(inputs_embeds), self.hnorm(hidden_states)], dim=-1))
+        h = self.mtp_block(x, *args, **kwargs)
+        h = h[0] if isinstance(h, tuple) else h
+        return h, self.norm(h)
+
+
+def shifted_inputs(input_ids: torch.Tensor, k: int, attention_mask: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depth k's input tokens x[t+k] [B, S] and where they exist [B, S] bool (t+k < S and x[t+k] is not padding);
+    elsewhere the token is 0 and its embedding is zeroed. Every pair that needs a missing input is also an ignored
+    label (`mtp_labels`: x[t+k+1] past the end, padding or in another document), and causal attention keeps the
+    missing ones from reaching a valid position (docs/method.md §2.1)."""
+    batch, seq = input_ids.shape
+    ids = torch.zeros_like(input_ids)
+    present = torch.zeros((batch, seq), dtype=torch.bool, device=input_ids.device)
+    if k < seq:
+        ids[:, : seq - k] = input_ids[:, k:]
+        present[:, : seq - k] = True if attention_mask is None else attention_mask[:, k:].bool()
+    return ids, present
 
 
 def decoder_parts(base: PreTrainedModel) -> tuple[nn.Module, nn.ModuleList, nn.Module]:
@@ -262,6 +323,11 @@ class MTPModel(nn.Module):
         if config.head_type == "transformer":
             _, layers, _ = decoder_parts(base)
             return nn.ModuleList(copy.deepcopy(layers[-1]) for _ in range(config.n_heads - 1))
+        if config.head_type == "sequential":
+            _, layers, norm = decoder_parts(base)
+            hidden = base.get_output_embeddings().weight.shape[1]
+            return nn.ModuleList(SequentialDepth(copy.deepcopy(layers[-1]), norm, hidden)
+                                 for _ in range(config.n_heads - 1))
         hidden = base.get_output_embeddings().weight.shape[1]
         ref = base.get_output_embeddings().weight
         return nn.ModuleList(ResidualHead(hidden).to(device=ref.device, dtype=ref.dtype)
@@ -285,7 +351,8 @@ class MTPModel(nn.Module):
                            position_ids: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Each head's final hidden state (after the shared final norm) [B, S, D], and the trunk state z
         [B, S, D] (the input of the last decoder layer for transformer heads, the base model's final hidden
-        state for linear heads)."""
+        state for linear and sequential heads). Sequential depth k reads depth k-1's state (depth 0: the base model's
+        final hidden state) and the embedding of x[t+k] (`shifted_inputs`), docs/method.md §2.1."""
         if self.mtp_config.head_type == "linear":
             out = self.base.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                        position_ids=position_ids, use_cache=False)
@@ -310,6 +377,15 @@ class MTPModel(nn.Module):
         else:
             z, rest = kwargs.pop("hidden_states"), ()
         hidden = [out.last_hidden_state]
+        if self.mtp_config.head_type == "sequential":
+            embed = self.base.get_input_embeddings()
+            state = out.last_hidden_state
+            for k, depth in enumerate(self.heads, start=1):
+                ids, present = shifted_inputs(input_ids, k, attention_mask)
+                embeds = embed(ids) * present.unsqueeze(-1).to(state.dtype)
+                state, normed = depth(state, embeds, *rest, **kwargs)
+                hidden.append(normed)
+            return hidden, out.last_hidden_state
         for head in self.heads:
             h = head(z, *rest, **kwargs)
             hidden.append(norm(h[0] if isinstance(h, tuple) else h))

@@ -41,9 +41,10 @@ def _checkpointed(forward, *args, **kwargs):
 
 def wrap_model(model: nn.Module, info: DistInfo, strategy: str, *, param_dtype: torch.dtype | None = None,
                reduce_dtype: torch.dtype | None = None, cpu_offload: bool = False) -> nn.Module:
-    """DDP, or FSDP2 when distributed: each decoder layer and each transformer head sharded, then the root, with
-    a mixed-precision policy (parameters gathered in `param_dtype`, gradients reduced in `reduce_dtype`; None
-    keeps the parameters' own) and parameters, gradients and optimizer state optionally kept on the CPU."""
+    """DDP, or FSDP2 when distributed: each decoder layer and each transformer head or sequential depth sharded,
+    then the root, with a mixed-precision policy (parameters gathered in `param_dtype`, gradients reduced in
+    `reduce_dtype`; None keeps the parameters' own) and parameters, gradients and optimizer state optionally kept
+    on the CPU."""
     if not info.distributed:
         return model
     if strategy == "ddp":
@@ -54,7 +55,7 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str, *, param_dtype: 
     options = {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
                "offload_policy": CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload
                else OffloadPolicy()}
-    if model.mtp_config.head_type == "transformer":
+    if model.mtp_config.head_type in ("transformer", "sequential"):  # each sequential depth one unit
         for block in blocks(model):
             fully_shard(block, **options)
     fully_shard(model, **options)
