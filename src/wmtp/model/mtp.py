@@ -182,7 +182,7 @@ class SequentialDepth(nn.Module):
 
 def shifted_inputs(input_ids: torch.Tensor, k: int, attention_mask: torch.Tensor | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depth k's input tokens x[t+k] [B, S] and where they exist [B, S] bool (t+k < S and x[t+k] is not padding);
+    """Depth k's input tokens, x at t+k, shape [B, S], and where they exist, bool [B, S] (t+k < S and not padding);
     elsewhere the token is 0 and its embedding is zeroed. Every pair that needs a missing input is also an ignored
     label (`mtp_labels`: x[t+k+1] past the end, padding or in another document), and causal attention keeps the
     missing ones from reaching a valid position (docs/method.md §2.1)."""
