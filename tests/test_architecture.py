@@ -247,6 +247,22 @@ def test_every_recipe_in_configs_still_loads():
         scheme_settings(load_recipe(path))
 
 
+def test_every_scheme_family_has_a_sequential_recipe():
+    """Issue 22: a recipe with `mtp.head_type: sequential` for every weighting scheme, loading as its own scheme,
+    and one of them with DeepSeek's depth coefficients (docs/method.md §3)."""
+    from wmtp.config import load_recipe
+    from wmtp.weighting import scheme_settings
+
+    sequential = {}
+    for path in sorted((ROOT / "configs" / "recipes").rglob("*.yaml")):
+        recipe = load_recipe(path)
+        if recipe.mtp.head_type == "sequential":
+            scheme_settings(recipe)
+            sequential.setdefault(recipe.algorithm, []).append(recipe)
+    assert set(sequential) == set(SCHEMES), sorted(set(SCHEMES) - set(sequential))
+    assert any(r.mtp.head_coef_rule == "deepseek" for rs in sequential.values() for r in rs)
+
+
 def test_no_file_refers_to_a_path_outside_the_repository():
     outside = re.compile(r"shared/|REFERENCE\.md")
     tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT).stdout.split()

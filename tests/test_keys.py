@@ -736,6 +736,52 @@ def check_head_coef(kit: Kit) -> None:
     assert uniform["train/loss"] != pytest.approx(uniform["train/ce_head0"], rel=1e-3)
 
 
+def check_head_coef_rule(kit: Kit) -> None:
+    """`mtp.head_coef_rule` sets λ_h by a convention: the step it trains is bit for bit the step of the same
+    coefficients written out as `mtp.head_coef`, and the rules differ from one another (meta is today's default)."""
+    def step(mtp: dict, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+        trainer = kit.trainer(recipe={"mtp": mtp}, name=name)
+        metrics = trainer.train_step()
+        return metrics, {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    rule, rule_weights = step({"head_coef_rule": "deepseek", "head_coef_scale": 0.3}, "deepseek")
+    explicit, explicit_weights = step({"head_coef": [1.0, 0.15, 0.15]}, "explicit")
+    assert rule["train/loss"] == explicit["train/loss"] and weights_equal(rule_weights, explicit_weights)
+    meta, meta_weights = step({"head_coef_rule": "meta"}, "meta")
+    default, default_weights = step({}, "default")
+    assert meta["train/loss"] == default["train/loss"] and weights_equal(meta_weights, default_weights)
+    assert meta["train/loss"] != pytest.approx(rule["train/loss"], rel=1e-4)
+    with pytest.raises(ValidationError, match="`head_coef` .* or `head_coef_rule`, not both"):
+        kit.recipe(mtp={"head_coef_rule": "deepseek", "head_coef": [1.0, 0.15, 0.15]})
+
+
+def check_head_coef_scale(kit: Kit) -> None:
+    """`mtp.head_coef_scale` is DeepSeek's λ: 0 leaves head 0's cross-entropy alone in the loss; 0.3 does not. It is
+    an error without the deepseek rule."""
+    none = kit.trainer(recipe={"mtp": {"head_coef_rule": "deepseek", "head_coef_scale": 0.0}}, name="zero")
+    assert none.recipe.mtp.coefficients == [1.0, 0.0, 0.0]
+    zero = none.train_step()
+    some = kit.trainer(recipe={"mtp": {"head_coef_rule": "deepseek", "head_coef_scale": 0.3}}, name="some").train_step()
+    assert zero["train/loss"] == pytest.approx(zero["train/ce_head0"], rel=1e-5)
+    assert some["train/loss"] != pytest.approx(some["train/ce_head0"], rel=1e-3)
+    with pytest.raises(ValidationError, match="`head_coef_scale` applies to head_coef_rule: deepseek only"):
+        kit.recipe(mtp={"head_coef_scale": 0.3})
+
+
+def check_head_coef_decay(kit: Kit) -> None:
+    """`mtp.head_coef_decay` is the geometric rule's γ: head k weighs γ^k, so γ = 1 trains Meta's all-ones step and
+    γ = 0.5 another. It is an error without the geometric rule."""
+    flat = kit.trainer(recipe={"mtp": {"head_coef_rule": "geometric", "head_coef_decay": 1.0}}, name="flat")
+    decayed = kit.trainer(recipe={"mtp": {"head_coef_rule": "geometric", "head_coef_decay": 0.5}}, name="half")
+    assert decayed.recipe.mtp.coefficients == [1.0, 0.5, 0.25]
+    flat_step, decayed_step = flat.train_step(), decayed.train_step()
+    meta = kit.trainer(name="meta").train_step()
+    assert flat_step["train/loss"] == meta["train/loss"]
+    assert decayed_step["train/loss"] != pytest.approx(meta["train/loss"], rel=1e-4)
+    with pytest.raises(ValidationError, match="`head_coef_decay` applies to head_coef_rule: geometric only"):
+        kit.recipe(mtp={"head_coef_rule": "deepseek", "head_coef_decay": 0.8})
+
+
 def check_trainable(kit: Kit) -> None:
     """`mtp.trainable: heads` trains heads 1…n-1 alone: the base model (head 0) is bit for bit unchanged after
     steps, the heads move, and the optimizer holds the heads' parameters only; `all` moves the base model too."""
@@ -1276,6 +1322,9 @@ KEY_CHECKS: dict[str, Callable[[Kit], None]] = {
     "recipe.mtp.n_heads": check_n_heads,
     "recipe.mtp.head_type": check_head_type,
     "recipe.mtp.head_coef": check_head_coef,
+    "recipe.mtp.head_coef_rule": check_head_coef_rule,
+    "recipe.mtp.head_coef_scale": check_head_coef_scale,
+    "recipe.mtp.head_coef_decay": check_head_coef_decay,
     "recipe.mtp.trainable": check_trainable,
     "recipe.loss.reduction": check_reduction,
     "recipe.loss.chunk_size": check_chunk_size,

@@ -245,7 +245,16 @@ class MTPShape(Strict):
         "residual linear map of the trunk's output (Medusa-style, cheap drafts); sequential: DeepSeek-V3 MTP modules, "
         "depth k mixes depth k-1's state with the embedding of the token k ahead (docs/method.md §2.1)")
     head_coef: list[float] | None = Field(
-        None, description="λ_h per head (default all 1, Meta); DeepSeek-V3 style: [1, β/(n-1), ...]")
+        None, description="λ_h per head, explicit (default all 1, Meta); or give `head_coef_rule` instead, not both")
+    head_coef_rule: Literal["meta", "deepseek", "geometric"] | None = Field(
+        None, description="λ_h by a convention (docs/method.md §3): meta: all 1; deepseek: [1, λ/D, …, λ/D] with "
+        "D = n-1 and λ = head_coef_scale (DeepSeek-V3, Megatron's mtp_loss_scaling_factor); geometric: [1, γ, γ², …] "
+        "with γ = head_coef_decay (EAGLE-3, FastMTP). Default: head_coef, or all 1")
+    head_coef_scale: float | None = Field(
+        None, ge=0, description="deepseek rule only: λ, the budget the n-1 extra heads share (default 0.3; "
+        "DeepSeek-V3 0.3, then 0.1)")
+    head_coef_decay: float | None = Field(
+        None, gt=0, le=1, description="geometric rule only: γ, head k weighs γ^k (default 0.8, EAGLE-3)")
     trainable: Literal["all", "heads"] = Field(
         "all", description="all: full fine-tuning; heads: only the extra heads 1…n-1 train, the base model (head 0, "
         "trunk, norm, embeddings, unembedding) stays frozen: drafts for self-speculative decoding on an unchanged "
@@ -256,11 +265,32 @@ class MTPShape(Strict):
         if self.trainable == "heads" and self.n_heads < 2:
             raise ValueError("trainable: heads needs extra heads to train (n_heads >= 2)")
         if self.head_coef is not None:
+            if self.head_coef_rule is not None:
+                raise ValueError("give `head_coef` (an explicit list) or `head_coef_rule`, not both")
             if len(self.head_coef) != self.n_heads:
                 raise ValueError(f"head_coef has {len(self.head_coef)} values for n_heads={self.n_heads}")
             if any(c < 0 for c in self.head_coef):
                 raise ValueError("head_coef values must be >= 0")
+        for key, rule in (("head_coef_scale", "deepseek"), ("head_coef_decay", "geometric")):
+            if getattr(self, key) is not None and self.head_coef_rule != rule:
+                raise ValueError(f"`{key}` applies to head_coef_rule: {rule} only "
+                                 f"(head_coef_rule is {self.head_coef_rule or 'not set'})")
         return self
+
+    @property
+    def coefficients(self) -> list[float]:
+        """λ_h for heads 0…n-1: the explicit `head_coef`, or `head_coef_rule` resolved (docs/method.md §3). The one
+        place the loss's head coefficients come from; neither key given: all 1 (Meta)."""
+        n = self.n_heads
+        if self.head_coef is not None:
+            return [float(c) for c in self.head_coef]
+        if self.head_coef_rule == "deepseek":
+            scale = 0.3 if self.head_coef_scale is None else self.head_coef_scale
+            return [1.0] + [scale / (n - 1) for _ in range(n - 1)]
+        if self.head_coef_rule == "geometric":
+            decay = 0.8 if self.head_coef_decay is None else self.head_coef_decay
+            return [decay ** k for k in range(n)]
+        return [1.0] * n
 
 
 class LossSettings(Strict):

@@ -135,7 +135,7 @@ class Trainer:
 
     def global_normalizer(self, batches: list[StepBatch], weights: list[torch.Tensor | None]) -> torch.Tensor:
         """The loss denominator of the whole step: all micro-batches, all ranks (docs/method.md §3)."""
-        denominator = sum(loss_denominator(b.labels, w, head_coef=self.recipe.mtp.head_coef,
+        denominator = sum(loss_denominator(b.labels, w, head_coef=self.recipe.mtp.coefficients,
                                            reduction=self.recipe.loss.reduction)
                           for b, w in zip(batches, weights, strict=True))
         return dist_utils.all_reduce_sum(denominator.to(self.info.device), self.info)
@@ -147,7 +147,7 @@ class Trainer:
         with parallelize.gradient_sync(self.wrapped, sync), self.autocast:
             out = self.wrapped(batch.input_ids, batch.attention_mask, MTPLoss(
                 batch.labels, weights, self.scheme.weights_in_forward(index, batch),
-                head_coef=self.recipe.mtp.head_coef, reduction=self.recipe.loss.reduction, normalizer=normalizer,
+                head_coef=self.recipe.mtp.coefficients, reduction=self.recipe.loss.reduction, normalizer=normalizer,
                 allow_negative=self.scheme.allow_negative, chunk_size=self.plan.chunk_size))
         aux = self.scheme.auxiliary_loss(index, batch, out)
         loss = out.loss if aux is None else out.loss + aux
