@@ -275,9 +275,9 @@ def train_command(args: argparse.Namespace) -> int:
         trainer = Trainer(setup, run_dir, run_name=run_dir.name, tags=_tags(args.tags), resume=resume,
                           config_files=(args.config, args.recipe), mirror=mirror)
         result = trainer.run()
+        dist_utils.finish_together(info)  # the summary says every rank is done (tests/helpers/torchrun.py)
         if info.is_main:
             print(_summary(result, run_dir, run_url))
-        dist_utils.finish_together(info)
         return 0
     finally:
         dist_utils.shutdown()

@@ -14,6 +14,7 @@ import pytest
 import torch
 from helpers.models import tiny_gpt2, tiny_llama
 from helpers.tiny_run import final_weights, train_args
+from helpers.torchrun import run_torchrun
 from safetensors.torch import load_file
 
 from wmtp.cli import main
@@ -28,7 +29,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
 def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
                "-m", "wmtp", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
+    return run_torchrun(command, env=ENV)
 
 
 def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

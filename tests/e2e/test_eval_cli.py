@@ -14,6 +14,7 @@ import pytest
 import torch
 from helpers.models import tiny_llama
 from helpers.tiny_run import files, train_args
+from helpers.torchrun import run_torchrun
 
 from wmtp.cli import main
 from wmtp.config import ConfigError
@@ -272,7 +273,7 @@ def torchrun_eval(trained, out: Path, nproc: int) -> subprocess.CompletedProcess
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
                "-m", "wmtp", *eval_args(trained, out, "--no-heads", "--speculative-prompts", "0", "--samples", "2",
                                         "--temperature", "0.8", "--batch-size", "4")[:]]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    return run_torchrun(command, env=env)
 
 
 def test_data_parallel_eval_under_torchrun_writes_what_one_process_writes(trained, tmp_path):

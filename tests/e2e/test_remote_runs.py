@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.tiny_run import final_weights, train_args
+from helpers.torchrun import run_torchrun
 
 from wmtp.cli import main
 from wmtp.runtime.mirror import COMPLETE, staging_dir, writer_rank
@@ -289,7 +290,7 @@ def test_two_ranks_upload_their_own_shards_and_rank0_marks_the_checkpoint_comple
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "wmtp",
                 *train_args(tmp_path, "two", config=config, recipe={"train": {"max_steps": 4, "micro_batch_size": 2}})]
-    proc = subprocess.run(torchrun, capture_output=True, text=True, env=env, timeout=600)
+    proc = run_torchrun(torchrun, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     remote = keys(client, bucket, "runs/two/checkpoints/step-00000004/")
     assert "runs/two/checkpoints/step-00000004/_UPLOADED-rank1" in remote

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.tiny_run import files, final_weights, train_args
+from helpers.torchrun import run_torchrun
 
 from wmtp import MTPModel
 from wmtp.cli import main
@@ -108,7 +109,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, strategy, capsys):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                 "-m", "wmtp", *train_args(tmp_path, "two", recipe=recipe_two, config=config)]
-    proc = subprocess.run(torchrun, capture_output=True, text=True, env=env, timeout=600)
+    proc = run_torchrun(torchrun, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("run ") == 1  # rank 0 alone reports
 

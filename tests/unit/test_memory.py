@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from helpers.models import tiny_llama
 from helpers.tiny_run import final_weights, train_args
+from helpers.torchrun import run_torchrun
 
 from wmtp.cli import main
 from wmtp.loss import mtp_labels
@@ -95,9 +96,8 @@ def test_two_ranks_with_offload_and_checkpointing_equal_one_process_and_bf16_par
     for name, compute in (("offload", {"fsdp": {"cpu_offload": True}, "activation_checkpointing": "all"}),
                           ("bf16", {"fsdp": {"param_dtype": "bfloat16", "reduce_dtype": "float32"}})):
         args = train_args(tmp_path, name, recipe=recipe_two, config={"compute": {"distributed": "fsdp2", **compute}})
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--standalone", "-m", "wmtp", *args], capture_output=True, text=True, env=env,
-                              timeout=600)
+        proc = run_torchrun([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--standalone", "-m", "wmtp", *args], env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         finals[name] = final_weights(tmp_path / "runs" / name)
     one = final_weights(tmp_path / "runs" / "one")

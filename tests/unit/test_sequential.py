@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers.models import batch, grads_of, perturb_heads, tiny_llama
 from helpers.tiny_run import train_args
+from helpers.torchrun import run_torchrun
 
 from wmtp import MTPLoss, MTPModel, mtp_labels, weighted_mtp_loss
 from wmtp.model.mtp import SequentialDepth
@@ -286,7 +287,6 @@ def test_two_gloo_ranks_under_fsdp2_with_checkpointing_equal_one_process(tmp_pat
     """Each depth is an FSDP2 unit, built on the meta device and filled from rank 0, and recomputed in the backward:
     two ranks (2 x 2 rows) end where one process (4 rows) ends."""
     import os
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -300,8 +300,8 @@ def test_two_gloo_ranks_under_fsdp2_with_checkpointing_equal_one_process(tmp_pat
     env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
     args = train_args(tmp_path, "two", recipe={**recipe, "train": {"max_steps": 3, "micro_batch_size": 2}},
                       config={"compute": {"distributed": "fsdp2", "activation_checkpointing": "all"}})
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                           "-m", "wmtp", *args], capture_output=True, text=True, env=env, timeout=600)
+    proc = run_torchrun([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                         "-m", "wmtp", *args], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = final_weights(tmp_path / "runs" / "one"), final_weights(tmp_path / "runs" / "two")
     assert one.keys() == two.keys() and any(".eh_proj." in k for k in one)

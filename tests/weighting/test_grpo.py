@@ -11,7 +11,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import yaml
 from helpers.grpo_runs import forward_weights
 from helpers.rewards import digit_share
 from helpers.tiny_run import final_weights
+from helpers.torchrun import run_torchrun
 
 from wmtp.cli import main
 from wmtp.components.checkpointer import find_resume
@@ -358,7 +358,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, capsys):
            "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "wmtp",
                 "train", "--config", str(config_two), "--recipe", str(recipe_two), "--run-name", "two"]
-    proc = subprocess.run(torchrun, capture_output=True, text=True, env=env, timeout=600)
+    proc = run_torchrun(torchrun, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     def losses(text: str) -> list[float]:
