@@ -53,3 +53,17 @@ def s3(s3_server, tmp_path, monkeypatch):
     client.create_bucket(Bucket=bucket)
     yield client, bucket
     fsspec.config.conf.clear()
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A one-rank gloo process group, enough for fully_shard to apply its policies and wrap a model in this
+    process."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(minutes=1))
+    yield
+    dist.destroy_process_group()

@@ -40,3 +40,19 @@ def perturb_heads(model, seed=1):
 
 def grads_of(model):
     return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def fast_and_reference(model, x, mask, labels, weights, head_coef, reduction):
+    """The fused fast path and the plain reference loss (`weighted_mtp_loss` on the full logits) of one batch,
+    each with the gradients it gives: (fast loss, reference loss, fast gradients, reference gradients)."""
+    from wmtp import weighted_mtp_loss
+    from wmtp.model.mtp import MTPLoss
+
+    out = model(x, mask, MTPLoss(labels, weights, head_coef=head_coef, reduction=reduction, chunk_size=7))
+    out.loss.backward()
+    fast = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    ref = weighted_mtp_loss(model(x, mask, return_logits=True).logits, labels, weights, head_coef=head_coef,
+                            reduction=reduction)
+    ref.backward()
+    return out.loss, ref, fast, grads_of(model)

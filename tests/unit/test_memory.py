@@ -3,7 +3,6 @@ activations) and FSDP2's mixed precision and CPU offload (with two gloo ranks)."
 
 from __future__ import annotations
 
-import datetime
 import os
 import subprocess
 import sys
@@ -11,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from helpers.models import tiny_llama
 from helpers.tiny_run import final_weights, train_args
 from helpers.torchrun import run_torchrun
@@ -56,15 +54,6 @@ def test_checkpointing_keeps_parameter_names():
     names = list(model.state_dict())
     apply_activation_checkpointing(model, 1)
     assert list(model.state_dict()) == names
-
-
-@pytest.fixture
-def one_rank_group(tmp_path):
-    """A one-rank gloo process group, enough for fully_shard to apply its policies in this process."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(minutes=1))
-    yield
-    dist.destroy_process_group()
 
 
 def fsdp_state(module):

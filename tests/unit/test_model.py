@@ -2,9 +2,9 @@ import json
 
 import pytest
 import torch
-from helpers.models import batch, grads_of, perturb_heads, tiny_gpt2, tiny_llama
+from helpers.models import batch, fast_and_reference, grads_of, perturb_heads, tiny_gpt2, tiny_llama
 
-from wmtp import MTPLoss, MTPModel, loss_denominator, mtp_labels, weighted_mtp_loss
+from wmtp import MTPLoss, MTPModel, loss_denominator, mtp_labels
 
 
 @pytest.mark.parametrize("make_base,head_type", [(tiny_llama, "transformer"), (tiny_llama, "linear"),
@@ -40,17 +40,8 @@ def test_fast_path_equals_reference_path_with_gradients(head_type, reduction):
     x, mask = batch(2)
     labels = mtp_labels(x, 3, attention_mask=mask)
     weights = torch.rand(labels.shape, generator=torch.Generator().manual_seed(3)) * 2
-    lam = [1.0, 0.5, 0.5]
-
-    out = model(x, mask, MTPLoss(labels, weights, head_coef=lam, reduction=reduction, chunk_size=7))
-    out.loss.backward()
-    fast = grads_of(model)
-    model.zero_grad(set_to_none=True)
-    ref = weighted_mtp_loss(model(x, mask, return_logits=True).logits, labels, weights, head_coef=lam,
-                            reduction=reduction)
-    ref.backward()
-    slow = grads_of(model)
-    assert torch.allclose(out.loss, ref, rtol=1e-5)
+    loss, ref, fast, slow = fast_and_reference(model, x, mask, labels, weights, [1.0, 0.5, 0.5], reduction)
+    assert torch.allclose(loss, ref, rtol=1e-5)
     assert fast.keys() == slow.keys() and len(fast) > 10
     for name in fast:
         assert torch.allclose(fast[name], slow[name], rtol=1e-5, atol=1e-6), name

@@ -8,11 +8,11 @@ import json
 
 import pytest
 import torch
-from helpers.models import batch, grads_of, perturb_heads, tiny_llama
+from helpers.models import batch, fast_and_reference, grads_of, perturb_heads, tiny_llama
 from helpers.tiny_run import train_args
 from helpers.torchrun import run_torchrun
 
-from wmtp import MTPLoss, MTPModel, mtp_labels, weighted_mtp_loss
+from wmtp import MTPLoss, MTPModel, mtp_labels
 from wmtp.model.mtp import SequentialDepth
 from wmtp.model.parallelize import apply_activation_checkpointing, blocks
 
@@ -118,17 +118,8 @@ def test_fast_path_equals_reference_path_with_gradients(reduction, tie):
     doc[0, 6:] = 1  # a packed second document in row 0
     labels = mtp_labels(x, N, attention_mask=mask, document_ids=doc)
     weights = torch.rand(labels.shape, generator=torch.Generator().manual_seed(3)) * 2
-    lam = [1.0, 0.5, 0.25]
-
-    out = model(x, mask, MTPLoss(labels, weights, head_coef=lam, reduction=reduction, chunk_size=7))
-    out.loss.backward()
-    fast = grads_of(model)
-    model.zero_grad(set_to_none=True)
-    ref = weighted_mtp_loss(model(x, mask, return_logits=True).logits, labels, weights, head_coef=lam,
-                            reduction=reduction)
-    ref.backward()
-    slow = grads_of(model)
-    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=0)
+    loss, ref, fast, slow = fast_and_reference(model, x, mask, labels, weights, [1.0, 0.5, 0.25], reduction)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
     assert fast.keys() == slow.keys()
     assert any(".eh_proj." in k for k in fast) and any(".enorm." in k for k in fast)
     for name in fast:
@@ -212,19 +203,6 @@ def test_tiny_training_run_with_sequential_heads(tmp_path):
     assert model.mtp_config.head_type == "sequential" and model.n_heads == 3
     assert all(isinstance(d, SequentialDepth) for d in model.heads)
     assert not torch.equal(model.heads[0].eh_proj.weight[:, :32], torch.zeros(32, 32))  # the modules trained
-
-
-@pytest.fixture
-def one_rank_group(tmp_path):
-    """A one-rank gloo process group, enough for fully_shard to wrap the model in this process."""
-    import datetime
-
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(minutes=1))
-    yield
-    dist.destroy_process_group()
 
 
 def test_fsdp2_wraps_each_depth_as_its_own_unit_with_the_same_loss_and_gradients(one_rank_group):
