@@ -15,11 +15,14 @@ with `mlflow ui --backend-store-uri sqlite:///<output_dir>/mlflow.db`.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..config import RUN_CONFIG_FILE, RUN_RECIPE_FILE, Tracking
@@ -28,6 +31,24 @@ from .atomic import atomic_file
 
 def tracking_uri(settings: Tracking, output_dir: Path) -> str:
     return settings.tracking_uri or f"sqlite:///{output_dir.resolve() / 'mlflow.db'}"
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a local sqlite store while it is opened: MLflow creates the tables (and a run
+    its experiment) on first use, and two runs that start at the same moment on a fresh store would both try
+    (`table params already exists`). Other stores need no lock."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 RUN_FILE = "run.json"
@@ -73,15 +94,16 @@ class Tracker:
         output_dir = output_dir.resolve()
         self.tracking_uri = tracking_uri(settings, output_dir)
         mlflow.set_tracking_uri(self.tracking_uri)
-        experiment = mlflow.get_experiment_by_name(settings.experiment)
-        if experiment is None:
-            # a local store keeps its artifacts under output_dir (MLflow's default is ./mlruns in the CWD);
-            # a tracking server decides for itself
-            local = self.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in self.tracking_uri
-            artifacts = settings.artifact_location or ((output_dir / "mlartifacts").as_uri() if local else None)
-            experiment_id = mlflow.create_experiment(settings.experiment, artifact_location=artifacts)
-        else:
-            experiment_id = experiment.experiment_id
+        with store_lock(self.tracking_uri):
+            experiment = mlflow.get_experiment_by_name(settings.experiment)
+            if experiment is None:
+                # a local store keeps its artifacts under output_dir (MLflow's default is ./mlruns in the CWD);
+                # a tracking server decides for itself
+                local = self.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in self.tracking_uri
+                artifacts = settings.artifact_location or ((output_dir / "mlartifacts").as_uri() if local else None)
+                experiment_id = mlflow.create_experiment(settings.experiment, artifact_location=artifacts)
+            else:
+                experiment_id = experiment.experiment_id
         if resume_run_id is not None and not self._known(resume_run_id):
             # a resumed run whose store is gone (a local store on a lost machine): a new run that says so
             tags = {**(tags or {}), "wmtp.resumed_from_run_id": resume_run_id}
