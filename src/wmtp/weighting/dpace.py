@@ -36,8 +36,8 @@ class DPaceSettings(Strict):
                          "w = the number of valid depths from h on; 0: the raw confidences")
     scoring: Literal["in_forward", "separate_pass"] = Field(
         "in_forward", description="in_forward: the CE from the training forward's own hidden states (one trunk "
-        "forward; needs loss.reduction token_mean); separate_pass: from a no-grad forward first (any reduction). "
-        "The weights are the same: D-PACE takes no statistics over the step")
+        "forward; needs loss.reduction token_mean); separate_pass: from a no-grad forward first (any reduction; "
+        "what a hybrid needs). The weights are the same: D-PACE takes no statistics over the step")
 
 
 class DPaceRecipe(Strict):
