@@ -27,6 +27,7 @@ import torch
 import transformers
 import yaml
 from helpers.critic_key_checks import CRITIC_KEY_CHECKS, check_incorrect_solutions
+from helpers.dpace_key_checks import DPACE_KEY_CHECKS
 from helpers.gradnorm_key_checks import GRADNORM_KEY_CHECKS
 from helpers.grpo_key_checks import GRPO_KEY_CHECKS
 from helpers.hybrid_key_checks import HYBRID_KEY_CHECKS
@@ -1358,6 +1359,7 @@ KEY_CHECKS: dict[str, Callable[[Kit], None]] = {
     "recipe.train.early_stopping.patience": check_early_stopping_patience,
     "recipe.train.early_stopping.min_delta": check_early_stopping_min_delta,
     **CRITIC_KEY_CHECKS,
+    **DPACE_KEY_CHECKS,
     **GRADNORM_KEY_CHECKS,
     **GRPO_KEY_CHECKS,
     **HYBRID_KEY_CHECKS,

@@ -193,10 +193,20 @@ def recipe_with(**sections) -> Recipe:
       "rho1": {"mode": "topk"}}, "mixture_weights has 1 values for 2 components"),
     ({"hybrid": {"components": ["gradnorm"]}, "gradnorm": {"temperature": -1}}, "gradnorm.temperature"),
     ({"hybrid": {"components": ["gradnorm", "gradnorm"]}}, "listed twice"),
+    ({"hybrid": {"components": ["gradnorm"]}, "gradnorm": {"scoring": "in_forward"}}, "`gradnorm.scoring: "
+     "in_forward` cannot be part of a hybrid"),
+    # dpace scores in_forward by default: refused without its section too, and accepted with separate_pass
+    ({"hybrid": {"components": ["dpace", "gradnorm"]}}, "`dpace.scoring: in_forward` cannot be part of a hybrid"),
 ])
 def test_the_recipe_is_checked_with_each_components_own_settings(sections, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         scheme_settings(recipe_with(**sections))
+
+
+def test_dpace_with_separate_pass_is_a_component():
+    settings = scheme_settings(recipe_with(hybrid={"components": ["dpace", "gradnorm"]},
+                                           dpace={"scoring": "separate_pass"}))
+    assert [name for name, _ in settings.components] == ["dpace", "gradnorm"]
 
 
 def test_a_run_of_rho1_times_gradnorm_logs_every_components_metrics(tmp_path, capsys):

@@ -12,6 +12,7 @@ import wmtp.weighting.rho1.scheme as rho1_scheme
 from wmtp.loss import fused_linear_mtp_ce
 from wmtp.runtime.distributed import DistInfo
 from wmtp.weighting.base import StepBatch
+from wmtp.weighting.dpace import dpace_weights
 from wmtp.weighting.gradnorm import gradnorm_weights
 from wmtp.weighting.grpo import GRPOSettings, kl_weights, sample_tokens
 from wmtp.weighting.rho1.scheme import Rho1Settings, Rho1Weighting, rho1_weights
@@ -184,3 +185,18 @@ def test_k3_is_biased_away_from_temperature_1_and_top_p_1_by_the_amounts_stated(
     assert float((sampling_distribution(1.0, 0.8) * k3).sum()) == pytest.approx(at_top_p, abs=5e-4)
     for key in ("temperature", "top_p", "kl_coef"):
         assert "unbiased only at temperature 1 and top_p 1" in GRPOSettings.model_fields[key].description
+
+
+# ------------------------------------------------------------------------------------------------ D-PACE
+def test_dpace_worked_example_and_alpha_1_rule_are_what_the_code_gives():
+    """§5.7: the example's q, α and weights as the text prints them; α = 1 is the linear decay n−1, …, 1."""
+    text = " ".join(section("5.7").split())
+    example = re.search(r"q\[t,·\] = \(·, ([\d.]+), ([\d.]+), ([\d.]+)\), α = ([\d.]+): .*?"
+                        r"w\[t,·\] = \(([\d.]+), ([\d.]+), ([\d.]+), ([\d.]+)\)", text)
+    assert example, "§5.7 has no worked example in the expected form"
+    q = torch.tensor([0.5, *(float(v) for v in example.groups()[:3])], dtype=torch.float64)
+    labels = torch.full((1, 1, 4), 5)
+    weights = dpace_weights(-q.log().view(1, 1, 4), labels, float(example.group(4)))
+    assert weights.view(4).tolist() == pytest.approx([float(v) for v in example.groups()[4:]], abs=1e-6)
+    assert "a linear decay n−1, n−2, …, 1" in text
+    assert dpace_weights(torch.rand(1, 1, 5), torch.full((1, 1, 5), 5), 1.0).view(5).tolist() == [1, 4, 3, 2, 1]

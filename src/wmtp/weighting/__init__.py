@@ -30,6 +30,7 @@ SCHEMES: dict[str, str] = {
     "gradnorm": "gradnorm",
     "hybrid": "hybrid",
     "grpo": "grpo",
+    "dpace": "dpace",
 }
 
 # scheme -> torch-free module of this package whose `CONFIG` (a `SchemeConfig`) declares the config keys it owns

@@ -102,11 +102,12 @@ class _HybridBase(Strict):
             missing = [s for s, info in settings_model.model_fields.items() if info.is_required() and s not in sections]
             if missing:
                 raise ValueError(f"component `{name}` needs its `{missing[0]}` section")
-            for section, value in sections.items():
-                if getattr(value, "scoring", None) == "in_forward":
+            validated = settings_model.model_validate(sections)
+            for section in settings_model.model_fields:  # with its defaults: a scheme may score in_forward by default
+                if getattr(getattr(validated, section), "scoring", None) == "in_forward":
                     raise ValueError(f"`{section}.scoring: in_forward` cannot be part of a hybrid (a hybrid combines "
-                                     "weights over the whole step)")
-            self._components.append((name, settings_model.model_validate(sections)))
+                                     f"weights over the whole step; set {section}.scoring: separate_pass)")
+            self._components.append((name, validated))
             used |= set(settings_model.model_fields)
         unused = [s for s in type(self).model_fields if s not in used and getattr(self, s) is not None]
         if unused:
