@@ -74,6 +74,38 @@ def test_each_depth_is_its_own_module_and_starts_as_a_transformer_head_on_the_no
     assert torch.allclose(logits[:, :, 0], want, atol=1e-5, rtol=0)  # head 0 is the base model
 
 
+def test_fresh_depths_read_the_trunk_state_at_the_scale_of_its_residual_stream(tmp_path):
+    """`scale_fresh_depths`: hnorm's weight is the median RMS of the final norm's input over the valid positions,
+    computed here by running the decoder layers by hand; a loaded model's depths are left alone."""
+    from wmtp.model.mtp import scale_fresh_depths
+
+    model = MTPModel.from_base(tiny_llama(), n_heads=N, head_type="sequential").eval()
+    x, mask = batch()
+    with torch.no_grad():
+        inner = model.base.model
+        h = inner.embed_tokens(x)
+        seq = x.shape[1]
+        positions = torch.arange(seq).unsqueeze(0).expand_as(x)
+        cos_sin = inner.rotary_emb(h, positions)
+        allowed = torch.tril(torch.ones(seq, seq, dtype=torch.bool))[None] & mask.bool()[:, None, :]
+        attn = torch.zeros(x.shape[0], 1, seq, seq).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+        for layer in inner.layers:
+            h = layer(h, attention_mask=attn, position_embeddings=cos_sin, position_ids=positions)
+            h = h[0] if isinstance(h, tuple) else h
+        want = h.pow(2).mean(-1).sqrt()[mask.bool()].median().item()
+    assert abs(want - 1) > 0.5  # the residual stream is not at RMS 1, so the test can tell the two apart
+    got = scale_fresh_depths(model, x, mask)
+    assert got == pytest.approx(want, rel=1e-5)
+    for depth in model.heads:
+        assert torch.allclose(depth.hnorm.weight, torch.full_like(depth.hnorm.weight, want), rtol=1e-5)
+        assert torch.equal(depth.enorm.weight, torch.ones_like(depth.enorm.weight))
+    model.save_pretrained(tmp_path / "m")
+    loaded = MTPModel.from_pretrained(tmp_path / "m")
+    before = [d.hnorm.weight.clone() for d in loaded.heads]
+    assert scale_fresh_depths(loaded, x, mask) is None
+    assert all(torch.equal(a, d.hnorm.weight) for a, d in zip(before, loaded.heads, strict=True))
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_logits_equal_a_plain_implementation_of_the_equations(tie):
     model = sequential_model(tie=tie)
@@ -203,6 +235,9 @@ def test_tiny_training_run_with_sequential_heads(tmp_path):
     assert model.mtp_config.head_type == "sequential" and model.n_heads == 3
     assert all(isinstance(d, SequentialDepth) for d in model.heads)
     assert not torch.equal(model.heads[0].eh_proj.weight[:, :32], torch.zeros(32, 32))  # the modules trained
+    # the run scaled its fresh depths to the trunk's residual stream before step 1 (RMS about 0.02 in this random
+    # trunk; a norm weight moves by about the learning rate per step, so after 3 steps it is still far from 1)
+    assert all(d.hnorm.weight.mean() < 0.5 for d in model.heads)
 
 
 def test_fsdp2_wraps_each_depth_as_its_own_unit_with_the_same_loss_and_gradients(one_rank_group):

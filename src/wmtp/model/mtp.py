@@ -297,6 +297,7 @@ class MTPModel(nn.Module):
         self.base = base
         self.heads = heads
         self.mtp_config = config
+        self.fresh_depths = False  # sequential depths built from the trunk, not loaded (`scale_fresh_depths`)
 
     # construction -----------------------------------------------------------------------------------------
     def set_trainable(self, trainable: str) -> MTPModel:
@@ -316,7 +317,9 @@ class MTPModel(nn.Module):
         config = MTPConfig(n_heads=n_heads, head_type=head_type)
         base = model_or_path if isinstance(model_or_path, PreTrainedModel) else load_causal_lm(model_or_path,
                                                                                              dtype=dtype)
-        return cls(base, cls._new_heads(base, config), config)
+        model = cls(base, cls._new_heads(base, config), config)
+        model.fresh_depths = head_type == "sequential" and n_heads > 1
+        return model
 
     @staticmethod
     def _new_heads(base: PreTrainedModel, config: MTPConfig) -> nn.ModuleList:
@@ -506,3 +509,30 @@ class MTPModel(nn.Module):
         if config.n_heads > 1:
             heads.load_state_dict(read_tensors(directory / HEADS_FILE, device=str(base.device)), strict=True)
         return cls(base, heads, config)
+
+
+@torch.no_grad()
+def scale_fresh_depths(model: MTPModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float | None:
+    """Set the input norm `hnorm` of every fresh sequential depth to R, the median over the valid positions of
+    `input_ids` [B, S] of the RMS of the trunk's residual stream where its final norm reads it; returns R (None: the
+    model has no fresh depths, nothing changes).
+
+    Depth 1 reads h_0 after the trunk's final norm (docs/method.md §2.1), a state of RMS about 1, while the copied
+    block was trained on a residual stream of RMS R (33 for SmolLM2-135M): at weight 1 the block's own update
+    swamps its input and a fresh depth starts far from any prediction (CE 66 and 92 nats at depths 1 and 3 of
+    SmolLM2, against 12.6 and 13.8 at weight R), and a norm's weight moves by about the learning rate per step. The
+    median leaves out the attention sinks (position 0: RMS 212 there)."""
+    if not model.fresh_depths:
+        return None
+    inner, _, norm = decoder_parts(model.base)
+    captured: list[torch.Tensor] = []
+    handle = norm.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+    try:
+        inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        handle.remove()
+    rms = captured[-1].float().pow(2).mean(-1).sqrt()[attention_mask.bool()]
+    scale = float(rms.median())
+    for depth in model.heads:
+        depth.hnorm.weight.fill_(scale)
+    return scale

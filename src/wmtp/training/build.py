@@ -25,7 +25,7 @@ from ..loss import IGNORE_INDEX
 from ..model import parallelize
 from ..model.build import build_model, check_tokenizer_fits, load_tokenizer_from, secret
 from ..model.memory import meta_model
-from ..model.mtp import MTPModel
+from ..model.mtp import MTPModel, scale_fresh_depths
 from ..runtime.distributed import DistInfo
 from ..runtime.precision import DTYPES, autocast_for, dtype_or_none
 from ..runtime.storage import is_remote
@@ -137,7 +137,11 @@ def prepare(config: Config, recipe: Recipe, info: DistInfo, *, tokenizer_dir: Pa
     check_run_settings(config, recipe, info, data, recipe.mtp.n_heads)
     plan = plan_steps(len(data.train_set), recipe.train, recipe.data, recipe.loss.chunk_size, info.world_size)
     torch.manual_seed(config.compute.seed)
-    model, wrapped = build_and_wrap(config, recipe, info, data.tokenizer)
+    # the rows `scale_fresh_depths` measures: the same on every rank and at every world size, and few (under FSDP2
+    # rank 0 runs them through the whole model on its CPU)
+    rows = data.train_set.select(torch.arange(min(2, len(data.train_set))))
+    sample = {key: rows[key][:, :256] for key in ("input_ids", "attention_mask")}
+    model, wrapped = build_and_wrap(config, recipe, info, data.tokenizer, sample)
     autocast = autocast_for(info.device, config.compute.precision)
     context = SchemeContext(model=model, wrapped=wrapped, autocast=autocast, info=info, plan=plan,
                             train_set=data.train_set, val_set=data.val_set, train_examples=data.train_examples,
@@ -147,17 +151,20 @@ def prepare(config: Config, recipe: Recipe, info: DistInfo, *, tokenizer_dir: Pa
     return RunSetup(config, recipe, info, data, model, wrapped, autocast, plan, settings, scheme)
 
 
-def build_and_wrap(config: Config, recipe: Recipe, info: DistInfo, tokenizer) -> tuple[MTPModel, torch.nn.Module]:
+def build_and_wrap(config: Config, recipe: Recipe, info: DistInfo, tokenizer,
+                   sample: dict[str, torch.Tensor]) -> tuple[MTPModel, torch.nn.Module]:
     """The model and the form the trainer steps. One process or DDP: every rank builds the model. FSDP2 under
     torchrun: every rank builds it on the meta device and shards it there; rank 0 alone loads (or initialises)
     the weights, on its CPU, and each rank receives only its shards, then the buffers (`parallelize.load_from_rank0`).
-    Either way the weights are those of a plain load (tested)."""
+    Either way the weights are those of a plain load (tested). Fresh sequential depths are scaled to the trunk's
+    residual stream on `sample`, the first training rows (`scale_fresh_depths`; a resumed run restores its own)."""
     compute, fsdp = config.compute, config.compute.fsdp
     sharded = info.distributed and compute.distributed == "fsdp2"
     if sharded:
         model = meta_model(config.model, recipe.mtp, len(tokenizer)).to(DTYPES[config.model.dtype])
     else:
         model = build_model(config.model, recipe.mtp, tokenizer).to(info.device)
+        scale_fresh_depths(model, sample["input_ids"].to(info.device), sample["attention_mask"].to(info.device))
     check_tokenizer_fits(tokenizer, model, "model")
     parallelize.apply_activation_checkpointing(model, compute.checkpoint_every)
     # FSDP2 replaces the parameters with sharded ones: wrap before anything (scheme, optimizer) holds them.
@@ -167,6 +174,8 @@ def build_and_wrap(config: Config, recipe: Recipe, info: DistInfo, tokenizer) ->
                                     cpu_offload=fsdp.cpu_offload)
     if sharded:
         full = build_model(config.model, recipe.mtp, tokenizer) if info.is_main else None
+        if full is not None:
+            scale_fresh_depths(full, sample["input_ids"], sample["attention_mask"])
         parallelize.load_from_rank0(model, full, info, cpu_offload=fsdp.cpu_offload)
         if full is not None:  # what rank 0 writes with the final model: the loaded configs, not the meta ones
             model.base.config, model.base.generation_config = full.base.config, full.base.generation_config
