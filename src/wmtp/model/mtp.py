@@ -482,7 +482,8 @@ class MTPModel(nn.Module):
             for file, names in zip(files, plan, strict=True):
                 shard = {name: _full(base[name]) for name in names}
                 if layout is not None:  # routed experts per expert, as the family's files keep them
-                    shard = {key: t for name, tensor in shard.items() for key, t in native.to_disk(name, tensor).items()}
+                    shard = {key: t for name, tensor in shard.items()
+                             for key, t in native.to_disk(name, tensor).items()}
                     names = list(shard)
                 total += sum(t.numel() * t.element_size() for t in shard.values())
                 save_file(shard, tmp / file, metadata={"format": "pt"})
