@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from ..config import ConfigError, ModelSource, MTPShape
 from ..runtime.precision import DTYPES
 from ..runtime.storage import is_remote, local_path
+from . import native
 from .meta import convert_sentencepiece, is_meta_checkpoint, load_meta_mtp_checkpoint
 from .mtp import MTPModel, is_wmtp_model_dir, load_causal_lm
 
@@ -101,8 +102,9 @@ def _build_model(source: ModelSource, shape: MTPShape, tokenizer) -> MTPModel:
 
 
 def _load_pretrained(source: ModelSource, shape: MTPShape | None) -> MTPModel:
-    """`model.path`: Meta's release or a wmtp model with its own heads (which must match `shape` when one is
-    given), any other causal LM with `shape`'s new heads (no shape: head 0 alone, the model as it is)."""
+    """`model.path`: Meta's release, a wmtp model or a checkpoint with its own MTP layers (DeepSeek-V3, GLM-4.5,
+    Qwen3-Next, Qwen3.5, MiMo: `native.LAYOUTS`) with its own heads (which must match `shape` when one is given), any
+    other causal LM with `shape`'s new heads (no shape: head 0 alone, the model as it is)."""
     path = resolve_model_path(source.path)
     dtype = DTYPES[source.dtype]
     if is_meta_checkpoint(path):
@@ -111,6 +113,14 @@ def _load_pretrained(source: ModelSource, shape: MTPShape | None) -> MTPModel:
     elif is_wmtp_model_dir(path):
         model = MTPModel.from_pretrained(path, dtype=dtype)
         found = f"a wmtp model with {model.n_heads} {model.mtp_config.head_type} heads"
+    elif (layers := native.detect(path)) is not None:
+        layout, depths = layers
+        if shape is not None and shape.head_type != "sequential":
+            raise ConfigError(f"{path}: a {layout.family} checkpoint with {depths} MTP layer(s) ({layout.count_key}), "
+                              f"which load as sequential heads; the recipe asks for {shape.head_type} heads")
+        model = MTPModel.from_native(path, n_heads=None if shape is None else shape.n_heads, dtype=dtype,
+                                     token=secret(source.hf_token))
+        found = f"a {layout.family} checkpoint with {depths} MTP layer(s)"
     else:
         base = load_causal_lm(path, dtype=dtype, token=secret(source.hf_token))
         if shape is None:

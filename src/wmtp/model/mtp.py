@@ -49,6 +49,7 @@ from ..loss import (
     safe_divide,
 )
 from ..runtime.atomic import atomic_directory
+from . import native
 
 HEAD_TYPES = ("transformer", "linear", "sequential")
 HEADS_FILE = "mtp_heads.safetensors"
@@ -64,8 +65,12 @@ class MTPConfig:
 
     n_heads: int = 4
     head_type: str = "transformer"
+    native: str | None = None  # a family of native.LAYOUTS: the depths came from, and go back to, its own layout
 
     def __post_init__(self) -> None:
+        if self.native is not None and (self.native not in native.LAYOUTS or self.head_type != "sequential"):
+            raise ValueError(f"native must be one of {sorted(native.LAYOUTS)} with sequential heads, got "
+                             f"{self.native!r} with {self.head_type}")
         if self.n_heads < 1:
             raise ValueError(f"n_heads must be >= 1, got {self.n_heads}")
         if self.head_type not in HEAD_TYPES:
@@ -139,11 +144,22 @@ class ResidualHead(nn.Module):
         return z + self.down(nn.functional.silu(self.up(z)))
 
 
-def _reset_norm(norm: nn.Module) -> nn.Module:
-    """A norm set to the identity map of its normalised input (weight 1, bias 0)."""
+def _reset_norm(norm: nn.Module, scale: float = 1.0) -> nn.Module:
+    """A norm set to `scale` times its normalised input (bias 0): weight `scale`, or `scale` − 1 for a zero-centred
+    norm, which applies its weight as 1 + w (Qwen3-Next's and Qwen3.5's), found by probing the norm with weight 0. On
+    the meta device (FSDP2's skeleton, whose values are loaded afterwards) the weight is set without probing."""
     with torch.no_grad():
-        for name, param in norm.named_parameters(recurse=False):
-            param.fill_(0.0 if name == "bias" else 1.0)
+        weight = norm.weight
+        offset = 0.0
+        if weight.device.type != "meta":
+            saved = weight.detach().clone()
+            weight.zero_()
+            probe = norm(torch.ones(1, weight.shape[-1], dtype=weight.dtype, device=weight.device))
+            offset = 1.0 if bool(probe.abs().max() > 0.5) else 0.0
+            weight.copy_(saved)
+        weight.fill_(scale - offset)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.zero_()
     return norm
 
 
@@ -155,17 +171,24 @@ class SequentialDepth(nn.Module):
     the decoder layer as mtp_block); `norm` is DeepSeek's `shared_head.norm` (transformers' `post_norm`). Initialised
     from the trunk: the block a copy of its last decoder layer, `norm` a copy of its final norm, enorm and hnorm at
     weight 1, and eh_proj = [0 | I], so that a fresh depth starts as a transformer head on the trunk's normed output
-    and learns how much of the next token's embedding to mix in."""
+    and learns how much of the next token's embedding to mix in.
 
-    def __init__(self, block: nn.Module, final_norm: nn.Module, hidden_size: int) -> None:
+    Two families of released checkpoints differ (native.LAYOUTS): `embed_first=False` concatenates [hnorm(h) ;
+    enorm(e)] (MiMo), `chain_normed=True` hands the next depth norm(h'_k) instead of h'_k (Qwen3-Next, MiMo)."""
+
+    def __init__(self, block: nn.Module, final_norm: nn.Module, hidden_size: int, *, embed_first: bool = True,
+                 chain_normed: bool = False) -> None:
         super().__init__()
+        self.embed_first, self.chain_normed = embed_first, chain_normed
         self.enorm = _reset_norm(copy.deepcopy(final_norm))
         self.hnorm = _reset_norm(copy.deepcopy(final_norm))
         ref = next(block.parameters())
         self.eh_proj = nn.Linear(2 * hidden_size, hidden_size, bias=False, device=ref.device, dtype=ref.dtype)
-        with torch.no_grad():
-            self.eh_proj.weight.zero_()
-            self.eh_proj.weight[:, hidden_size:].copy_(torch.eye(hidden_size, device=ref.device, dtype=ref.dtype))
+        hidden_half = slice(hidden_size, None) if embed_first else slice(None, hidden_size)
+        if ref.device.type != "meta":
+            with torch.no_grad():
+                self.eh_proj.weight.zero_()
+                self.eh_proj.weight[:, hidden_half].copy_(torch.eye(hidden_size, device=ref.device, dtype=ref.dtype))
         self.mtp_block = block
         self.norm = copy.deepcopy(final_norm)
 
@@ -173,11 +196,14 @@ class SequentialDepth(nn.Module):
                 **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden_states: the previous depth's state h_{k-1} [B, S, D]; inputs_embeds: emb(x[t+k]) [B, S, D]; the
         rest: the decoder layer's own arguments (mask, rotary embeddings), as the trunk's last layer got them.
-        Returns (h'_k, norm(h'_k)): the state the next depth reads and the one the unembedding reads."""
-        x = self.eh_proj(torch.cat([self.enorm(inputs_embeds), self.hnorm(hidden_states)], dim=-1))
+        Returns (the state the next depth reads: h'_k, or norm(h'_k) when chain_normed; norm(h'_k), which the
+        unembedding reads)."""
+        e, h = self.enorm(inputs_embeds), self.hnorm(hidden_states)
+        x = self.eh_proj(torch.cat([e, h] if self.embed_first else [h, e], dim=-1))
         h = self.mtp_block(x, *args, **kwargs)
         h = h[0] if isinstance(h, tuple) else h
-        return h, self.norm(h)
+        normed = self.norm(h)
+        return (normed if self.chain_normed else h), normed
 
 
 def shifted_inputs(input_ids: torch.Tensor, k: int, attention_mask: torch.Tensor | None = None,
@@ -368,7 +394,9 @@ class MTPModel(nn.Module):
         def capture(_module, args, kwargs):
             captured["args"], captured["kwargs"] = args, kwargs
 
-        handle = layers[-1].register_forward_pre_hook(capture, with_kwargs=True)
+        # a native block is a full-attention layer: it gets the arguments of the trunk's last full-attention layer
+        source = layers[-1] if self.mtp_config.native is None else layers[native.capture_index(self.base.config)]
+        handle = source.register_forward_pre_hook(capture, with_kwargs=True)
         try:
             out = inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                         use_cache=False)
@@ -449,6 +477,10 @@ class MTPModel(nn.Module):
         """
         target = Path(directory)
         base, heads = _export_tensors(self)
+        layout = native.LAYOUTS[self.mtp_config.native] if self.mtp_config.native is not None else None
+        if layout is not None:  # the depths go into the model's own files, under the checkpoint's names
+            base.update(self._native_tensors(layout, heads))
+            heads = {}
         plan = _shard_plan(base, max_shard_size)
         if not write:
             for names in plan:
@@ -463,6 +495,10 @@ class MTPModel(nn.Module):
             weight_map, total = {}, 0
             for file, names in zip(files, plan, strict=True):
                 shard = {name: _full(base[name]) for name in names}
+                if layout is not None:  # routed experts per expert, as the family's files keep them
+                    shard = {key: t for name, tensor in shard.items()
+                             for key, t in native.to_disk(name, tensor).items()}
+                    names = list(shard)
                 total += sum(t.numel() * t.element_size() for t in shard.values())
                 save_file(shard, tmp / file, metadata={"format": "pt"})
                 weight_map.update(dict.fromkeys(names, file))
@@ -470,14 +506,17 @@ class MTPModel(nn.Module):
             if len(plan) > 1:
                 index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
                 (tmp / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-            save_file({name: _full(t) for name, t in heads.items()}, tmp / HEADS_FILE,
-                      metadata={"format": "pt", CONFIG_KEY: json.dumps(asdict(self.mtp_config))})
+            if layout is None:
+                save_file({name: _full(t) for name, t in heads.items()}, tmp / HEADS_FILE,
+                          metadata={"format": "pt", CONFIG_KEY: json.dumps(self._settings())})
             self.base.config.save_pretrained(tmp)
             if getattr(self.base, "generation_config", None) is not None and self.base.can_generate():
                 self.base.generation_config.save_pretrained(tmp)
             config_path = tmp / "config.json"
             config = json.loads(config_path.read_text())
-            config[CONFIG_KEY] = {**asdict(self.mtp_config), "format_version": FORMAT_VERSION}
+            config[CONFIG_KEY] = {**self._settings(), "format_version": FORMAT_VERSION}
+            if layout is not None:
+                config = native.config_for_disk(layout, config, self.n_heads - 1)
             config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
@@ -497,6 +536,8 @@ class MTPModel(nn.Module):
         if settings.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{config_path}: wmtp format_version {settings.get('format_version')} is not "
                              f"supported (expected {FORMAT_VERSION})")
+        if settings.get("native") is not None:
+            return cls.from_native(directory, n_heads=settings["n_heads"], dtype=dtype)
         config = MTPConfig(n_heads=settings["n_heads"], head_type=settings["head_type"])
         try:
             base = load_causal_lm(directory, dtype=dtype)
@@ -510,6 +551,64 @@ class MTPModel(nn.Module):
             heads.load_state_dict(read_tensors(directory / HEADS_FILE, device=str(base.device)), strict=True)
         return cls(base, heads, config)
 
+    def _settings(self) -> dict:
+        """The MTP settings as config.json's `wmtp` key keeps them (`native` only for a native layout)."""
+        return {key: value for key, value in asdict(self.mtp_config).items() if key != "native" or value is not None}
+
+    def _native_tensors(self, layout: native.NativeLayout, heads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The depths' tensors under the checkpoint's names, with each depth's copies of the trunk's embedding and
+        output head where the family keeps them (not yet gathered; routed experts still fused)."""
+        num_layers = self.base.config.num_hidden_layers
+        out = {}
+        for k in range(self.n_heads - 1):
+            own = {key.partition(".")[2]: tensor for key, tensor in heads.items() if key.partition(".")[0] == str(k)}
+            out.update({disk: own[key] for key, disk in native.depth_names(layout, list(own), k, num_layers).items()})
+            out.update(native.copies_to_disk(layout, self.base, k, num_layers))
+        return out
+
+    @classmethod
+    def from_native(cls, directory: str | os.PathLike, *, n_heads: int | None = None, dtype: torch.dtype | None = None,
+                    token: str | None = None) -> MTPModel:
+        """A checkpoint that ships its own MTP layers (`native.LAYOUTS`): the base model as transformers loads it (it
+        drops those tensors), the depths built from them, each the family's own decoder layer. Strict: every MTP
+        tensor of the files is used, none is missing, every shape matches. `n_heads` (the recipe's) must be the
+        file's depths + 1: a prefix is not loaded, since writing back must return every depth the checkpoint had."""
+        directory = Path(directory)
+        found = native.detect(directory)
+        if found is None:
+            raise ConfigError(f"{directory}: no MTP layers of a known family (native.LAYOUTS) in this checkpoint")
+        layout, depths = found
+        where = f"{directory / 'config.json'}: {layout.count_key}"
+        if layout.max_depths is not None and depths > layout.max_depths:
+            raise ConfigError(f"{where} is {depths}; {layout.family} keeps one fc and one set of norms for its MTP "
+                              f"layers, wmtp reads at most {layout.max_depths}")
+        if n_heads is not None and n_heads - 1 != depths:
+            raise ConfigError(f"{where}: the checkpoint has {depths} MTP depth(s), the recipe asks for n_heads "
+                              f"{n_heads} ({n_heads - 1} depth(s)); set mtp.n_heads: {depths + 1}")
+        try:
+            base = (load_causal_lm(directory, dtype=dtype, token=token) if layout.trunk is None
+                    else native.load_trunk(directory, layout, dtype))
+        except (SafetensorError, OSError) as exc:
+            raise ConfigError(f"{directory}: cannot read the model's weights ({str(exc).splitlines()[0]}); the "
+                             "files are damaged or incomplete") from None
+        if hasattr(base.config, CONFIG_KEY):
+            delattr(base.config, CONFIG_KEY)
+        _, layers, norm = decoder_parts(base)
+        num_layers, ref = base.config.num_hidden_layers, base.get_output_embeddings().weight
+        tensors = native.read_mtp_tensors(directory, layout, num_layers)
+        used: set[str] = set()
+        heads = nn.ModuleList()
+        for k in range(depths):
+            depth = SequentialDepth(native.new_block(layout, base, layers, k), norm, ref.shape[1],
+                                    embed_first=layout.embed_first, chain_normed=layout.chain_normed)
+            native.load_depth(layout, depth, k, num_layers, tensors, used, directory, ref.dtype, ref.device)
+            native.check_copies(layout, base, k, num_layers, tensors, used, directory)
+            heads.append(depth)
+        unused = sorted(set(tensors) - used)
+        if unused:
+            raise ConfigError(f"{directory / tensors[unused[0]][1]}: `{unused[0]}` is not a tensor of the {depths} "
+                              f"{layout.family} MTP depth(s) {layout.count_key} declares ({len(unused)} such)")
+        return cls(base, heads, MTPConfig(n_heads=depths + 1, head_type="sequential", native=layout.family))
 
 @torch.no_grad()
 def scale_fresh_depths(model: MTPModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float | None:
@@ -518,9 +617,9 @@ def scale_fresh_depths(model: MTPModel, input_ids: torch.Tensor, attention_mask:
     model has no fresh depths, nothing changes).
 
     Depth 1 reads h_0 after the trunk's final norm (docs/method.md §2.1), a state of RMS about 1, while the copied
-    block was trained on a residual stream of RMS R (33 for SmolLM2-135M): at weight 1 the block's own update
-    swamps its input and a fresh depth starts far from any prediction (CE 66 and 92 nats at depths 1 and 3 of
-    SmolLM2, against 12.6 and 13.8 at weight R), and a norm's weight moves by about the learning rate per step. The
+    block was trained on a residual stream of RMS R (35 for SmolLM2-135M): at weight 1 the block's own update
+    swamps its input and a fresh depth starts far from any prediction (CE 68 and 95 nats at depths 1 and 3 of
+    SmolLM2, against 12.3 and 13.4 at weight R), and a norm's weight moves by about the learning rate per step. The
     median leaves out the attention sinks (position 0: RMS 212 there)."""
     if not model.fresh_depths:
         return None
@@ -534,5 +633,5 @@ def scale_fresh_depths(model: MTPModel, input_ids: torch.Tensor, attention_mask:
     rms = captured[-1].float().pow(2).mean(-1).sqrt()[attention_mask.bool()]
     scale = float(rms.median())
     for depth in model.heads:
-        depth.hnorm.weight.fill_(scale)
+        _reset_norm(depth.hnorm, scale)
     return scale
