@@ -4,6 +4,9 @@ every head type against the argmax of the full logits."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from helpers.models import perturb_heads, tiny_llama
@@ -200,3 +203,15 @@ def test_head_quality_with_one_head_reports_no_acceptance():
     assert not [name for name in quality_metrics(report) if "acceptance" in name or "per_forward" in name]
     assert quality_metric_names(1) == ["val/loss", "val/ce_head0", "val/ppl_head0", "val/acc_head0"]
     assert quality_metric_names(3)[-3:] == ["val/acceptance_head1", "val/acceptance_head2", "val/tokens_per_forward"]
+
+
+def test_method_md_states_the_formula_and_a_worked_example_the_code_gives():
+    """docs/method.md §6: the definition's names and its worked example, τ for a = (0.5, 0.4, 0.25)."""
+    text = " ".join((Path(__file__).resolve().parents[2] / "docs" / "method.md").read_text().split())
+    paragraph = text[text.index("**Teacher-forced acceptance**"):text.index("**Self-speculative decoding**")]
+    rates, stated = re.search(r"With a = \(([0-9., ]+)\), τ = 1 \+ [0-9.+ ]+ = ([0-9]+\.[0-9]+)", paragraph).groups()
+    assert tokens_per_forward([float(a) for a in rates.split(",")]) == pytest.approx(float(stated))
+    assert "a_k = A_k / E_k" in paragraph and "τ = 1 + Σ_{k=1}^{n−1} Π_{j≤k} a_j" in paragraph
+    assert "g[t,k] = g[t+k,0]" in paragraph and "m[t+k,0] = 1" in paragraph
+    for name in ("val/acceptance_head{k}", "val/tokens_per_forward"):
+        assert name in paragraph
