@@ -215,3 +215,15 @@ def test_method_md_states_the_formula_and_a_worked_example_the_code_gives():
     assert "g[t,k] = g[t+k,0]" in paragraph and "m[t+k,0] = 1" in paragraph
     for name in ("val/acceptance_head{k}", "val/tokens_per_forward"):
         assert name in paragraph
+
+
+def test_report_and_mlflow_metrics_show_an_unmeasured_depth_as_missing():
+    from wmtp.evaluate.checkpoint_eval import flat_metrics
+    from wmtp.evaluate.report import markdown
+
+    heads = {"heads": [], "buckets": [], "acceptance": {"depths": [
+        {"depth": 1, "eligible": 4, "accepted": 3, "rate": 0.75},
+        {"depth": 2, "eligible": 0, "accepted": 0, "rate": None}], "tokens_per_forward": None}}
+    text = markdown(["a", "old"], [{"heads": heads}, {"heads": {"heads": [], "buckets": []}}])
+    assert "| a | 0.750 (3/4) | — | — |" in text and "| old |" not in text.split("Teacher-forced")[1]
+    assert flat_metrics({"heads": heads}) == {"eval/acceptance_head1": 0.75}
