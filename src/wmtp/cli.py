@@ -213,6 +213,9 @@ def _summary(result: dict, run_dir: Path, run_url: str | None = None) -> str:
                              f"{ev[f'val/acc_head{h}']:.4f}")
             else:  # no valid pair of this head in the validation sequences: nothing was measured
                 lines.append(f"{h:<5} -       -         -        (no target in the validation data)")
+        if result.get("n_heads", 0) > 1:
+            lines.append(acceptance_line([ev.get(f"val/acceptance_head{k}") for k in range(1, result["n_heads"])],
+                                         ev.get("val/tokens_per_forward")))
     lines.append(f"checkpoint: {result['checkpoint']}")
     if result["final_model"]:
         lines.append(f"final model: {result['final_model']}")
@@ -220,6 +223,13 @@ def _summary(result: dict, run_dir: Path, run_url: str | None = None) -> str:
         lines.append(f"MLflow run {result['mlflow_run_id']} in {result['tracking_uri']} "
                      f"(mlflow ui --backend-store-uri {result['tracking_uri']})")
     return "\n".join(lines)
+
+
+def acceptance_line(rates: list[float | None], tokens: float | None) -> str:
+    """The teacher-forced acceptance per depth and the expected tokens per forward, `-` where not measured."""
+    cells = ", ".join(f"{k} {'-' if a is None else f'{a:.3f}'}" for k, a in enumerate(rates, start=1))
+    return (f"acceptance against head 0 (teacher-forced), by depth: {cells}; expected tokens per forward "
+            + ("-" if tokens is None else f"{tokens:.3f}"))
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -432,6 +442,9 @@ def eval_command(args: argparse.Namespace) -> int:
     for head in (results.get("heads") or {}).get("heads", []):
         if head["ce"] is not None:
             lines.append(f"head {head['head']}: CE {head['ce']:.4f}, ppl {head['ppl']:.2f}, top-1 {head['acc']:.4f}")
+    acceptance = (results.get("heads") or {}).get("acceptance")
+    if acceptance and acceptance["depths"]:
+        lines.append(acceptance_line([d["rate"] for d in acceptance["depths"]], acceptance["tokens_per_forward"]))
     spec = results.get("speculative")
     if spec and spec["mean_accepted_length"] is not None:
         lines.append(f"self-speculative: mean accepted length {spec['mean_accepted_length']:.3f} tokens per forward")

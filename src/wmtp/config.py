@@ -364,7 +364,8 @@ class Schedule(Strict):
 
 
 class EarlyStopping(Strict):
-    metric: str = Field("val/loss", description="a validation metric, e.g. val/loss or val/acc_head0")
+    metric: str = Field("val/loss", description="a validation metric, e.g. val/loss, val/acc_head0 or "
+                        "val/tokens_per_forward (with mode max)")
     mode: Literal["min", "max"] = Field("min", description="min: lower is better (losses); max: higher (accuracies)")
     patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
     min_delta: float = Field(0.0, ge=0, description="smallest change that counts as an improvement")

@@ -91,7 +91,7 @@ def test_execute_as_eval_hints_adds_passk_to_that_evaluation(trained, tmp_path, 
     assert f"added pass@k to the evaluation in {out}" in printed
     run = mlflow_run(after)
     assert run.data.metrics["eval/mbpp/pass_at_1"] == after["passk"]["benchmarks"]["mbpp"]["pass@k"]["pass@1"]["mean"]
-    assert "eval/ce_head0" in run.data.metrics  # the same run as eval's
+    assert "eval/ce_head0" in run.data.metrics and "eval/acceptance_head1" in run.data.metrics  # eval's own run
 
 
 def test_execute_never_touches_a_scored_evaluation_or_one_it_was_not_pointed_at(trained, tmp_path, capsys):
@@ -196,6 +196,27 @@ def test_eval_mlflow_run_carries_its_settings_and_is_labelled_by_run_name(traine
         "checkpoint": str(run / "final")}
     assert mlflow_run(results).info.run_name == "myrun/eval-x"
     assert "- **myrun**:" in (out / "report.md").read_text()
+
+
+def test_acceptance_per_depth_reads_back_from_metrics_jsonl_and_results_json(trained, tmp_path, capsys):
+    """Training's last validation (at the final step) and `wmtp eval` of the final model on the same held-out text
+    measure the same teacher-forced acceptance: metrics.jsonl's val/acceptance_head<k> and val/tokens_per_forward
+    equal results.json's counts; report.md and the summary line show them."""
+    lines = [json.loads(x) for x in (trained[2].parent / "metrics.jsonl").read_text().splitlines()]
+    last = [m for m in lines if "val/loss" in m][-1]
+    out = tmp_path / "ev"
+    assert main(eval_args(trained[0], trained[1], trained[2], out, "--benchmarks", "")) == 0
+    printed = capsys.readouterr().out
+    acceptance = json.loads((out / "results.json").read_text())["heads"]["acceptance"]
+    rates = [d["accepted"] / d["eligible"] for d in acceptance["depths"]]
+    assert [d["depth"] for d in acceptance["depths"]] == [1, 2] and all(d["eligible"] for d in acceptance["depths"])
+    assert [last["val/acceptance_head1"], last["val/acceptance_head2"]] == pytest.approx(rates)
+    expected = 1 + rates[0] + rates[0] * rates[1]
+    assert last["val/tokens_per_forward"] == pytest.approx(expected) == acceptance["tokens_per_forward"]
+    assert f"by depth: 1 {rates[0]:.3f}, 2 {rates[1]:.3f}; expected tokens per forward {expected:.3f}" in printed
+    report = (out / "report.md").read_text()
+    assert "## Teacher-forced acceptance against head 0" in report
+    assert f"{rates[0]:.3f} ({acceptance['depths'][0]['accepted']}/{acceptance['depths'][0]['eligible']})" in report
 
 
 def test_head_accuracy_chart_has_integer_ticks_grouped_bars_and_a_legend_off_the_data():

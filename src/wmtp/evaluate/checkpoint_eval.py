@@ -26,7 +26,7 @@ import torch.distributed as dist
 from transformers import AutoTokenizer
 
 from ..components.checkpoint import STATE_FILE, TOKENIZER_DIR, load_checkpoint_model
-from ..components.validate import head_quality
+from ..components.validate import acceptance_metrics, head_quality
 from ..config import Config, ConfigError, Recipe
 from ..data.sequences import recipe_sequences
 from ..data.sources import load_examples
@@ -242,6 +242,7 @@ def flat_metrics(results: dict) -> dict[str, float]:
         for key in ("ce", "ppl", "acc"):
             if head[key] is not None:
                 metrics[f"eval/{key}_head{head['head']}"] = head[key]
+    metrics.update(acceptance_metrics((results.get("heads") or {}).get("acceptance"), "eval"))
     spec = results.get("speculative") or {}
     if spec.get("mean_accepted_length") is not None:
         metrics["eval/spec_mean_accepted_length"] = spec["mean_accepted_length"]

@@ -61,7 +61,8 @@ def _histograms(run: Path) -> dict[str, dict]:
 
 
 def markdown(names: list[str], results: list[dict]) -> str:
-    """A side-by-side report: pass@k (with 95% CIs and sampling settings) and head quality."""
+    """A side-by-side report: pass@k (with 95% CIs and sampling settings), head quality and teacher-forced
+    acceptance."""
     lines = ["# wmtp evaluation report", ""]
     for name, res in zip(names, results, strict=True):
         src = res.get("checkpoint", "generations file")
@@ -98,6 +99,7 @@ def markdown(names: list[str], results: list[dict]) -> str:
                              f"{s['ce']:.3f} / {s['ppl']:.1f} / {100 * s['acc']:.1f}%")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += _acceptance_lines(names, results)
     skipped = [(name, res["heads_skipped"]) for name, res in zip(names, results, strict=True)
                if res.get("heads_skipped")]
     if skipped:
@@ -109,6 +111,26 @@ def markdown(names: list[str], results: list[dict]) -> str:
                       f"mean accepted length {_fmt(spec.get('mean_accepted_length'), '.3f')}, acceptance per head "
                       + ", ".join(_fmt(a, ".3f") for a in spec.get("acceptance_per_head", [])), ""]
     return "\n".join(lines)
+
+
+def _acceptance_lines(names: list[str], results: list[dict]) -> list[str]:
+    """Teacher-forced acceptance per depth on the held-out text (docs/method.md §6), one row per evaluation that
+    measured it; a depth without an eligible position is "—"."""
+    measured = [(name, res["heads"]["acceptance"]) for name, res in zip(names, results, strict=True)
+                if (res.get("heads") or {}).get("acceptance", {}).get("depths")]
+    if not measured:
+        return []
+    depths = max(len(a["depths"]) for _, a in measured)
+    lines = ["## Teacher-forced acceptance against head 0 on held-out text", "",
+             "Depth k at t is accepted when head k's argmax equals head 0's argmax at t+k (both teacher-forced), given "
+             "depths 1…k-1 were; accepted / eligible positions.", "",
+             "| run | " + " | ".join(f"depth {k}" for k in range(1, depths + 1)) + " | expected tokens per forward |",
+             "|---|" + "---|" * (depths + 1)]
+    for name, acceptance in measured:
+        cells = [MISSING if d["rate"] is None else f"{d['rate']:.3f} ({d['accepted']}/{d['eligible']})"
+                 for d in acceptance["depths"]] + [MISSING] * (depths - len(acceptance["depths"]))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_fmt(acceptance['tokens_per_forward'], '.3f')} |")
+    return [*lines, ""]
 
 
 def paired_differences(names: list[str], results: list[dict], ks: list[int]) -> list[dict]:

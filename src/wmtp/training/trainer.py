@@ -174,8 +174,8 @@ class Trainer:
 
     # validation ---------------------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        """Uniform per-head CE, perplexity and top-1 accuracy on the validation sequences (head_quality), plus the
-        scheme's own validation metrics."""
+        """Uniform per-head CE, perplexity and top-1 accuracy and per-depth teacher-forced acceptance on the
+        validation sequences (head_quality), plus the scheme's own validation metrics."""
         if self.setup.val_set is None:
             return {}
         report = head_quality(self.wrapped, self.setup.val_set, n_heads=self.model.n_heads,
