@@ -202,6 +202,20 @@ def test_mode_restored():
     assert model.training and all(head.training for head in model.heads) and not model.base.training
 
 
+def test_chain_drafting_refuses_mixed_layer_types():
+    """The depths' mask comes from what the base model gives its first layer; with sliding and full layers mixed
+    that need not be the last layer's (the one the depths copy)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+                         max_window_layers=1, layer_types=["sliding_attention", "full_attention"])
+    model = MTPModel.from_base(Qwen2ForCausalLM(config), n_heads=2, head_type="sequential").eval()
+    with pytest.raises(ValueError, match="mixes layer types"):
+        speculative_generate(model, torch.randint(3, VOCAB, (1, 5)), 4)
+    assert len(speculative_generate(model, torch.randint(3, VOCAB, (1, 5)), 4, n_draft=0).tokens) == 4
+
+
 def test_rejects_batches_and_bad_arguments():
     model = mtp_model("llama", "transformer")
     with pytest.raises(ValueError, match="batch size 1"):
@@ -321,9 +335,10 @@ def test_sampling_is_seeded_and_greedy_at_zero_temperature():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("head_type", ["transformer", "sequential"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_matches_greedy(dtype):
-    model = trained("transformer").to("cuda", dtype)
+def test_cuda_matches_greedy(dtype, head_type):
+    model = trained(head_type).to("cuda", dtype)
     prompts = [(prompt.cuda(), max_new) for prompt, max_new in cycle_prompts(20, seed=8)]
     assert run_and_compare(model, prompts).mean_accepted_length > 1.5
 

@@ -52,9 +52,9 @@ states to 1e-5). Depth 1 reads the base model's final hidden states, kept from t
 columns not yet committed. Cost per step: k calls of one block over a few positions each (about k-1 plus the
 accepted ones; decoding reads a block's weights once per call whatever that handful of positions), k one-row
 unembeddings (depth k needs d_{k-1}), and one call of the base model stopped before its first layer, which
-builds the depths' attention mask and rotary embeddings by the base model's own rules. Sampling drafts d_k from
-depth k's distribution given d_1 … d_{k-1}, a proposal fixed when d_k is drawn, so the verification above is
-unchanged and stays lossless.
+builds the depths' attention mask and rotary embeddings by the base model's own rules (so models whose layers
+mix attention types are refused). Sampled, d_k comes from depth k's distribution given d_1 … d_{k-1}: a
+proposal fixed when d_k is drawn, so the verification above is unchanged and stays lossless.
 
 Limits: attention-only decoders (the caches are plain `DynamicCache`s that can be cropped and masked; a
 state-space layer's state cannot). Greedy output equals ordinary greedy decoding up to floating-point
