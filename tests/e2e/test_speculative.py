@@ -150,8 +150,9 @@ def test_last_head_wrong_crops_every_step(head_type):
     assert total.mean_accepted_length > 1.5
 
 
-def test_fewer_drafts_than_heads():
-    total = run_and_compare(trained("transformer"), cycle_prompts(20, seed=4), n_draft=2)
+@pytest.mark.parametrize("head_type", ["transformer", "sequential"])
+def test_fewer_drafts_than_heads(head_type):
+    total = run_and_compare(trained(head_type), cycle_prompts(20, seed=4), n_draft=2)
     assert len(total.proposed) == 2 and total.mean_accepted_length > 1.5
 
 
