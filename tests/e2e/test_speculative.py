@@ -1,4 +1,5 @@
-"""Self-speculative decoding: the same tokens as Hugging Face greedy `generate`, with honest statistics."""
+"""Self-speculative decoding: the same tokens as Hugging Face greedy `generate`, with honest statistics, for parallel
+heads (transformer, linear) and for the chain drafts of sequential depths."""
 
 import copy
 import math
@@ -124,14 +125,14 @@ def run_and_compare(model: MTPModel, prompts: list[tuple[torch.Tensor, int]], **
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("head_type", ["transformer", "linear"])
+@pytest.mark.parametrize("head_type", ["transformer", "linear", "sequential"])
 def test_random_heads_match_greedy(arch, head_type):
     model = randomise_heads(mtp_model(arch, head_type))
     total = run_and_compare(model, random_prompts(20, seed=1))
     assert sum(total.proposed) > 0
 
 
-@pytest.mark.parametrize("head_type", ["transformer", "linear"])
+@pytest.mark.parametrize("head_type", ["transformer", "linear", "sequential"])
 def test_trained_heads_accept_several_tokens_and_match_greedy(head_type):
     total = run_and_compare(trained(head_type), cycle_prompts(24, seed=2))
     assert total.mean_accepted_length > 1.5
@@ -139,7 +140,7 @@ def test_trained_heads_accept_several_tokens_and_match_greedy(head_type):
     assert sum(total.accepted) < sum(total.proposed)  # and rejections
 
 
-@pytest.mark.parametrize("head_type", ["transformer", "linear"])
+@pytest.mark.parametrize("head_type", ["transformer", "linear", "sequential"])
 def test_last_head_wrong_crops_every_step(head_type):
     """Heads 1..2 right, head 3 random: nearly every step accepts two drafts and crops one from every cache."""
     model = randomise_heads(trained(head_type), slice(-1, None))
@@ -149,12 +150,13 @@ def test_last_head_wrong_crops_every_step(head_type):
     assert total.mean_accepted_length > 1.5
 
 
-def test_fewer_drafts_than_heads():
-    total = run_and_compare(trained("transformer"), cycle_prompts(20, seed=4), n_draft=2)
+@pytest.mark.parametrize("head_type", ["transformer", "sequential"])
+def test_fewer_drafts_than_heads(head_type):
+    total = run_and_compare(trained(head_type), cycle_prompts(20, seed=4), n_draft=2)
     assert len(total.proposed) == 2 and total.mean_accepted_length > 1.5
 
 
-@pytest.mark.parametrize("head_type", ["transformer", "linear"])
+@pytest.mark.parametrize("head_type", ["transformer", "linear", "sequential"])
 def test_bfloat16_matches_greedy(head_type):
     total = run_and_compare(trained(head_type).to(torch.bfloat16), cycle_prompts(20, seed=5))
     assert total.mean_accepted_length > 1.5
@@ -182,8 +184,9 @@ def test_eos_stops_inside_a_multi_token_step():
     assert stops >= 12
 
 
-def test_never_more_than_max_new_tokens():
-    model = trained("transformer")
+@pytest.mark.parametrize("head_type", ["transformer", "sequential"])
+def test_never_more_than_max_new_tokens(head_type):
+    model = trained(head_type)
     prompt = CYCLE[:3].unsqueeze(0)
     reference = greedy(model, prompt, 16)
     for max_new in range(17):
@@ -200,6 +203,20 @@ def test_mode_restored():
     assert model.training and all(head.training for head in model.heads) and not model.base.training
 
 
+def test_chain_drafting_refuses_mixed_layer_types():
+    """The depths' mask comes from what the base model gives its first layer; with sliding and full layers mixed
+    that need not be the last layer's (the one the depths copy)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+                         max_window_layers=1, layer_types=["sliding_attention", "full_attention"])
+    model = MTPModel.from_base(Qwen2ForCausalLM(config), n_heads=2, head_type="sequential").eval()
+    with pytest.raises(ValueError, match="mixes layer types"):
+        speculative_generate(model, torch.randint(3, VOCAB, (1, 5)), 4)
+    assert len(speculative_generate(model, torch.randint(3, VOCAB, (1, 5)), 4, n_draft=0).tokens) == 4
+
+
 def test_rejects_batches_and_bad_arguments():
     model = mtp_model("llama", "transformer")
     with pytest.raises(ValueError, match="batch size 1"):
@@ -212,7 +229,8 @@ def test_rejects_batches_and_bad_arguments():
         speculative_generate(model, torch.randint(3, VOCAB, (1, 5)), -1)
 
 
-@pytest.mark.parametrize("arch,head_type", [("llama", "transformer"), ("llama", "linear"), ("gpt2", "transformer")])
+@pytest.mark.parametrize("arch,head_type", [("llama", "transformer"), ("llama", "linear"), ("gpt2", "transformer"),
+                                            ("llama", "sequential"), ("gpt2", "sequential")])
 def test_batched_rows_equal_greedy_each(arch, head_type):
     """Rows of different prompt lengths and different acceptance, in one batch: every row's tokens are its own
     greedy decoding (alone, no padding), with and without an eos; rows accept different numbers of drafts."""
@@ -250,20 +268,38 @@ def head_distribution(model: MTPModel, prompt: list[int], length: int, temperatu
     return joint
 
 
-def test_speculative_sampling_follows_the_base_model_distribution():
-    """Counting on a 6-token vocabulary: 3 tokens sampled self-speculatively (3 heads drafting, so drafts are
-    accepted, rejected and resampled) follow the base model's exact joint at T = 0.7 (chi-square over the 216
-    sequences), while the heads' own joint, which an unchecked decoder would produce, is clearly rejected by the
+def chain_distribution(model: MTPModel, prompt: list[int], vocab: int, length: int, temperature: float,
+                       ) -> torch.Tensor:
+    """The same for sequential depths: x_1 from head 0, then x_{1+h} from depth h at the prompt's last position
+    given x_1…x_h (depth h there reads the embedding of x_h and depth h-1's state), from one forward over every
+    continuation: p(x_1) · q_1(x_2 | x_1) · q_2(x_3 | x_1, x_2) ⋯"""
+    sequences = torch.cartesian_prod(*[torch.arange(vocab)] * length).view(-1, length)
+    ids = torch.cat([torch.tensor(prompt).expand(len(sequences), -1), sequences[:, :-1]], dim=1)
+    with torch.no_grad():
+        logits = model(ids, return_logits=True).logits[:, len(prompt) - 1, :length].float()  # [N, length, V]
+    logp = torch.log_softmax(logits / temperature, -1).gather(2, sequences[..., None])[..., 0]
+    return logp.sum(1).exp()
+
+
+@pytest.mark.parametrize("head_type", ["transformer", "sequential"])
+def test_speculative_sampling_follows_the_base_model_distribution(head_type):
+    """Counting on a 6-token vocabulary: 3 tokens sampled self-speculatively (2 heads or depths drafting, so drafts
+    are accepted, rejected and resampled) follow the base model's exact joint at T = 0.7 (chi-square over the 216
+    sequences), while the drafters' own joint, which an unchecked decoder would produce, is clearly rejected by the
     same test: it has the power to see the difference."""
     from scipy.stats import chisquare
 
     vocab, length, temperature = 6, 3, 0.7
     torch.manual_seed(0)
-    model = randomise_heads(MTPModel.from_base(tiny_llama(vocab=vocab), n_heads=3).eval(), seed=1)
+    model = randomise_heads(MTPModel.from_base(tiny_llama(vocab=vocab), n_heads=3, head_type=head_type).eval(),
+                            seed=1)
     prompt = [3, 1, 4, 1, 5]
     exact = exact_distribution(model, prompt, vocab, length, temperature)
-    unchecked = head_distribution(model, prompt, length, temperature)
-    assert (exact - unchecked).abs().sum() > 0.3  # the heads propose from a different distribution
+    if head_type == "sequential":
+        unchecked = chain_distribution(model, prompt, vocab, length, temperature)
+    else:
+        unchecked = head_distribution(model, prompt, length, temperature)
+    assert (exact - unchecked).abs().sum() > 0.2  # the drafters propose from a different distribution
     generator = torch.Generator().manual_seed(0)
     counts = torch.zeros(vocab ** length)
     accepted = proposed = 0
@@ -300,8 +336,97 @@ def test_sampling_is_seeded_and_greedy_at_zero_temperature():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("head_type", ["transformer", "sequential"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_matches_greedy(dtype):
-    model = trained("transformer").to("cuda", dtype)
+def test_cuda_matches_greedy(dtype, head_type):
+    model = trained(head_type).to("cuda", dtype)
     prompts = [(prompt.cuda(), max_new) for prompt, max_new in cycle_prompts(20, seed=8)]
     assert run_and_compare(model, prompts).mean_accepted_length > 1.5
+
+
+def chain_reference(model: MTPModel, prompts: list[list[int]], max_new_tokens: int,
+                    draft_states: list[torch.Tensor] | None = None) -> list[SpeculativeResult]:
+    """Greedy chain drafting written from the definition with whole-sequence forwards and no cache: after each
+    verify, depth j drafts d_j = argmax of its logits at the last verified position m-1 of one forward over
+    x[0…m] + d_1…d_{j-1} (at m-1 it reads emb(x[m]) for j = 1, emb(d_{j-1}) and depth j-1's state after; at earlier
+    positions the accepted tokens, as in training); head 0 then verifies the drafts with one more forward. Rows
+    step together, each step drafting as many tokens as the row with most tokens still to go can use, as the
+    batched decoder does. `draft_states` (a list) receives each depth's normed state [D] that a draft was read
+    from, in the order drafted."""
+    n_draft = model.n_heads - 1
+    results = [SpeculativeResult([], 1, [0] * n_draft, [0] * n_draft) for _ in prompts]
+
+    def states(tokens: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.stack(model.head_hidden_states(torch.tensor([tokens]))[0], dim=2)[0]  # [S, n, D]
+
+    def logits(tokens: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return model.unembedding(states(tokens))  # [S, n, V]
+
+    rows = [list(p) + [int(logits(p)[-1, 0].argmax())] for p in prompts]
+    for x, result in zip(rows, results, strict=True):
+        result.tokens.append(x[-1])
+    while active := [b for b, r in enumerate(results) if len(r.tokens) < max_new_tokens]:
+        width = max(0, min(n_draft, max(max_new_tokens - len(results[b].tokens) for b in active) - 1))
+        for b in active:
+            x, result = rows[b], results[b]
+            m, drafts = len(x) - 1, []
+            for j in range(1, n_draft + 1):
+                state = states(x + drafts)[m - 1, j]
+                drafts.append(int(model.unembedding(state).argmax()))
+                if draft_states is not None:
+                    draft_states.append(state)
+            drafts = drafts[:width]
+            target = logits(x + drafts)[m:, 0].argmax(-1).tolist()  # head 0's choices for x[m+1…]
+            accepted = 0
+            while accepted < len(drafts) and drafts[accepted] == target[accepted]:
+                accepted += 1
+            result.forward_passes += 1
+            for h in range(min(accepted + 1, len(drafts))):
+                result.proposed[h] += 1
+                result.accepted[h] += h < accepted
+            emitted = drafts[:accepted] + [target[accepted]]
+            x += emitted
+            result.tokens.extend(emitted[:max_new_tokens - len(result.tokens)])
+    return results
+
+
+def test_chain_drafts_equal_whole_sequence_forwards():
+    """The depth caches hold what the depths compute in training: every draft of the cached chain decoder is read
+    from the state the cache-free reference above computes (to rounding), and it proposes and accepts exactly what
+    the reference does, in every count, alone and in a batch (rows of different lengths, so the depths' committed
+    columns differ by row). The model is trained briefly, so its depths draft right often but not always: drafts
+    are rejected, and a cache entry left from a rejected draft would show in a later state."""
+    model = train_on_cycle(mtp_model("llama", "sequential"), steps=10)
+    prompts = cycle_prompts(10, seed=12)
+
+    def counts(result: SpeculativeResult) -> tuple:
+        return result.tokens, result.forward_passes, result.proposed, result.accepted
+
+    # One row: each depth's call covers the positions it (re)computes, and its last one is the draft's.
+    drafted: list[torch.Tensor] = []
+    hooks = [depth.register_forward_hook(lambda _m, _a, out: drafted.append(out[1][0, -1])) for depth in model.heads]
+    accepted = proposed = 0
+    for prompt, max_new in prompts:
+        drafted.clear()
+        alone = speculative_generate(model, prompt, max_new)
+        fast_states = list(drafted)
+        for hook in hooks:
+            hook.remove()
+        reference_states: list[torch.Tensor] = []
+        reference = chain_reference(model, [prompt[0].tolist()], max_new, reference_states)[0]
+        hooks = [depth.register_forward_hook(lambda _m, _a, out: drafted.append(out[1][0, -1]))
+                 for depth in model.heads]
+        assert counts(alone) == counts(reference), prompt.tolist()
+        assert len(fast_states) == len(reference_states) == (alone.forward_passes - 1) * (N_HEADS - 1)
+        if fast_states:
+            torch.testing.assert_close(torch.stack(fast_states), torch.stack(reference_states), rtol=0, atol=1e-5)
+        accepted, proposed = accepted + sum(alone.accepted), proposed + sum(alone.proposed)
+    for hook in hooks:
+        hook.remove()
+    assert 0.2 * proposed < accepted < 0.8 * proposed  # drafts both accepted and rejected: the counts carry weight
+    rows = [p[0].tolist() for p, _ in prompts]
+    for got, expected in zip(speculative_generate_batch(model, rows, 16), chain_reference(model, rows, 16),
+                             strict=True):
+        assert counts(got) == counts(expected)

@@ -5,6 +5,7 @@ gradients, activation checkpointing, save/load, the memory plan's block count an
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -227,17 +228,31 @@ def test_memory_plan_counts_the_depths():
     assert seq.activations > tr.activations and seq_flops > tr_flops
 
 
-def test_tiny_training_run_with_sequential_heads(tmp_path):
+def test_tiny_training_run_with_sequential_heads_then_eval_with_speculative_statistics(tmp_path):
+    """`wmtp train` with sequential heads, then `wmtp eval` on the checkpoint: its self-speculative section drafts
+    with the depths (chain drafting) and reports acceptance per depth."""
     from wmtp.cli import main
 
-    assert main(train_args(tmp_path, recipe={"mtp": {"head_type": "sequential"}, "train": {"max_steps": 3}})) == 0
-    model = MTPModel.from_pretrained(tmp_path / "runs" / "run" / "final")
+    mbpp = Path(__file__).resolve().parents[2] / "data" / "mbpp"
+    config = {"datasets": {"mbpp": str(mbpp)}}
+    assert main(train_args(tmp_path, config=config, recipe={"mtp": {"head_type": "sequential"},
+                                                            "train": {"max_steps": 3}})) == 0
+    final = tmp_path / "runs" / "run" / "final"
+    model = MTPModel.from_pretrained(final)
     assert model.mtp_config.head_type == "sequential" and model.n_heads == 3
     assert all(isinstance(d, SequentialDepth) for d in model.heads)
     assert not torch.equal(model.heads[0].eh_proj.weight[:, :32], torch.zeros(32, 32))  # the modules trained
     # the run scaled its fresh depths to the trunk's residual stream before step 1 (RMS about 0.02 in this random
     # trunk; a norm weight moves by about the learning rate per step, so after 3 steps it is still far from 1)
     assert all(d.hnorm.weight.mean() < 0.5 for d in model.heads)
+    out = tmp_path / "ev"
+    config_path, recipe_path = tmp_path / "config.yaml", tmp_path / "recipe.yaml"
+    assert main(["eval", "--config", str(config_path), "--recipe", str(recipe_path), "--checkpoint", str(final),
+                 "--benchmarks", "mbpp", "--limit", "2", "--max-new-tokens", "12", "--no-heads",
+                 "--speculative-prompts", "2", "--out", str(out)]) == 0
+    spec = json.loads((out / "results.json").read_text())["speculative"]
+    assert spec["prompts"] == 2 and spec["mean_accepted_length"] >= 1.0
+    assert len(spec["acceptance_per_head"]) == 2 and spec["forward_passes"] > 0
 
 
 def test_fsdp2_wraps_each_depth_as_its_own_unit_with_the_same_loss_and_gradients(one_rank_group):
@@ -286,13 +301,6 @@ def test_every_valid_pair_has_its_input_token_in_the_same_document():
         rows, cols = valid.nonzero(as_tuple=True)
         assert torch.equal(labels[rows, cols, k], x[rows, cols + k + 1])  # the target is the token after the input
         assert not bool(present[:, 16 - k:].any())  # past the row: missing, embedding zeroed
-
-
-def test_speculative_decoding_refuses_sequential_heads_for_now():
-    from wmtp.evaluate.speculative import _Forward
-
-    with pytest.raises(ValueError, match="sequential"):
-        _Forward(sequential_model(), 2)
 
 
 @pytest.mark.slow

@@ -1,9 +1,10 @@
 """Self-speculative decoding with the MTP heads (docs/method.md §6): greedy or sampled, one row or a batch.
 
-One step: the draft heads 1…k propose k tokens from the last accepted position at once; the next forward runs
-the base model over [last token, draft 1, …, draft k] with its KV cache, and head 0 (the base model) verifies
-them, so every forward yields at least one token. The same forward gives the next drafts: the heads read the
-trunk state at the last accepted position, so no extra trunk pass is needed.
+One step: the draft heads 1…k propose k tokens from the last accepted position; the next forward runs the base
+model over [last token, draft 1, …, draft k] with its KV cache, and head 0 (the base model) verifies them, so
+every forward yields at least one token. The same forward gives the next drafts: parallel heads (transformer,
+linear) read the trunk state at the last accepted position, all at once; sequential depths draft one after
+another from it (chain drafting, below). No extra trunk pass either way.
 
 Verification:
 - greedy (temperature 0): the longest prefix of drafts equal to head 0's greedy choices is accepted, plus head
@@ -28,7 +29,32 @@ positions as the base cache; both always hold the same length, which lets a head
 position ids and rotary embeddings the base model built for its last layer (captured by a forward pre-hook,
 as `MTPModel.head_hidden_states` does). The heads run on every position of the verify forward (their caches
 need the accepted ones, and which are accepted is known only after head 0's logits). Linear heads read the base
-model's final hidden state and keep no cache.
+model's final hidden state and keep no cache. Sequential depths keep a cache each too, filled after the verify
+(chain drafting).
+
+Chain drafting (sequential depths, docs/method.md §2.1 and §6). In training (teacher forcing) depth k at position
+t reads (h_{k-1,t}, emb(x[t+k])) and predicts x[t+k+1]; its block attends over its own keys and values at the
+positions s ≤ t, made from the inputs (h_{k-1,s}, emb(x[s+k])). At decoding, let x[m] be a row's newest token
+(head 0's token from the last verify; the trunk has run up to position m-1). The drafts are read at position
+m-1: depth 1 reads (h_{0,m-1}, emb(x[m])) and drafts d_1 for x[m+1]; depth k reads (h_{k-1,m-1}, emb(d_{k-1}))
+and drafts d_k for x[m+k], each depth passing the next its own state (its first output). That is training's
+computation at position m-1 on the sequence x̂ = x[0…m] d_1 … d_{k-1}, provided each depth's cache holds
+training's entries for x̂: depth k's entry at position t reads emb(x̂[t+k]). For t ≤ m-k that token is accepted,
+so the entry is final (committed) and is never recomputed; for m-k < t ≤ m-1 it is a draft of this step
+(speculative: depth 1 has none, depth k has k-1). So after each verify every depth runs once, in depth order,
+over the columns from the first one not committed to the newest (the verify forward's accepted columns and the
+speculative ones before them; it needs depth k-1's states there and d_{k-1}), the draft is read at each row's
+last column, and every depth cache is cut back to the columns committed for the deepest depth k used (t ≤
+m-k) in every row. A rejected draft therefore never stays in a cache: its entries were speculative, and the next
+step recomputes those positions with the accepted token; its own column is masked or cropped as in the base
+cache. The drafts equal those of a whole-sequence forward over x̂ (tests/e2e/test_speculative.py checks the
+states to 1e-5). Depth 1 reads the base model's final hidden states, kept from the verify forwards for the
+columns not yet committed. Cost per step: k calls of one block over a few positions each (about k-1 plus the
+accepted ones; decoding reads a block's weights once per call whatever that handful of positions), k one-row
+unembeddings (depth k needs d_{k-1}), and one call of the base model stopped before its first layer, which
+builds the depths' attention mask and rotary embeddings by the base model's own rules (so models whose layers
+mix attention types are refused). Sampled, d_k comes from depth k's distribution given d_1 … d_{k-1}: a
+proposal fixed when d_k is drawn, so the verification above is unchanged and stays lossless.
 
 Limits: attention-only decoders (the caches are plain `DynamicCache`s that can be cropped and masked; a
 state-space layer's state cannot). Greedy output equals ordinary greedy decoding up to floating-point
@@ -79,12 +105,11 @@ class SpeculativeResult:
 class _Forward:
     """Forwards of the base model and the first k draft heads over new positions, with their KV caches."""
 
+    chain = False
+
     def __init__(self, model: MTPModel, n_draft: int) -> None:
         self.model = model
         self.heads = list(model.heads[:n_draft])
-        if model.mtp_config.head_type == "sequential":
-            raise ValueError("speculative decoding with sequential heads (chain drafting) is not implemented yet; "
-                             "train transformer or linear heads to draft")
         self.transformer = model.mtp_config.head_type == "transformer"
         if self.transformer:
             self.inner, layers, self.norm = decoder_parts(model.base)
@@ -154,6 +179,141 @@ class _Forward:
                     layer.crop(-n)
 
 
+class _LayerArguments(Exception):
+    """Raised by the hook that captures a decoder layer's arguments, to stop the model before any layer runs."""
+
+
+class _ChainForward:
+    """Forwards of the base model, and the chain drafts of the first k sequential depths (module docstring).
+
+    Keeps, besides the base model's cache: one `DynamicCache` per depth, holding the columns before `committed`
+    (the same for every depth); the base model's final hidden state from that column on (`states`, what depth 1
+    reads); the position id of every cached column; and each row's tokens by position (`tokens`, drafts written
+    after the accepted ones).
+    """
+
+    chain = True
+
+    def __init__(self, model: MTPModel, n_draft: int) -> None:
+        self.model = model
+        self.depths = list(model.heads[:n_draft])
+        self.inner, layers, _ = decoder_parts(model.base)
+        layer_types = getattr(model.config, "layer_types", None)
+        if layer_types and len(set(layer_types)) > 1:
+            raise ValueError(f"chain drafting builds the depths' attention masks as the first decoder layer gets "
+                             f"them; {type(model.base).__name__} mixes layer types {sorted(set(layer_types))}")
+        self.first_layer = layers[0]
+        self.embed = model.base.get_input_embeddings()
+        self.cache_arg = "cache" if "cache" in inspect.signature(self.inner.forward).parameters else "past_key_values"
+        self.cache = DynamicCache()
+        self.depth_caches = [DynamicCache() for _ in self.depths]
+        self.committed = 0
+        self.states: torch.Tensor | None = None  # [B, cached - committed, D]
+        self.positions: torch.Tensor | None = None  # [B, cached]
+        self.tokens: torch.Tensor | None = None  # [B, capacity]
+
+    def start(self, prompts: list[list[int]], device: torch.device) -> None:
+        """Each row's prompt tokens by position (0: its first token)."""
+        width = max(len(p) for p in prompts)
+        self.tokens = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=device)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor) -> torch.Tensor:
+        """The base model's forward as `_Forward`'s; keeps the final hidden state and the positions."""
+        final = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=True, **{self.cache_arg: self.cache}).last_hidden_state
+        self.states = final if self.states is None else torch.cat([self.states, final], dim=1)
+        self.positions = position_ids if self.positions is None else torch.cat([self.positions, position_ids], 1)
+        return final
+
+    def drop_last(self, n: int) -> None:
+        """Forget the last n columns of the base model's cache (the depth caches end before them)."""
+        if not n:
+            return
+        for layer in self.cache.layers:
+            if layer.get_seq_length():
+                layer.crop(-n)
+        self.states, self.positions = self.states[:, :-n], self.positions[:, :-n]
+
+    def record(self, start: torch.Tensor, values: torch.Tensor) -> None:
+        """Write values [B, q] at positions start[b] + 0…q-1 of each row's tokens."""
+        end = int((start + values.shape[1]).max())
+        if end > self.tokens.shape[1]:
+            grow = max(end - self.tokens.shape[1], self.tokens.shape[1])
+            self.tokens = torch.cat([self.tokens, self.tokens.new_zeros(self.tokens.shape[0], grow)], dim=1)
+        self.tokens.scatter_(1, start[:, None] + torch.arange(values.shape[1], device=values.device), values)
+
+    def draft(self, mask: torch.Tensor, newest: torch.Tensor, choose) -> tuple[list, list]:
+        """The chain drafts of every row: depth j = 1…k drafts x[newest + j] at the row's last cached position.
+
+        mask: [B, cached], each row's columns (rejected ones 0); newest: [B], the position of each row's newest
+        token (head 0's, already in `tokens`, not yet in the base cache). choose(logits [B, V]) → (tokens [B],
+        probabilities [B, V] or None). Returns the k drafts and their probabilities, depth by depth.
+        """
+        cached = mask.shape[1]
+        begin = self.committed
+        columns = mask[:, begin:].bool()
+        positions = self.positions[:, begin:]
+        # The last column each row attends to holds its position newest - 1: the drafts are read there.
+        last = cached - 1 - begin - columns.flip(1).long().argmax(1)
+        rows = torch.arange(mask.shape[0], device=mask.device)
+        arguments = self.layer_arguments(mask, positions, begin)
+        state, drafts, probs = self.states, [], []
+        for k, (depth, depth_cache) in enumerate(zip(self.depths, self.depth_caches, strict=True), start=1):
+            ids = self.tokens.gather(1, torch.where(columns, positions + k, 0))
+            args, kwargs = arguments(depth_cache)
+            state, normed = depth(state, self.embed(ids), *args, **kwargs)
+            token, prob = choose(self.model.unembedding(normed[rows, last]))
+            self.record(newest + k, token[:, None])
+            drafts.append(token)
+            probs.append(prob)
+        # Depth k's entry at position t is final once x[t+k] is known, t ≤ newest - k, for every depth used.
+        pending = columns & (positions > newest[:, None] - len(self.depths))
+        first_pending = torch.where(pending.any(1), pending.long().argmax(1), cached - begin)
+        keep = begin + int(first_pending.min())
+        for depth_cache in self.depth_caches:
+            for layer in depth_cache.layers:
+                if layer.get_seq_length() > keep:
+                    layer.crop(keep - layer.get_seq_length())
+        self.states = self.states[:, keep - begin:]
+        self.committed = keep
+        return drafts, probs
+
+    def layer_arguments(self, mask: torch.Tensor, positions: torch.Tensor, past: int):
+        """The arguments the base model gives a decoder layer (attention mask, rotary embeddings, cache) for the
+        columns past… of `mask` with `past` columns cached, from a call of the base model stopped before its
+        first layer runs, so the base model's own masking rules apply. Returns a function of a depth's cache
+        that gives (args, kwargs) with that cache in place of the stand-in the mask was built against."""
+        stand_in = DynamicCache()
+        if past:
+            empty = positions.new_zeros((1, 1, past, 1), dtype=self.states.dtype)
+            stand_in.update(empty, empty, 0)
+        captured: dict = {}
+
+        def capture(_module, args, kwargs):
+            captured["args"], captured["kwargs"] = args[1:], dict(kwargs)
+            if not args:
+                captured["kwargs"].pop("hidden_states")
+            raise _LayerArguments
+
+        handle = self.first_layer.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            self.inner(input_ids=torch.zeros_like(positions), attention_mask=mask, position_ids=positions,
+                       use_cache=True, **{self.cache_arg: stand_in})
+        except _LayerArguments:
+            pass
+        finally:
+            handle.remove()
+
+        def with_cache(cache: DynamicCache) -> tuple[tuple, dict]:
+            def swap(value):
+                return cache if value is stand_in else value
+
+            return tuple(swap(v) for v in captured["args"]), {k: swap(v) for k, v in captured["kwargs"].items()}
+
+        return with_cache
+
+
 def _check_arguments(model: MTPModel, max_new_tokens: int, n_draft: int | None, temperature: float) -> int:
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -215,6 +375,19 @@ def _probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(logits.float() / temperature, dim=-1)
 
 
+def _choose(logits: torch.Tensor, temperature: float, generator: torch.Generator | None,
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Drafts from logits [..., V]: (tokens [...], None) greedy, or (tokens sampled at `temperature`, their
+    distributions [..., V])."""
+    if temperature == 0:
+        return logits.argmax(-1), None
+    probs = _probabilities(logits, temperature)
+    if not probs.shape[:-1].numel():
+        return probs.new_empty(probs.shape[:-1], dtype=torch.long), probs
+    tokens = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+    return tokens.view(probs.shape[:-1]), probs
+
+
 def _decode(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None,
             n_draft: int, temperature: float, generator: torch.Generator | None, pad_token_id: int,
             results: list[SpeculativeResult]) -> None:
@@ -226,7 +399,10 @@ def _decode(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, eos_
     positions = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
     next_position = mask.sum(1)  # [B] each row's number of tokens, prompt included
     rows = torch.arange(batch, device=device)
-    forward = _Forward(model, n_draft)
+    chain = model.mtp_config.head_type == "sequential" and n_draft > 0
+    forward = _ChainForward(model, n_draft) if chain else _Forward(model, n_draft)
+    if chain:
+        forward.start(prompts, device)
     drafts = step_input.new_empty(batch, 0)  # the prefill forward is a step with no drafts
     draft_probs = None  # [B, k, V]: the distributions the drafts were sampled from (temperature > 0)
     active = [True] * batch
@@ -241,7 +417,7 @@ def _decode(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, eos_
         # row is memory-bound: reading the [V, D] matrix once for (n_draft + 1)(k + 1) rows costs about what one
         # row does, where a second call would read it again (a fifth of what a 135M model reads per token).
         hidden = final[None, :, last:]
-        if n_draft:
+        if n_draft and not chain:
             hidden = torch.cat([hidden, forward.draft_hidden(last)])
         all_logits = model.unembedding(hidden)  # [1 + n_draft, B, k + 1, V]
         logits = all_logits[0]
@@ -263,14 +439,9 @@ def _decode(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, eos_
             total = residual.sum(-1, keepdim=True)
             residual = torch.where(total > 0, residual / total.clamp(min=1e-30), p[rows, n_accepted])
             extra = torch.multinomial(residual, 1, generator=generator)[:, 0]
-        # The next drafts come from each row's last accepted position.
-        next_logits = all_logits[1:, rows, n_accepted].transpose(0, 1)  # [B, n_draft, V]
-        if temperature == 0:
-            next_drafts, next_probs = next_logits.argmax(-1), None
-        else:
-            next_probs = _probabilities(next_logits, temperature)
-            next_drafts = (torch.multinomial(next_probs.flatten(0, 1), 1, generator=generator)
-                           .view(batch, -1) if n_draft else next_logits.new_empty(batch, 0, dtype=torch.long))
+        if not chain:  # the next drafts come from each row's last accepted position
+            next_drafts, next_probs = _choose(all_logits[1:, rows, n_accepted].transpose(0, 1), temperature,
+                                              generator)  # [B, n_draft], [B, n_draft, V]
         accepted_list, extra_list, draft_list = n_accepted.tolist(), extra.tolist(), drafts.tolist()
         for b in range(batch):
             if not active[b]:
@@ -294,7 +465,17 @@ def _decode(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, eos_
         mask = mask[:, :mask.shape[1] - int(rejected.min())]
         columns = torch.arange(mask.shape[1], device=device)
         mask = mask.masked_fill(columns >= mask.shape[1] - (rejected - rejected.min())[:, None], 0)
+        if chain:
+            # The accepted drafts and head 0's token join each row's tokens; the depths then draft from them.
+            emitted_ids = torch.cat([drafts, drafts.new_zeros(batch, 1)], dim=1)
+            emitted_ids[rows, n_accepted] = extra
+            forward.record(next_position, emitted_ids)
         next_position = next_position + n_accepted + 1
+        if chain:
+            chained, chained_probs = forward.draft(mask, next_position - 1,
+                                                   lambda logits: _choose(logits, temperature, generator))
+            next_drafts = torch.stack(chained, dim=1)
+            next_probs = None if temperature == 0 else torch.stack(chained_probs, dim=1)
         # Never draft past max_new_tokens: a step emits at most its drafts + 1 tokens.
         remaining = max(max_new_tokens - len(r.tokens) for r, a in zip(results, active, strict=True) if a)
         drafts = next_drafts[:, :max(0, min(n_draft, remaining - 1))]
