@@ -12,7 +12,8 @@ metrics.jsonl, so the records hold every step once, and a run directory that was
 object storage) gets its records back (`restore_records`).
 
 A resumed run appends to the same TensorBoard directory (a new event file) and hides what the stopped run logged
-after its checkpoint's step (`purge_step`), as it does for metrics.jsonl; a fresh start hides everything before.
+after its checkpoint's step (`purge_step`), as it does for metrics.jsonl (a line of the checkpoint's copy past that
+step, from critic stage 1's own step counter, is written again); a fresh start hides everything before.
 
 By default the MLflow store is a local sqlite file shared by all runs under the output directory
 (`<output_dir>/mlflow.db`, artifacts in `<output_dir>/mlartifacts`), so runs can be compared side by side
@@ -142,6 +143,8 @@ class Tracker:
             self.tensorboard_dir = tensorboard_dir or record_dir / TENSORBOARD_DIR
             self.writer = SummaryWriter(str(self.tensorboard_dir),
                                         purge_step=0 if resumed_from is None else start_step + 1)
+            if resumed_from is not None and self.record_dir is not None:
+                self._relog_past(start_step)
         if not self.uses_mlflow:
             return
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -191,6 +194,17 @@ class Tracker:
             return
         with atomic_file(path) as tmp:
             shutil.copyfile(saved / METRICS_FILE, tmp)
+
+    def _relog_past(self, step: int) -> None:
+        """The continued metrics.jsonl's lines past `step` (a stage on its own step counter, critic stage 1, logged
+        them before the checkpoint), which the purge hid, to TensorBoard again."""
+        path = self.record_dir / METRICS_FILE
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            record = json.loads(line)
+            if record["step"] > step:
+                for name, value in record.items():
+                    if name != "step":
+                        self.writer.add_scalar(name, value, record["step"])
 
     def record_files(self) -> dict[str, Path]:
         """The run's records as they are now, by the name a checkpoint keeps them under (`records/metrics.jsonl`,
@@ -253,6 +267,11 @@ class Tracker:
                 self._mlflow.log_artifacts(str(path), artifact_path=artifact_path)
             else:
                 self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def flush(self) -> None:
+        """Write TensorBoard's buffered events to disk (before a remote run's directory is uploaded)."""
+        if self.writer is not None:
+            self.writer.flush()
 
     def end(self, status: str = "FINISHED") -> None:
         if self.record_dir is not None:

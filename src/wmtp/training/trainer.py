@@ -270,6 +270,7 @@ class Trainer:
                 self._write_artifacts()
                 if status == "FINISHED":
                     final = self.checkpointer.save_final(self.tracker, self.scheme.finish)
+                self.tracker.flush()  # the event files are among the files uploaded last
                 self.checkpointer.finish_uploads()
         except BaseException:
             self.tracker.end("FAILED")
