@@ -83,3 +83,24 @@ def test_a_resumed_tensorboard_directory_shows_the_checkpoints_metrics_once(tmp_
     accumulator.Reload()
     assert {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]} == {
         "stage1/loss": [(10, 0.5)], "train/loss": [(1, 3.0), (2, 2.0), (3, 1.0)]}
+
+
+def test_histograms_span_their_filled_bins_and_an_empty_one_is_left_out(tmp_path):
+    """TensorBoard draws a histogram's buckets from `min` (the first filled bin's left edge) to `max` (the last
+    filled bin's right edge); sum and sum of squares at the bin centres."""
+    from tensorboard.backend.event_processing.event_accumulator import HISTOGRAMS, EventAccumulator
+
+    from wmtp.runtime.tracking import Histogram, Tracker
+
+    edges = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    tracker = Tracker(Tracking(), tmp_path, "h", active=True, backends=["tensorboard"], tensorboard_dir=tmp_path)
+    tracker.log_histograms({"w/head0": Histogram(edges, [0, 0, 3, 1, 0]), "w/head1": Histogram(edges, [0] * 5)}, 7)
+    tracker.end()
+    accumulator = EventAccumulator(str(tmp_path), size_guidance={HISTOGRAMS: 0})
+    accumulator.Reload()
+    assert accumulator.Tags()[HISTOGRAMS] == ["w/head0"]
+    (event,) = accumulator.Histograms("w/head0")
+    value = event.histogram_value
+    assert event.step == 7 and (value.min, value.max, value.num) == (2.0, 4.0, 4.0)
+    assert list(value.bucket_limit) == edges[1:] and list(value.bucket) == [0, 0, 3, 1, 0]
+    assert (value.sum, value.sum_squares) == (3 * 2.5 + 3.5, 3 * 2.5**2 + 3.5**2)
