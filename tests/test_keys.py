@@ -40,7 +40,17 @@ import wmtp.model.mtp
 import wmtp.runtime.distributed
 from wmtp.cli import main
 from wmtp.components.optim import lr_lambda, make_optimizer
-from wmtp.config import Config, ConfigError, DataSettings, ModelSource, Recipe, ScratchModel, Tracking, Training
+from wmtp.config import (
+    Config,
+    ConfigError,
+    DataSettings,
+    ModelSource,
+    Recipe,
+    ScratchModel,
+    Tracking,
+    Training,
+    load_config,
+)
 from wmtp.data.sequences import labels_for, train_bpe_tokenizer
 from wmtp.data.sources import load_examples
 from wmtp.data.steps import plan_steps
@@ -544,10 +554,11 @@ def check_fsdp_cpu_offload(kit: Kit) -> None:
         kit.config(compute={"fsdp": {"cpu_offload": True}})
 
 
-def tracked(kit: Kit, **mlflow) -> dict:
+def tracked(kit: Kit, backends: list[str] | None = None, **mlflow) -> dict:
     settings = {"enabled": True, "tracking_uri": kit.shared.mlflow_store(), "experiment": "keys",
                 "log_model": False, **mlflow}
-    return kit.trainer(config={"mlflow": settings}, recipe={"train": {"max_steps": 1}}, name="tracked").run()
+    config = {"mlflow": settings, **({"tracking": {"backends": backends}} if backends is not None else {})}
+    return kit.trainer(config=config, recipe={"train": {"max_steps": 1}}, name="tracked").run()
 
 
 def check_mlflow_enabled(kit: Kit) -> None:
@@ -561,6 +572,38 @@ def check_mlflow_enabled(kit: Kit) -> None:
     assert len(client.search_runs([experiment])) == before
     run_id = tracked(kit)["mlflow_run_id"]
     assert client.get_run(run_id).data.metrics["train/loss"] > 0
+
+
+def check_tracking_backends(kit: Kit) -> None:
+    """`tracking.backends` names the trackers: tensorboard alone writes event files in the run directory and starts
+    no MLflow run (mlflow.enabled left true); mlflow alone writes no event files; an unknown name is a one-line
+    error naming the key, and tensorboard without its package one naming the key and the pip command."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(kit.shared.mlflow_store())
+    experiment = client.get_experiment_by_name("keys").experiment_id
+    before = len(client.search_runs([experiment]))
+    result = tracked(kit, backends=["tensorboard"])
+    run_dir = kit.tmp / "runs" / "tracked"
+    assert result["mlflow_run_id"] is None and len(client.search_runs([experiment])) == before
+    assert result["tensorboard_dir"] == str(run_dir / "tensorboard")
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    import shutil
+
+    shutil.rmtree(run_dir)
+    result = tracked(kit, backends=["mlflow"])
+    assert result["mlflow_run_id"] is not None and result["tensorboard_dir"] is None
+    assert not (run_dir / "tensorboard").exists()
+    path = kit.tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(kit.raw_config(tracking={"backends": ["mlflow", "wandb"]})))
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value).startswith(f"{path}: tracking.backends.1: ") and "'tensorboard'" in str(error.value)
+    assert "\n" not in str(error.value)
+    kit.monkeypatch.setitem(sys.modules, "tensorboard", None)  # what an environment without the package imports
+    with pytest.raises(ConfigError, match=r"^config: tracking.backends: tensorboard needs the tensorboard package: "
+                       r"pip install tensorboard$"):
+        kit.prepare(kit.config(tracking={"backends": ["tensorboard"]}))
 
 
 def check_tracking_uri(kit: Kit) -> None:
@@ -1299,6 +1342,7 @@ KEY_CHECKS: dict[str, Callable[[Kit], None]] = {
     "config.compute.fsdp.param_dtype": check_fsdp_param_dtype,
     "config.compute.fsdp.reduce_dtype": check_fsdp_reduce_dtype,
     "config.compute.fsdp.cpu_offload": check_fsdp_cpu_offload,
+    "config.tracking.backends": check_tracking_backends,
     "config.mlflow.enabled": check_mlflow_enabled,
     "config.mlflow.tracking_uri": check_tracking_uri,
     "config.mlflow.experiment": check_experiment,

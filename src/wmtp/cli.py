@@ -21,7 +21,7 @@ from .evaluate.settings import PROMPT_FORMATS, EvalSettings, ExecuteSettings, Sa
 from .execution import BENCHMARKS
 from .execution.sandbox import Limits
 from .runtime.storage import StorageError
-from .runtime.tracking import tracking_uri
+from .runtime.tracking import describe_tracking
 from .weighting import CommandInputs, SchemeCommand, checked_config, commands, config_section_names, frozen_model
 
 
@@ -222,6 +222,8 @@ def _summary(result: dict, run_dir: Path, run_url: str | None = None) -> str:
     if result["mlflow_run_id"]:
         lines.append(f"MLflow run {result['mlflow_run_id']} in {result['tracking_uri']} "
                      f"(mlflow ui --backend-store-uri {result['tracking_uri']})")
+    if result.get("tensorboard_dir"):
+        lines.append(f"TensorBoard: tensorboard --logdir {result['tensorboard_dir']}")
     return "\n".join(lines)
 
 
@@ -264,7 +266,7 @@ def train_command(args: argparse.Namespace) -> int:
                  f"no checkpoint of {run_url or run_dir} found: {'would start' if args.dry_run else 'starting'} at "
                  "step 0" if args.resume == "auto" else None)
         setup = prepare(config, recipe, info, tokenizer_dir=resume / TOKENIZER_DIR if resume else None)
-        tracking = tracking_uri(config.mlflow, run_dir.parent) if config.mlflow.enabled else "disabled"
+        tracking = describe_tracking(config, run_dir)
         where = f"{run_url} (written first to {run_dir})" if run_url else str(run_dir)
         if args.dry_run:
             report = dry_run_report(setup)

@@ -147,7 +147,8 @@ class Checkpointing(Strict):
 
 
 class Tracking(Strict):
-    enabled: bool = Field(True, description="track runs in MLflow (run.json and metrics.jsonl are written either way)")
+    enabled: bool = Field(True, description="track runs in MLflow when tracking.backends names mlflow (false: "
+                          "no MLflow run; the switch configs used before tracking.backends, kept for them)")
     tracking_uri: str | None = Field(None, description="default: sqlite store under the output directory (a "
                                      "tracking server: http://host:5000)")
     experiment: str = Field("wmtp", description="MLflow experiment the runs go to (created when missing)")
@@ -166,6 +167,13 @@ class Tracking(Strict):
     def _size(self) -> Tracking:
         self.log_model_max_bytes  # noqa: B018  (parses, or raises naming the value)
         return self
+
+
+class TrackingBackends(Strict):
+    backends: list[Literal["mlflow", "tensorboard"]] = Field(
+        ["mlflow"], description="where a run's metrics go besides its run.json and metrics.jsonl: mlflow (the "
+        "mlflow section's store), tensorboard (event files in <run_dir>/tensorboard and an evaluation's "
+        "<eval_dir>/tensorboard; needs `pip install tensorboard`); one, both or [] for neither")
 
 
 class StorageSettings(Strict):
@@ -223,6 +231,7 @@ class Config(FromFile):
                             "uploaded to")
     compute: Compute = Field(Compute(), description="device, precision, seed, threads and distributed training")
     checkpoint: Checkpointing = Field(Checkpointing(), description="how often checkpoints are saved and kept")
+    tracking: TrackingBackends = Field(TrackingBackends(), description="the trackers a run writes to")
     mlflow: Tracking = Field(Tracking(), description="MLflow tracking: store, experiment, model upload")
     storage: StorageSettings = Field(StorageSettings(), description="a remote output_dir's staging and upload "
                                      "retries")

@@ -205,23 +205,31 @@ def test_two_ranks_give_the_weights_of_one_process(tmp_path):
 
 
 def test_a_record_keeps_the_step_or_the_mean_over_its_micro_batches_and_sums_histograms():
+    """Metrics of the step (per_micro_batch: their mean over its micro-batches), histograms of the step (the sum
+    over its micro-batches, TensorBoard's, by head) and of the run (the file)."""
     one, two = torch.ones(2, HISTOGRAM_BINS), torch.full((2, HISTOGRAM_BINS), 2.0)
     whole = PerHeadRecord("test")
     whole.add({"a": 1.0, "b": 2.0}, one)
     whole.add({"a": 3.0}, two)
     assert whole.metrics == {"a": 3.0} and torch.equal(whole.histogram, one + two)
+    edges = [HISTOGRAM_MAX * i / HISTOGRAM_BINS for i in range(HISTOGRAM_BINS + 1)]
+    step = whole.histograms()
+    assert list(step) == ["test/weights_head0", "test/weights_head1"]
+    assert all(h.counts == two[0].tolist() and h.bin_edges == pytest.approx(edges) for h in step.values())
     per_micro_batch = PerHeadRecord("test", per_micro_batch=True)
     for metrics in ({"a": 1.0, "b": 2.0}, {"a": 2.0, "b": 4.0}, {"a": 6.0, "b": 0.0}):
         per_micro_batch.add(metrics, one)
     assert per_micro_batch.metrics == pytest.approx({"a": 3.0, "b": 2.0})
+    assert per_micro_batch.histograms()["test/weights_head1"].counts == (3 * one[1]).tolist()
     per_micro_batch.new_step()
     per_micro_batch.add({"a": 5.0}, one)
     assert per_micro_batch.metrics == {"a": 5.0} and torch.equal(per_micro_batch.histogram, 4 * one)
+    assert per_micro_batch.histograms()["test/weights_head1"].counts == one[1].tolist()
     (name, text), = per_micro_batch.artifacts().items()
     saved = json.loads(text)
     assert name == "test_weight_histogram.json" and saved["counts_per_head"] == (4 * one).tolist()
     assert saved["bin_edges"] == pytest.approx([HISTOGRAM_MAX * i / HISTOGRAM_BINS for i in range(HISTOGRAM_BINS + 1)])
-    assert PerHeadRecord("unused").artifacts() == {}
+    assert PerHeadRecord("unused").artifacts() == {} and PerHeadRecord("unused").histograms() == {}
 
 
 class FixedWeights(WeightingScheme):
@@ -252,3 +260,6 @@ def test_a_hybrid_reports_no_metric_of_a_head_without_pairs_in_that_step():
     hybrid.step_weights(batches(second))
     assert "hybrid/weight_max_head1" in hybrid.metrics()
     assert not [k for k in hybrid.metrics() if k.endswith("_head2")]
+    histograms = hybrid.histograms()  # of step 2: empty on head 2 (TensorBoard leaves an empty one out)
+    assert sorted(histograms) == [f"hybrid/weights_head{h}" for h in range(3)]
+    assert sum(histograms["hybrid/weights_head2"].counts) == 0 < sum(histograms["hybrid/weights_head1"].counts)

@@ -40,7 +40,7 @@ from ..runtime.distributed import DistInfo, broadcast_object, init_distributed, 
 from ..runtime.mirror import local_output_dir
 from ..runtime.precision import DTYPES, autocast_for
 from ..runtime.storage import local_path
-from ..runtime.tracking import Tracker, quiet_library_progress
+from ..runtime.tracking import TENSORBOARD_DIR, Tracker, append_scalars, check_backends, quiet_library_progress
 from .generation import generate_samples, raw_inputs
 from .passk import summarize
 from .report import find_results, write_json, write_reports
@@ -100,6 +100,7 @@ def load_for_evaluation(config: Config, settings: EvalSettings) -> tuple[MTPMode
 
 
 def _evaluate(config: Config, recipe: Recipe | None, settings: EvalSettings, info: DistInfo) -> tuple[Path, dict]:
+    check_backends(config)
     if not config.logging.progress or not info.is_main or not sys.stderr.isatty():
         quiet_library_progress()
     device = info.device
@@ -264,10 +265,12 @@ def eval_params(config: Config, settings: EvalSettings) -> dict[str, str]:
 def open_eval_run(config: Config, settings: EvalSettings, results: dict, out: Path) -> Tracker:
     """The evaluation's MLflow run, in the store beside the training runs (a remote output_dir's staging
     directory), named `<run name>/<eval dir>`, with the settings as params; `results` gain its id and store so
-    that `wmtp execute` can add pass@k to it later."""
+    that `wmtp execute` can add pass@k to it later. With the tensorboard backend, its metrics go to
+    `<out>/tensorboard` too."""
     tracker = Tracker(config.mlflow, local_output_dir(config.output_dir, config.storage.staging_dir),
-                      f"{results['run_name']}/{out.name}", active=True,
-                      tags={"kind": "evaluation", "checkpoint": results["checkpoint"]})
+                      f"{results['run_name']}/{out.name}", active=True, backends=config.tracking.backends,
+                      tags={"kind": "evaluation", "checkpoint": results["checkpoint"]},
+                      tensorboard_dir=out / TENSORBOARD_DIR)
     tracker.log_params(eval_params(config, settings))
     results["mlflow_run_id"], results["tracking_uri"] = tracker.run_id, tracker.tracking_uri
     return tracker
@@ -331,13 +334,15 @@ def execute_target(generations: Path, out: Path | None) -> tuple[Path, dict | No
 
 def add_passk(out: Path, results: dict, records: list[dict], scoring: Scoring) -> dict:
     """Score an evaluation's generations into that evaluation: its results.json (every other key kept), report.md
-    (all its sections) and its MLflow run, if it has one."""
+    (all its sections), its MLflow run and its TensorBoard directory, where it has them."""
     generation = results.get("passk", {}).get("generation") or records[0].get("generation", {})
     results = {**results, "passk": run_passk(records, scoring, out, generation)}
     write_json(out / RESULTS, results)
     files = write_reports(out, report_names([out], [results]), [results], [Path(results.get("run_dir", out))])
     if results.get("mlflow_run_id"):
         log_to_eval_run(results, [out / RESULTS, *files, *_written_records(out)])
+    if (out / TENSORBOARD_DIR).is_dir():
+        append_scalars(out / TENSORBOARD_DIR, flat_metrics({"passk": results["passk"]}), step=0)
     return results
 
 

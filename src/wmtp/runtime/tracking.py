@@ -1,14 +1,21 @@
-"""MLflow tracking, the run's own record, and console progress. Only rank 0 tracks; other ranks get a tracker that
-does nothing.
+"""Tracking (MLflow, TensorBoard), the run's own record, and console progress. Only rank 0 tracks; other ranks get a
+tracker that does nothing.
 
-Besides MLflow (when enabled), a training run keeps its own record in its directory, readable without MLflow:
+`tracking.backends` names the trackers: `mlflow` (the `mlflow:` section's store) and `tensorboard` (event files in
+`<run_dir>/tensorboard`, `tensorboard --logdir <output_dir>`: the same metric names and steps as MLflow, plus
+the weighting schemes' per-head weight histograms). Besides them, a training run keeps its own record in its
+directory, readable without either:
 `run.json` (name, parameters, status) and `metrics.jsonl` (one line per logged step: {"step": s, name: value}).
 `wmtp compare` reads either. Every checkpoint keeps a copy of these records (and of the run's config.yaml and
 recipe.yaml) as they were at its step, in `records/`; a run resumed from it continues that copy of
 metrics.jsonl, so the records hold every step once, and a run directory that was lost (a machine resuming from
 object storage) gets its records back (`restore_records`).
 
-By default the store is a local sqlite file shared by all runs under the output directory
+A resumed run appends to the same TensorBoard directory (a new event file) and hides what the stopped run logged
+after its checkpoint's step (`purge_step`), as it does for metrics.jsonl (a line of the checkpoint's copy past that
+step, from critic stage 1's own step counter, is written again); a fresh start hides everything before.
+
+By default the MLflow store is a local sqlite file shared by all runs under the output directory
 (`<output_dir>/mlflow.db`, artifacts in `<output_dir>/mlartifacts`), so runs can be compared side by side
 with `mlflow ui --backend-store-uri sqlite:///<output_dir>/mlflow.db`.
 """
@@ -22,10 +29,11 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
-from ..config import RUN_CONFIG_FILE, RUN_RECIPE_FILE, Tracking
+from ..config import RUN_CONFIG_FILE, RUN_RECIPE_FILE, Config, ConfigError, Tracking
 from .atomic import atomic_file
 
 
@@ -51,9 +59,47 @@ def store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def check_backends(config: Config) -> None:
+    """The packages `tracking.backends` needs are installed (set-up and `wmtp eval` call this before any work)."""
+    if "tensorboard" in config.tracking.backends:
+        try:
+            import tensorboard  # noqa: F401  (torch.utils.tensorboard writes with it)
+        except ImportError:
+            raise ConfigError(f"{config.where('tracking.backends')}: tracking.backends: tensorboard needs the "
+                              "tensorboard package: pip install tensorboard") from None
+
+
+def describe_tracking(config: Config, run_dir: Path) -> str:
+    """Where a run's metrics go, for the lines a run prints before its first step."""
+    where = []
+    if "mlflow" in config.tracking.backends and config.mlflow.enabled:
+        where.append(f"MLflow {tracking_uri(config.mlflow, run_dir.parent)}")
+    if "tensorboard" in config.tracking.backends:
+        where.append(f"TensorBoard {run_dir / TENSORBOARD_DIR}")
+    return ", ".join(where) or "run.json and metrics.jsonl only"
+
+
+def append_scalars(log_dir: Path, metrics: dict[str, float], step: int) -> None:
+    """Scalars added to a TensorBoard directory a tracker wrote and closed (`wmtp execute`'s pass@k to its
+    evaluation's): a new event file beside the others, nothing hidden."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(log_dir)) as writer:
+        for name, value in metrics.items():
+            writer.add_scalar(name, float(value), step)
+
+
+class Histogram(NamedTuple):
+    """Counts of values in bins: bin_edges [K + 1] ascending, counts [K] (values outside the edges not counted)."""
+
+    bin_edges: list[float]
+    counts: list[float]
+
+
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 RECORDS_DIR = "records"  # a checkpoint's copy of the run's records as of its step
+TENSORBOARD_DIR = "tensorboard"  # a run's (and an evaluation's) TensorBoard event files, in its directory
 RECORD_FILES = (RUN_FILE, METRICS_FILE, RUN_CONFIG_FILE, RUN_RECIPE_FILE)
 
 
@@ -73,19 +119,33 @@ def restore_records(checkpoint: Path, run_dir: Path) -> list[str]:
 
 class Tracker:
     def __init__(self, settings: Tracking, output_dir: Path, run_name: str, *, active: bool,
-                 tags: dict[str, str] | None = None, resume_run_id: str | None = None,
-                 record_dir: Path | None = None, resumed_from: Path | None = None) -> None:
-        """`resumed_from`: the checkpoint a resumed run starts from; its copy of metrics.jsonl replaces the run's,
-        dropping the lines the stopped run logged after that step (the resumed run logs those steps again)."""
-        self.active = active and settings.enabled
+                 backends: Sequence[str] = ("mlflow",), tags: dict[str, str] | None = None,
+                 resume_run_id: str | None = None, record_dir: Path | None = None, resumed_from: Path | None = None,
+                 start_step: int = 0, tensorboard_dir: Path | None = None) -> None:
+        """`backends`: `tracking.backends` (MLflow only where `settings.enabled` too). `resumed_from`: the
+        checkpoint a resumed run starts from, at `start_step`; its copy of metrics.jsonl replaces the run's,
+        dropping the lines the stopped run logged after that step (the resumed run logs those steps again), and
+        TensorBoard hides that run's events after it. `tensorboard_dir`: where the event files go (default
+        `record_dir/tensorboard`)."""
+        self.uses_mlflow = active and settings.enabled and "mlflow" in backends
         self.run_id: str | None = None
         self.tracking_uri: str | None = None
         self.record_dir = record_dir if active else None  # run.json and metrics.jsonl (rank 0)
+        self.writer = None  # TensorBoard's SummaryWriter (rank 0, with the backend)
+        self.tensorboard_dir: Path | None = None
         if self.record_dir is not None:
             if resumed_from is not None:
                 self._continue_metrics(resumed_from / RECORDS_DIR)
             self._update_record(name=run_name, status="RUNNING", **({"tags": tags} if tags else {}))
-        if not self.active:
+        if active and "tensorboard" in backends:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard_dir = tensorboard_dir or record_dir / TENSORBOARD_DIR
+            self.writer = SummaryWriter(str(self.tensorboard_dir),
+                                        purge_step=0 if resumed_from is None else start_step + 1)
+            if resumed_from is not None and self.record_dir is not None:
+                self._relog_past(start_step)
+        if not self.uses_mlflow:
             return
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         import mlflow
@@ -135,6 +195,17 @@ class Tracker:
         with atomic_file(path) as tmp:
             shutil.copyfile(saved / METRICS_FILE, tmp)
 
+    def _relog_past(self, step: int) -> None:
+        """The continued metrics.jsonl's lines past `step` (a stage on its own step counter, critic stage 1, logged
+        them before the checkpoint), which the purge hid, to TensorBoard again."""
+        path = self.record_dir / METRICS_FILE
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            record = json.loads(line)
+            if record["step"] > step:
+                for name, value in record.items():
+                    if name != "step":
+                        self.writer.add_scalar(name, value, record["step"])
+
     def record_files(self) -> dict[str, Path]:
         """The run's records as they are now, by the name a checkpoint keeps them under (`records/metrics.jsonl`,
         ...): what `save_checkpoint` copies so that a resume continues them. Empty on ranks other than 0."""
@@ -154,7 +225,7 @@ class Tracker:
     def log_params(self, params: dict[str, str]) -> None:
         if self.record_dir is not None:
             self._update_record(params=params)
-        if self.active:
+        if self.uses_mlflow:
             items = list(params.items())
             for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
                 self._mlflow.log_params({k: v[:6000] for k, v in items[i:i + 100]})
@@ -163,25 +234,53 @@ class Tracker:
         if self.record_dir is not None:
             with (self.record_dir / METRICS_FILE).open("a") as f:
                 f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
-        if self.active:
+        if self.uses_mlflow:
             self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        if self.writer is not None:
+            for name, value in metrics.items():
+                self.writer.add_scalar(name, float(value), step)
+
+    def log_histograms(self, histograms: dict[str, Histogram], step: int) -> None:
+        """Histograms by tag, to TensorBoard only (MLflow has none; the schemes' files keep theirs). An empty one
+        is left out. TensorBoard draws the buckets between the first and last non-empty bin's outer edges (given
+        as min and max); sum and sum of squares, which it does not draw, are taken at the bin centres."""
+        if self.writer is None:
+            return
+        for tag, (edges, counts) in histograms.items():
+            filled = [i for i, count in enumerate(counts) if count > 0]
+            if not filled:
+                continue
+            centres = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:], strict=True)]
+            self.writer.add_histogram_raw(
+                tag, min=edges[filled[0]], max=edges[filled[-1] + 1], num=sum(counts),
+                sum=sum(c * x for c, x in zip(counts, centres, strict=True)),
+                sum_squares=sum(c * x * x for c, x in zip(counts, centres, strict=True)),
+                bucket_limits=edges[1:], bucket_counts=counts, global_step=step)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        if self.active:
+        if self.uses_mlflow:
             self._mlflow.set_tags(tags)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if self.active:
+        if self.uses_mlflow:
             if path.is_dir():
                 self._mlflow.log_artifacts(str(path), artifact_path=artifact_path)
             else:
                 self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
+    def flush(self) -> None:
+        """Write TensorBoard's buffered events to disk (before a remote run's directory is uploaded)."""
+        if self.writer is not None:
+            self.writer.flush()
+
     def end(self, status: str = "FINISHED") -> None:
         if self.record_dir is not None:
             self._update_record(status=status, mlflow_run_id=self.run_id, tracking_uri=self.tracking_uri)
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
         # MLflow has no status for a stop on request (KILLED reads as lost): FINISHED, and the tag wmtp.status says it
-        if self.active:
+        if self.uses_mlflow:
             self._mlflow.end_run(status="FINISHED" if status == "STOPPED" else status)
 
 

@@ -29,7 +29,7 @@ from ..model.mtp import MTPModel, scale_fresh_depths
 from ..runtime.distributed import DistInfo
 from ..runtime.precision import DTYPES, autocast_for, dtype_or_none
 from ..runtime.storage import is_remote
-from ..runtime.tracking import quiet_library_progress
+from ..runtime.tracking import check_backends, quiet_library_progress
 from ..weighting import checked_config, plugin, scheme_settings
 from ..weighting.base import SchemeContext, WeightingScheme
 
@@ -91,6 +91,7 @@ def load_run_data(config: Config, recipe: Recipe, *, tokenizer_dir: Path | None 
 def check_run_settings(config: Config, recipe: Recipe, info: DistInfo, data: RunData, n_heads: int) -> None:
     """The checks of config and recipe values that need the data or the device."""
     check_heads_fit(recipe)  # again for a recipe built in code
+    check_backends(config)
     missing = heads_without_targets(data.train_set, n_heads, recipe.data.mask_prompt)
     if missing:
         raise ConfigError(f"{recipe.source}: mtp.n_heads: heads {', '.join(map(str, missing))} have no target in the "
@@ -207,7 +208,7 @@ def describe_run(setup: RunSetup, run_dir: Path | str, tracking: str, report: di
         f"({plan.micro_batch_size} x {plan.grad_accum_steps} accumulation x {info.world_size} processes)",
         f"weighting: {recipe.algorithm} ({type(setup.scheme).__name__})",
         f"device: {info.device}, precision {setup.config.compute.precision}, world size {info.world_size}",
-        f"outputs: {run_dir} (checkpoints/, final/); MLflow: {tracking}",
+        f"outputs: {run_dir} (checkpoints/, final/); tracking: {tracking}",
     ]
     overrides = {**setup.config.overrides, **recipe.overrides}
     if overrides:

@@ -71,8 +71,9 @@ class Trainer:
         if overrides:  # the values are in the params; the tag says which came from this start's command line
             tags = {**(tags or {}), "wmtp.overrides": overrides}
         self.tracker = Tracker(self.config.mlflow, run_dir.parent, run_name, active=self.info.is_main,
-                               tags=tags, resume_run_id=state.get("mlflow_run_id"), record_dir=run_dir,
-                               resumed_from=resume)
+                               backends=self.config.tracking.backends, tags=tags,
+                               resume_run_id=state.get("mlflow_run_id"), record_dir=run_dir, resumed_from=resume,
+                               start_step=self.step)
         if resume is None:
             self.tracker.log_params({**flatten(self.config, "config"), **flatten(self.recipe, "recipe"),
                                      **flatten(setup.scheme_settings, "recipe"),
@@ -269,6 +270,7 @@ class Trainer:
                 self._write_artifacts()
                 if status == "FINISHED":
                     final = self.checkpointer.save_final(self.tracker, self.scheme.finish)
+                self.tracker.flush()  # the event files are among the files uploaded last
                 self.checkpointer.finish_uploads()
         except BaseException:
             self.tracker.end("FAILED")
@@ -281,7 +283,8 @@ class Trainer:
         return {"status": status, "reason": reason, "step": self.step, "total_steps": self.plan.total_steps,
                 "checkpoint": str(checkpoint), "final_model": str(final) if final else None,
                 "eval": self.last_eval, "eval_step": self.last_eval_step, "n_heads": self.model.n_heads,
-                "mlflow_run_id": self.tracker.run_id, "tracking_uri": self.tracker.tracking_uri}
+                "mlflow_run_id": self.tracker.run_id, "tracking_uri": self.tracker.tracking_uri,
+                "tensorboard_dir": str(self.tracker.tensorboard_dir) if self.tracker.tensorboard_dir else None}
 
     def _train(self, progress: Progress) -> tuple[str, str]:
         """Optimizer steps to the end of the plan, an early stop or a stop signal, with the validations and
@@ -294,6 +297,7 @@ class Trainer:
             logged = self.step % self.config.logging.log_every == 0 or last
             if logged:
                 self.tracker.log_metrics(metrics, self.step)
+                self.tracker.log_histograms(self.scheme.histograms(), self.step)
             progress.update(self.step, metrics, logged)
             stop = False
             if eval_every is not None and (self.step % eval_every == 0 or last):

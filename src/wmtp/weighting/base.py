@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from ..config import ConfigError
 from ..runtime.distributed import DistInfo
+from ..runtime.tracking import Histogram
 
 if TYPE_CHECKING:
     from ..config import Config, Recipe
@@ -96,6 +97,11 @@ class WeightingScheme:
 
     def artifacts(self) -> dict[str, str]:
         """Files (name -> text) the trainer writes to the run directory and logs at the end of the run."""
+        return {}
+
+    def histograms(self) -> dict[str, Histogram]:
+        """Histograms of the last step by tag (the per-head weights: `rho1/weights_head0`), logged with its metrics
+        (to TensorBoard)."""
         return {}
 
     # Hooks for schemes with trainable parts of their own (the critic's value head); no-ops here.

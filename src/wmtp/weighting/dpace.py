@@ -24,6 +24,7 @@ from pydantic import Field
 from ..config import Strict
 from ..loss import IGNORE_INDEX, fused_linear_mtp_ce
 from ..runtime.distributed import DistInfo
+from ..runtime.tracking import Histogram
 from .base import PairSignalWeighting, SchemeContext, SchemePlugin, StepBatch, check_in_forward
 from .per_head import PerHeadRecord, per_head_weights
 
@@ -98,6 +99,9 @@ class DPaceWeighting(PairSignalWeighting):
 
     def artifacts(self) -> dict[str, str]:
         return self.record.artifacts()
+
+    def histograms(self) -> dict[str, Histogram]:
+        return self.record.histograms()
 
 
 def build(settings: DPaceRecipe, context: SchemeContext) -> DPaceWeighting:

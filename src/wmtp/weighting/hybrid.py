@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field, PrivateAttr, create_model, model_validato
 from ..config import Strict
 from ..loss import IGNORE_INDEX, mean1_clip
 from ..runtime.distributed import DistInfo
+from ..runtime.tracking import Histogram
 from . import SCHEMES, plugin
 from .base import (
     RunHooks,
@@ -178,6 +179,12 @@ class HybridWeighting(WeightingScheme):
         for _, scheme in self.components:
             files.update(scheme.artifacts())
         return files
+
+    def histograms(self) -> dict[str, Histogram]:
+        merged = self.record.histograms()
+        for _, scheme in self.components:
+            merged.update(scheme.histograms())
+        return merged
 
     def before_training(self, run: RunHooks) -> None:
         for _, scheme in self.components:

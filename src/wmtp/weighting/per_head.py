@@ -9,7 +9,8 @@ rank, micro-batch, row, position, so two ranks compute what one process would, Â
 3. the weights' statistics (`WEIGHT_STATS`, named `<prefix>/<stat>_head<h>`) and histogram;
 4. this rank's share written back into the micro-batches' [B, S, n] weights, 0 on invalid pairs.
 A head without valid pairs (on any rank) gets zeros, no metrics and an empty histogram; its rule is not called.
-`PerHeadRecord` is what a scheme keeps of the results: the step's metrics and the histograms summed over the run.
+`PerHeadRecord` is what a scheme keeps of the results: the step's metrics and histograms (TensorBoard's, tagged
+`<name>/weights_head<h>`) and the histograms summed over the run.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from ..loss import mean1_clip
 from ..runtime.distributed import DistInfo, all_gather_concat
+from ..runtime.tracking import Histogram
 
 HISTOGRAM_BINS = 40
 HISTOGRAM_MAX = 4.0
@@ -127,12 +129,14 @@ def weight_histogram(head_weights: torch.Tensor) -> torch.Tensor:
 class PerHeadRecord:
     """What a scheme keeps of the per-head weights it makes: the metrics of the step (with `per_micro_batch`,
     `scoring: in_forward`'s one transform per micro-batch, their mean over the step's micro-batches so far) and the
-    weight histograms summed over the run, written as `<name>_weight_histogram.json` (what `wmtp report` plots)."""
+    weight histograms of the step (summed over its micro-batches) and summed over the run, written as
+    `<name>_weight_histogram.json` (what `wmtp report` plots)."""
 
     def __init__(self, name: str, per_micro_batch: bool = False) -> None:
         self.name, self.per_micro_batch = name, per_micro_batch
         self.metrics: dict[str, float] = {}
-        self.histogram: torch.Tensor | None = None  # [n, HISTOGRAM_BINS]
+        self.histogram: torch.Tensor | None = None  # [n, HISTOGRAM_BINS], over the run
+        self.step_histogram: torch.Tensor | None = None  # [n, HISTOGRAM_BINS], over the last step
         self._count = 0  # transforms in `metrics` so far this step
 
     def new_step(self) -> None:
@@ -142,12 +146,22 @@ class PerHeadRecord:
     def add(self, metrics: dict[str, float], histograms: torch.Tensor) -> None:
         """One transform's metrics and histograms [n, HISTOGRAM_BINS]. A metric the transform did not measure (a
         head without valid pairs) is not kept from an earlier one."""
+        same_step = self.per_micro_batch and self._count > 0
         if self.per_micro_batch:
             count = self._count
             metrics = {k: (self.metrics.get(k, v) * count + v) / (count + 1) for k, v in metrics.items()}
             self._count += 1
         self.metrics = metrics
+        self.step_histogram = self.step_histogram + histograms if same_step else histograms
         self.histogram = histograms if self.histogram is None else self.histogram + histograms
+
+    def histograms(self) -> dict[str, Histogram]:
+        """The last step's histogram of each head's weights, tagged `<name>/weights_head<h>` (none before a step)."""
+        if self.step_histogram is None:
+            return {}
+        edges = torch.linspace(0.0, HISTOGRAM_MAX, HISTOGRAM_BINS + 1).tolist()
+        return {f"{self.name}/weights_head{h}": Histogram(edges, counts)
+                for h, counts in enumerate(self.step_histogram.tolist())}
 
     def artifacts(self) -> dict[str, str]:
         """`<name>_weight_histogram.json`, once a step was recorded."""

@@ -28,6 +28,7 @@ from ...data.steps import StepPlan
 from ...loss import IGNORE_INDEX, per_target_to_heads
 from ...runtime import distributed as dist_utils
 from ...runtime.distributed import DistInfo
+from ...runtime.tracking import Histogram
 from ..base import (
     RunHooks,
     SchemeContext,
@@ -218,6 +219,9 @@ class CriticWeighting(WeightingScheme):
 
     def artifacts(self) -> dict[str, str]:
         return self.record.artifacts()
+
+    def histograms(self) -> dict[str, Histogram]:
+        return self.record.histograms()
 
 
 def critic_weights(signals: list[torch.Tensor], labels: list[torch.Tensor], *, temperature: float, eps: float,

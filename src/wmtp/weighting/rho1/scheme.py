@@ -36,6 +36,7 @@ from ...config import ConfigError, Recipe, Strict
 from ...data.sequences import SequenceSet
 from ...loss import IGNORE_INDEX, fused_linear_mtp_ce, per_target_to_heads
 from ...runtime.distributed import DistInfo
+from ...runtime.tracking import Histogram
 from .. import scheme_config
 from ..base import (
     PairSignalWeighting,
@@ -169,6 +170,9 @@ class Rho1Weighting(PairSignalWeighting):
 
     def artifacts(self) -> dict[str, str]:
         return self.record.artifacts()
+
+    def histograms(self) -> dict[str, Histogram]:
+        return self.record.histograms()
 
     def metrics(self) -> dict[str, float]:
         return dict(self.record.metrics)
