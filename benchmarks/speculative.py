@@ -172,7 +172,8 @@ def main() -> None:
         else:
             stats = pooled(outputs[name])
             per_forward = f"{stats.mean_accepted_length:.2f}"
-            rates = ", ".join(f"h{h + 1} {r:.2f}" for h, r in enumerate(stats.acceptance_rates)) or "-"
+            rates = ", ".join(f"h{h + 1} " + ("–" if r is None else f"{r:.2f}")
+                              for h, r in enumerate(stats.acceptance_rates)) or "-"
         rounds = ", ".join(f"{t:.0f}" for t in times[name])
         print(f"| {name} | {speed:.1f} | {rounds} | {speed / base_speed:.2f} | {same}/{len(prompts)} | "
               f"{per_forward} | {rates} |")

@@ -101,7 +101,9 @@ def check_counts(result: SpeculativeResult, eos_stopped: bool = False) -> None:
     assert all(0 <= a <= p for a, p in zip(result.accepted, result.proposed, strict=True))
     # Draft h is verified only after drafts 1..h-1 were accepted.
     assert all(result.proposed[h] <= result.accepted[h - 1] for h in range(1, len(result.proposed)))
-    assert all(0.0 <= r <= 1.0 for r in result.acceptance_rates)
+    assert all(r is None or 0.0 <= r <= 1.0 for r in result.acceptance_rates)
+    # a head that proposed nothing has no rate (not measured), never 0
+    assert [r is None for r in result.acceptance_rates] == [p == 0 for p in result.proposed]
     # Each forward emits its accepted drafts plus head 0's token; only an eos can cut a step short.
     emitted = result.forward_passes + sum(result.accepted)
     assert len(result.tokens) <= emitted if eos_stopped else len(result.tokens) == emitted

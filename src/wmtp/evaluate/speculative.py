@@ -92,9 +92,9 @@ class SpeculativeResult:
     accepted: list[int]
 
     @property
-    def acceptance_rates(self) -> list[float]:
-        """Per draft head h = 1…k: accepted / proposed (0.0 where nothing was proposed)."""
-        return [a / p if p else 0.0 for a, p in zip(self.accepted, self.proposed, strict=True)]
+    def acceptance_rates(self) -> list[float | None]:
+        """Per draft head h = 1…k: accepted / proposed (None where nothing was proposed: not measured)."""
+        return [a / p if p else None for a, p in zip(self.accepted, self.proposed, strict=True)]
 
     @property
     def mean_accepted_length(self) -> float:
