@@ -42,8 +42,9 @@ def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 
 
 # World size 2 with micro-batches of 2 and world size 1 with micro-batches of 4 take the same global batches.
-TWO = {"train": {"max_steps": 4, "micro_batch_size": 2}}
-ONE = {"train": {"max_steps": 4, "micro_batch_size": 4}}
+TWO_STEPS = {"train": {"max_steps": 4, "micro_batch_size": 2}}
+ONE_STEPS = {"train": {"max_steps": 4, "micro_batch_size": 4}}
+TWO, ONE = TWO_STEPS, ONE_STEPS
 SAVE = {"checkpoint": {"every_steps": 2, "keep_last": 5, "max_shard_size": "20KB"},
         "compute": {"distributed": "fsdp2"}}
 
@@ -56,9 +57,12 @@ def continue_from(tmp_path: Path, source: Path, name: str) -> Path:
 
 
 @pytest.mark.slow
-def test_resume_at_another_world_size_continues_the_run(tmp_path):
+@pytest.mark.parametrize("head_type", ["transformer", "sequential"])
+def test_resume_at_another_world_size_continues_the_run(tmp_path, head_type):
     """FSDP2 on 2 ranks -> 1 process, and 1 process -> FSDP2 on 2 ranks: each continued run ends where the
-    uninterrupted one does."""
+    uninterrupted one does (sequential depths: each its own FSDP2 unit, scaled before step 1 on rank 0 alone)."""
+    ONE = {**ONE_STEPS, "mtp": {"head_type": head_type}}  # noqa: N806 (the module's names, per head type)
+    TWO = {**TWO_STEPS, "mtp": {"head_type": head_type}}  # noqa: N806
     assert main(train_args(tmp_path, "one", recipe=ONE, config=SAVE)) == 0
     proc = torchrun(train_args(tmp_path, "two", recipe=TWO, config=SAVE))
     assert proc.returncode == 0, proc.stderr[-3000:]
