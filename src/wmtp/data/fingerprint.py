@@ -1,5 +1,5 @@
 """Digests of what an offline cache was computed from, for the caches' fingerprints (Rho-1's reference CE,
-docs/method.md §5.2; the frozen trunk's states, docs/training.md): the sequences, the tokenizer, a set of tensors.
+docs/method.md §5.2; the frozen trunk's states, docs/heads-cache.md): the sequences, the tokenizer, a set of tensors.
 A cache whose fingerprint differs from the run's is an error, never a silent reuse."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 With the base model frozen, what the heads read from the trunk is a fixed function of each sequence, so
 `wmtp cache-states` runs the trunk once over the training and validation sequences and training reads the states
-instead of running the trunk (docs/training.md, "Heads on a frozen trunk, from a cache"). Per sequence it stores
+instead of running the trunk (docs/heads-cache.md). Per sequence it stores
 (`TrunkStates`): `final`, the trunk's output after its final norm (head 0's state, linear heads' and sequential
 depth 1's input), and for transformer heads `z`, the last decoder layer's input. The last layer's other arguments
 (causal mask, rotary embeddings, position ids) are recomputed from the batch's attention mask
