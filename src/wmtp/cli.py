@@ -365,11 +365,9 @@ def cache_states_command(args: argparse.Namespace) -> int:
     """Build the run's data and model as training does and write the trunk-state cache."""
     config, recipe = load_inputs(args)
     from .training.build import load_run_data
-    from .training.trunk_cache import cache_states, check_trunk_cache, model_for_cache
+    from .training.trunk_cache import cache_states, cache_target, model_for_cache
 
-    if config.trunk_cache is None and args.out is None:
-        raise ConfigError(f"{config.source}: trunk_cache: give the cache file (config key trunk_cache or --out)")
-    check_trunk_cache(config, recipe, "ddp", 1, str(args.out or config.trunk_cache))
+    cache_target(config, recipe, args.out)  # before the data and the model are built
     data = load_run_data(config, recipe)
     cache_states(config, recipe, data, model_for_cache(config, recipe, data.tokenizer), args.out)
     return 0

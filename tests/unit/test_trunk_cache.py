@@ -318,3 +318,15 @@ def test_schemes_that_run_the_trunk_themselves_refuse_a_cache(tmp_path, recipe, 
     config_path, recipe_path = run_files(tmp_path, recipe=recipe)
     with pytest.raises(ConfigError, match=message):
         prepared(config_path, recipe_path, trunk_cache=str(cache))
+
+
+def test_cache_states_needs_a_file_and_checks_it_before_reading_anything(tmp_path, capsys):
+    from wmtp.cli import main
+
+    config_path, recipe_path = run_files(tmp_path)
+    assert main(["cache-states", "--config", str(config_path), "--recipe", str(recipe_path)]) == 1
+    assert "trunk_cache: give the cache file (config key trunk_cache or --out)" in capsys.readouterr().err
+    config_path, recipe_path = run_files(tmp_path, recipe={"mtp": {"n_heads": 3, "trainable": "all"}})
+    assert main(["cache-states", "--config", str(config_path), "--recipe", str(recipe_path), "--out",
+                 str(tmp_path / "s.safetensors")]) == 1
+    assert "set mtp.trainable: heads" in capsys.readouterr().err and not (tmp_path / "s.safetensors").exists()

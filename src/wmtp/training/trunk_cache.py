@@ -52,13 +52,19 @@ def open_trunk_cache(config: Config, recipe: Recipe, info: DistInfo, model: MTPM
     return TrunkStateCache(Path(config.trunk_cache), expected, plan_cache(model, sets, dtype))
 
 
+def cache_target(config: Config, recipe: Recipe, out: Path | None) -> Path:
+    """Where `wmtp cache-states` writes: `out`, else the config's `trunk_cache`; checked like a run's cache."""
+    if out is None and config.trunk_cache is None:
+        raise ConfigError(f"{config.source}: trunk_cache: give the cache file (config key trunk_cache or --out)")
+    target = out if out is not None else Path(config.trunk_cache)
+    check_trunk_cache(config, recipe, "ddp", 1, str(target))
+    return target
+
+
 def cache_states(config: Config, recipe: Recipe, data, model: MTPModel, out: Path | None) -> Path:
     """Run the frozen trunk once over the run's training and validation sequences and write the cache to `out`
     (default: the config's `trunk_cache`)."""
-    target = out if out is not None else (Path(config.trunk_cache) if config.trunk_cache else None)
-    if target is None:
-        raise ConfigError(f"{config.source}: trunk_cache: give the cache file (config key trunk_cache or --out)")
-    check_trunk_cache(config, recipe, "ddp", 1, str(target))
+    target = cache_target(config, recipe, out)
     device = resolve_device(config.compute.device)
     model = model.to(device)
     sets = cache_sets(data)
