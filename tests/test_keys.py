@@ -1307,6 +1307,25 @@ def check_reference_cache(kit: Kit) -> None:
     assert not torch.allclose(first_step_weights(zero)[0], weights, atol=1e-3)
 
 
+def check_trunk_cache(kit: Kit) -> None:
+    """`trunk_cache` replaces the trunk's forward by its cached states: a step from the cache runs no trunk layer
+    and has the loss of a step through the trunk; a cache of zero states gives another loss."""
+    from wmtp.training.trunk_cache import cache_states
+
+    recipe = {"mtp": {"n_heads": 3, "trainable": "heads"}}
+    through = kit.trainer(recipe=recipe, name="through")
+    cache = cache_states(through.config, through.recipe, through.setup.data, through.model, kit.tmp / "states.st")
+    cached = kit.trainer(config={"trunk_cache": str(cache)}, recipe=recipe, name="cached")
+    layers = count_forwards(cached.model.base.base_model.layers[0])
+    loss = through.train_step()["train/loss"]
+    assert cached.train_step()["train/loss"] == pytest.approx(loss, rel=1e-6) and not layers
+    header = 8 + int.from_bytes(cache.read_bytes()[:8], "little")
+    data = cache.read_bytes()
+    cache.write_bytes(data[:header] + bytes(len(data) - header))
+    zeroed = kit.trainer(config={"trunk_cache": str(cache)}, recipe=recipe, name="zeroed")
+    assert zeroed.train_step()["train/loss"] != pytest.approx(loss, rel=1e-3)
+
+
 # ------------------------------------------------------------------------------------------- the registry
 KEY_CHECKS: dict[str, Callable[[Kit], None]] = {
     "config.model.path": check_model_path,
@@ -1327,6 +1346,7 @@ KEY_CHECKS: dict[str, Callable[[Kit], None]] = {
     "config.reference_model.dtype": check_reference_dtype,
     "config.reference_model.hf_token": check_reference_hf_token,
     "config.reference_cache": check_reference_cache,
+    "config.trunk_cache": check_trunk_cache,
     "config.datasets": check_datasets,
     "config.output_dir": check_output_dir,
     "config.compute.device": check_device,

@@ -62,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--max-shard-size", type=_size, default=parse_size("5GB"),
                          help="largest safetensors file, e.g. 5GB")
     convert.add_argument("--verbose", action="store_true", help="print tracebacks")
+    states = sub.add_parser("cache-states", help="with mtp.trainable: heads, run the frozen trunk once over the "
+                            "training and validation sequences and write what the heads read (the config's "
+                            "trunk_cache), so training skips the trunk")
+    states.add_argument("--config", required=True, type=Path)
+    states.add_argument("--recipe", required=True, type=Path)
+    _add_overrides(states)
+    states.add_argument("--out", type=Path, help="the cache file (default: the config's trunk_cache)")
+    states.add_argument("--verbose", action="store_true", help="print tracebacks")
     for command in commands().values():  # a weighting scheme's own commands (Rho-1's score-reference)
         scheme = sub.add_parser(command.name, help=command.help)
         scheme.add_argument("--config", required=True, type=Path)
@@ -365,6 +373,18 @@ def convert_meta_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def cache_states_command(args: argparse.Namespace) -> int:
+    """Build the run's data and model as training does and write the trunk-state cache."""
+    config, recipe = load_inputs(args)
+    from .training.build import load_run_data
+    from .training.trunk_cache import cache_states, cache_target, model_for_cache
+
+    cache_target(config, recipe, args.out)  # before the data and the model are built
+    data = load_run_data(config, recipe)
+    cache_states(config, recipe, data, model_for_cache(config, recipe, data.tokenizer), args.out)
+    return 0
+
+
 def scheme_command(command: SchemeCommand, args: argparse.Namespace) -> int:
     """Run a weighting scheme's command on the validated config and recipe; the data is read when it asks."""
     config, recipe = load_inputs(args)
@@ -491,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     handlers = {"train": train_command, "plan": plan_command, "fetch": fetch_command,
                 "convert-meta": convert_meta_command, "eval": eval_command, "execute": execute_command,
-                "report": report_command, "compare": compare_command,
+                "report": report_command, "compare": compare_command, "cache-states": cache_states_command,
                 **{name: partial(scheme_command, command) for name, command in commands().items()}}
     try:
         return handlers[args.command](args)

@@ -236,6 +236,9 @@ class Config(FromFile):
     storage: StorageSettings = Field(StorageSettings(), description="a remote output_dir's staging and upload "
                                      "retries")
     logging: Logging = Field(Logging(), description="metric logging and console progress")
+    trunk_cache: str | None = Field(
+        None, description="file of the frozen trunk's states written by `wmtp cache-states`; with mtp.trainable: "
+        "heads, training and validation read it instead of running the trunk (a fingerprint mismatch is an error)")
 
     def with_sections(self, sections: dict[str, Any]) -> Config:
         """This config with its extra keys replaced by `sections` (validated by their schemes, defaults included);

@@ -14,8 +14,9 @@ from wmtp.loss import fused_linear_grad_norm_sq
 
 
 def test_forward_takes_the_loss_as_one_object_and_no_mode_switches():
+    """`trunk` is an input, not a mode: the trunk's states from a cache (`TrunkStates`) instead of a trunk forward."""
     names = list(inspect.signature(MTPModel.forward).parameters)
-    assert names == ["self", "input_ids", "attention_mask", "objective", "position_ids", "return_logits"]
+    assert names == ["self", "input_ids", "attention_mask", "objective", "position_ids", "return_logits", "trunk"]
 
 
 def test_mtp_loss_fields_are_what_the_loss_uses():

@@ -11,14 +11,14 @@ different schemes are compared on the same quantity.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 
 import torch
 
 from ..data.sequences import SequenceSet, labels_for
 from ..loss import IGNORE_INDEX
-from ..model.mtp import MTPLoss
+from ..model.mtp import MTPLoss, TrunkStates
 from ..runtime.distributed import DistInfo, all_reduce_sum
 from .acceptance import acceptance_counts, acceptance_report, greedy_tokens
 
@@ -51,7 +51,8 @@ def validation_rows(n_sequences: int, batch_size: int, max_batches: int | None,
 def head_quality(model, sequences: SequenceSet, *, n_heads: int | None = None, batch_size: int = 8,
                  mask_prompt: bool = False, chunk_size: int = 256, edges: tuple[int, ...] = DEFAULT_EDGES,
                  device: torch.device | None = None, autocast=None, max_batches: int | None = None,
-                 info: DistInfo | None = None) -> dict:
+                 info: DistInfo | None = None, trunk_states: Callable[[torch.Tensor], TrunkStates] | None = None,
+                 ) -> dict:
     """{"loss", "heads": [per-head stats], "buckets": [{"positions": [lo, hi), "heads": [...]}, ...], "acceptance":
     `acceptance_report` (no depths with one head), "sequences"} over the first `max_batches` batches of `sequences`.
 
@@ -61,7 +62,8 @@ def head_quality(model, sequences: SequenceSet, *, n_heads: int | None = None, b
 
     `model` may be wrapped (DDP/FSDP2; give `n_heads` then). With `info` of several ranks, rank r takes batches
     r, r + world, ... and the sums are all-reduced; every rank runs the same number of forwards (a rank without a
-    batch left runs one whose labels are all ignored), which FSDP2's collectives need."""
+    batch left runs one whose labels are all ignored), which FSDP2's collectives need. `trunk_states`: the cached
+    trunk states of a batch's rows, read instead of running the trunk (a run with a trunk cache)."""
     n = n_heads if n_heads is not None else model.n_heads
     device = device or next(model.parameters()).device
     length = sequences.input_ids.shape[1]
@@ -83,7 +85,8 @@ def head_quality(model, sequences: SequenceSet, *, n_heads: int | None = None, b
         keep = _keep_greedy(labels, chunk_size, greedy) if n > 1 else None  # one head: no depth to accept
         with autocast or nullcontext():
             out = model(batch["input_ids"], batch["attention_mask"],
-                        MTPLoss(labels, chunk_size=chunk_size, weights_fn=keep))
+                        MTPLoss(labels, chunk_size=chunk_size, weights_fn=keep),
+                        **({} if trunk_states is None else {"trunk": trunk_states(index)}))
         if greedy:
             accept += acceptance_counts(greedy[0], labels != IGNORE_INDEX)
         valid = (labels != IGNORE_INDEX).double()  # [B, S, n]

@@ -130,6 +130,40 @@ class MTPOutput:
     weights: torch.Tensor | None = None  # the weights `MTPLoss.weights_fn` made from this forward's hidden states
 
 
+@dataclass(frozen=True)
+class TrunkStates:
+    """The frozen trunk's states of a batch, read from a cache (`model.trunk_cache`) instead of running the trunk
+    when only the extra heads train (`mtp.trainable: heads`). final: [B, S, D] the trunk's output after its final
+    norm (head 0's state; linear heads' and sequential depth 1's input); z: [B, S, D] the last decoder layer's input
+    (transformer heads only, else None)."""
+
+    final: torch.Tensor
+    z: torch.Tensor | None = None
+
+
+class _LastLayerArguments(Exception):
+    """Raised by `_ArgumentRecorder` with what the last decoder layer would have been called with."""
+
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        super().__init__("recorded")
+        self.args, self.kwargs = args, kwargs
+
+
+class _ArgumentRecorder(nn.Module):
+    """Stands in for the decoder layers during `MTPModel.last_layer_arguments`: the inner model runs its own preamble
+    (embedding, masks, rotary embeddings) and calls this instead of its first layer, which records the call and
+    stops the forward. It carries the layer's `attention_type` and `layer_type`, so that a model with per-layer masks
+    (sliding windows, Qwen3-Next's linear-attention layers) hands it that layer's."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.attention_type = getattr(layer, "attention_type", None)
+        self.layer_type = getattr(layer, "layer_type", None)
+
+    def forward(self, *args, **kwargs):
+        raise _LastLayerArguments(args, kwargs)
+
+
 class ResidualHead(nn.Module):
     """Medusa-style head: z + W2·SiLU(W1·z), W2 zero-initialised (the head starts as the identity)."""
 
@@ -388,15 +422,13 @@ class MTPModel(nn.Module):
             z = out.last_hidden_state
             return [z] + [head(z) for head in self.heads], z
 
-        inner, layers, norm = decoder_parts(self.base)
+        inner, layers, _ = decoder_parts(self.base)
         captured: dict = {}
 
         def capture(_module, args, kwargs):
             captured["args"], captured["kwargs"] = args, kwargs
 
-        # a native block is a full-attention layer: it gets the arguments of the trunk's last full-attention layer
-        source = layers[-1] if self.mtp_config.native is None else layers[native.capture_index(self.base.config)]
-        handle = source.register_forward_pre_hook(capture, with_kwargs=True)
+        handle = self._argument_source(layers).register_forward_pre_hook(capture, with_kwargs=True)
         try:
             out = inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                         use_cache=False)
@@ -407,31 +439,97 @@ class MTPModel(nn.Module):
             z, rest = args[0], args[1:]
         else:
             z, rest = kwargs.pop("hidden_states"), ()
-        hidden = [out.last_hidden_state]
+        return self._extra_heads(out.last_hidden_state, z, input_ids, attention_mask, rest, kwargs)
+
+    def _argument_source(self, layers: nn.ModuleList) -> nn.Module:
+        """The trunk layer whose arguments (mask, rotary embeddings) the heads get: the last one; for a native
+        checkpoint's depths, whose blocks are full-attention layers, the trunk's last full-attention layer."""
+        return layers[-1] if self.mtp_config.native is None else layers[native.capture_index(self.base.config)]
+
+    def _extra_heads(self, final: torch.Tensor, z: torch.Tensor | None, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor | None, rest: tuple, kwargs: dict,
+                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every head's normed state from the trunk's: `final` its normed output, `z` its last layer's input
+        (transformer heads), `rest`/`kwargs` the layer arguments of `_argument_source`. Returns (hidden states, trunk
+        state). One code path for a trunk forward (`head_hidden_states`) and a trunk cache (`heads_from_trunk`)."""
+        hidden = [final]
         if self.mtp_config.head_type == "sequential":
             embed = self.base.get_input_embeddings()
-            state = out.last_hidden_state
+            state = final
             for k, depth in enumerate(self.heads, start=1):
                 ids, present = shifted_inputs(input_ids, k, attention_mask)
                 embeds = embed(ids) * present.unsqueeze(-1).to(state.dtype)
                 state, normed = depth(state, embeds, *rest, **kwargs)
                 hidden.append(normed)
-            return hidden, out.last_hidden_state
+            return hidden, final
+        if z is None:
+            raise ValueError("transformer heads read the last decoder layer's input: TrunkStates.z is missing")
+        norm = decoder_parts(self.base)[2]
         for head in self.heads:
             h = head(z, *rest, **kwargs)
             hidden.append(norm(h[0] if isinstance(h, tuple) else h))
         return hidden, z
 
+    def trunk_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     position_ids: torch.Tensor | None = None) -> TrunkStates:
+        """What the heads read from the trunk (`TrunkStates`), from one forward of the trunk without the heads."""
+        if self.mtp_config.head_type != "transformer":
+            out = self.base.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                       position_ids=position_ids, use_cache=False)
+            return TrunkStates(final=out.last_hidden_state)
+        inner, layers, _ = decoder_parts(self.base)
+        captured: dict = {}
+
+        def capture(_module, args, kwargs):
+            captured["z"] = args[0] if args else kwargs["hidden_states"]
+
+        handle = layers[-1].register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            out = inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False)
+        finally:
+            handle.remove()
+        return TrunkStates(final=out.last_hidden_state, z=captured["z"])
+
+    def last_layer_arguments(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                             position_ids: torch.Tensor | None = None) -> tuple[tuple, dict]:
+        """The arguments the last decoder layer gets besides its input state (mask, rotary embeddings, position
+        ids), made by the inner model's own code from the batch without running any layer: they depend on the
+        token positions and the attention mask only, so a cache of trunk states need not store them."""
+        inner, layers, _ = decoder_parts(self.base)
+        name = next(n for n in ("layers", "h") if getattr(inner, n, None) is layers)
+        setattr(inner, name, nn.ModuleList([_ArgumentRecorder(self._argument_source(layers))]))
+        try:
+            inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        except _LastLayerArguments as recorded:
+            args, kwargs = recorded.args[1:], dict(recorded.kwargs)
+            kwargs.pop("hidden_states", None)
+            return args, kwargs
+        finally:
+            setattr(inner, name, layers)
+        raise RuntimeError(f"{type(inner).__name__} did not call its decoder layers")
+
+    def heads_from_trunk(self, trunk: TrunkStates, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor | None = None,
+                         position_ids: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """`head_hidden_states` from the trunk's cached states instead of a trunk forward (the base model frozen)."""
+        if self.mtp_config.head_type == "linear":
+            return [trunk.final] + [head(trunk.final) for head in self.heads], trunk.final
+        rest, kwargs = self.last_layer_arguments(input_ids, attention_mask, position_ids)
+        return self._extra_heads(trunk.final, trunk.z, input_ids, attention_mask, rest, kwargs)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 objective: MTPLoss | GradNormScores | None = None, *, position_ids: torch.Tensor | None = None,
-                return_logits: bool = False) -> MTPOutput:
-        """input_ids, attention_mask, position_ids: [B, S]. Always returns the trunk state [B, S, D].
+                return_logits: bool = False, trunk: TrunkStates | None = None) -> MTPOutput:
+        """input_ids, attention_mask, position_ids: [B, S]. Always returns the trunk state [B, S, D]. `trunk`: the
+        trunk's states read from a cache, used instead of running the trunk (`heads_from_trunk`).
 
         `objective` says what the forward computes from the labels: an `MTPLoss` gives the weighted loss on the fast
         path (no [B, S, n, V] tensor) with each pair's CE and top-1 correctness [B, S, n]; `GradNormScores` gives
         each pair's ‖∂ℓ/∂logits‖² instead; None: no loss. `return_logits` also returns all heads' logits
         [B, S, n, V]: for small inputs and for the reference path only."""
-        hidden, z = self.head_hidden_states(input_ids, attention_mask, position_ids)
+        hidden, z = (self.head_hidden_states(input_ids, attention_mask, position_ids) if trunk is None else
+                     self.heads_from_trunk(trunk, input_ids, attention_mask, position_ids))
         output = MTPOutput(trunk_hidden=z)
         if return_logits:
             output.logits = torch.stack([self.unembedding(h) for h in hidden], dim=2)

@@ -25,13 +25,15 @@ from ..loss import IGNORE_INDEX
 from ..model import parallelize
 from ..model.build import build_model, check_tokenizer_fits, load_tokenizer_from, secret
 from ..model.memory import meta_model
-from ..model.mtp import MTPModel, scale_fresh_depths
+from ..model.mtp import MTPModel, TrunkStates, scale_fresh_depths
+from ..model.trunk_cache import TrunkStateCache
 from ..runtime.distributed import DistInfo
 from ..runtime.precision import DTYPES, autocast_for, dtype_or_none
 from ..runtime.storage import is_remote
 from ..runtime.tracking import check_backends, quiet_library_progress
 from ..weighting import checked_config, plugin, scheme_settings
 from ..weighting.base import SchemeContext, WeightingScheme
+from .trunk_cache import check_trunk_cache, open_trunk_cache
 
 
 @dataclass
@@ -57,6 +59,12 @@ class RunSetup:
     plan: StepPlan
     scheme_settings: BaseModel  # the recipe sections the scheme owns, validated by it
     scheme: WeightingScheme
+    trunk_cache: TrunkStateCache | None = None  # the frozen trunk's states, read instead of running it
+
+    def trunk_states(self, split: str, rows: torch.Tensor) -> TrunkStates | None:
+        """The cached trunk states of `rows` of `split` (train or validation) on the run's device; None without a
+        cache (the forward then runs the trunk)."""
+        return None if self.trunk_cache is None else self.trunk_cache.states(split, rows, self.info.device)
 
     @property
     def tokenizer(self):
@@ -133,6 +141,8 @@ def prepare(config: Config, recipe: Recipe, info: DistInfo, *, tokenizer_dir: Pa
         quiet_library_progress()
     config = checked_config(config)  # the config's scheme-owned keys (a config built in code is checked here)
     settings = scheme_settings(recipe)
+    if config.trunk_cache is not None:  # before any data or model is built
+        check_trunk_cache(config, recipe, config.compute.distributed, info.world_size, config.trunk_cache)
     torch.manual_seed(config.compute.seed)
     data = load_run_data(config, recipe, tokenizer_dir=tokenizer_dir)
     check_run_settings(config, recipe, info, data, recipe.mtp.n_heads)
@@ -144,12 +154,13 @@ def prepare(config: Config, recipe: Recipe, info: DistInfo, *, tokenizer_dir: Pa
     sample = {key: rows[key][:, :256] for key in ("input_ids", "attention_mask")}
     model, wrapped = build_and_wrap(config, recipe, info, data.tokenizer, sample)
     autocast = autocast_for(info.device, config.compute.precision)
+    trunk_cache = open_trunk_cache(config, recipe, info, model, data)
     context = SchemeContext(model=model, wrapped=wrapped, autocast=autocast, info=info, plan=plan,
                             train_set=data.train_set, val_set=data.val_set, train_examples=data.train_examples,
                             val_examples=data.val_examples, tokenizer=data.tokenizer, config=config,
-                            recipe=recipe)
+                            recipe=recipe, trunk_cache=trunk_cache)
     scheme = plugin(recipe.algorithm).build(settings, context)
-    return RunSetup(config, recipe, info, data, model, wrapped, autocast, plan, settings, scheme)
+    return RunSetup(config, recipe, info, data, model, wrapped, autocast, plan, settings, scheme, trunk_cache)
 
 
 def build_and_wrap(config: Config, recipe: Recipe, info: DistInfo, tokenizer,

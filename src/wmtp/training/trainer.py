@@ -144,12 +144,14 @@ class Trainer:
     def forward_backward(self, index: int, batch: StepBatch, weights: torch.Tensor | None, normalizer: torch.Tensor,
                          *, sync: bool):
         """One micro-batch: the weighted loss (plus the scheme's auxiliary loss) and its backward. Both DDP and
-        FSDP2 average gradients over ranks: the loss is scaled by the world size to sum them instead."""
+        FSDP2 average gradients over ranks: the loss is scaled by the world size to sum them instead. With a trunk
+        cache the heads read the micro-batch's cached trunk states (its rows) instead of running the trunk."""
         with parallelize.gradient_sync(self.wrapped, sync), self.autocast:
             out = self.wrapped(batch.input_ids, batch.attention_mask, MTPLoss(
                 batch.labels, weights, self.scheme.weights_in_forward(index, batch),
                 head_coef=self.recipe.mtp.coefficients, reduction=self.recipe.loss.reduction, normalizer=normalizer,
-                allow_negative=self.scheme.allow_negative, chunk_size=self.plan.chunk_size))
+                allow_negative=self.scheme.allow_negative, chunk_size=self.plan.chunk_size),
+                trunk=self.setup.trunk_states("train", batch.rows))
         aux = self.scheme.auxiliary_loss(index, batch, out)
         loss = out.loss if aux is None else out.loss + aux
         self.scaler.scale(loss * self.info.world_size).backward()
@@ -182,7 +184,9 @@ class Trainer:
         report = head_quality(self.wrapped, self.setup.val_set, n_heads=self.model.n_heads,
                               batch_size=self.plan.micro_batch_size, mask_prompt=self.plan.mask_prompt,
                               chunk_size=self.plan.chunk_size, device=self.info.device, autocast=self.autocast,
-                              max_batches=self.plan.eval_batches, info=self.info)
+                              max_batches=self.plan.eval_batches, info=self.info,
+                              trunk_states=None if self.setup.trunk_cache is None else
+                              lambda rows: self.setup.trunk_states("validation", rows))
         return {**quality_metrics(report), **self.scheme.evaluate()}
 
     def _log_evaluation(self) -> dict[str, float]:

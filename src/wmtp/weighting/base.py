@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from ..data.sequences import SequenceSet
     from ..data.sources import Example
     from ..data.steps import StepPlan
-    from ..model.mtp import MTPModel
+    from ..model.mtp import MTPModel, TrunkStates
+    from ..model.trunk_cache import TrunkStateCache
 
 
 @dataclass
@@ -52,7 +53,8 @@ class SchemeContext:
     autocast: the forward's autocast context (re-entrant); plan: how the data is cut into steps;
     train_examples / val_examples: the documents behind the sequence sets (for rewards);
     config: the run's config (model and reference sources, caches, compute); recipe: the run's recipe (the loss
-    reduction, the data's sequence length)."""
+    reduction, the data's sequence length); trunk_cache: the frozen trunk's cached states (config `trunk_cache`),
+    or None: a scheme's own pass of the stepped model passes `trunk_states(batch)` to its forward."""
 
     model: MTPModel
     wrapped: torch.nn.Module
@@ -66,6 +68,17 @@ class SchemeContext:
     tokenizer: Any
     config: Config
     recipe: Recipe
+    trunk_cache: TrunkStateCache | None = None
+
+    def trunk_states(self, batch: StepBatch) -> TrunkStates | None:
+        """The cached trunk states of a training micro-batch (None without a cache: the forward runs the trunk)."""
+        return None if self.trunk_cache is None else self.trunk_cache.states("train", batch.rows, self.info.device)
+
+    def refuse_trunk_cache(self, algorithm: str, why: str) -> None:
+        """For a scheme that runs the trunk itself: a run with a trunk cache is an error saying why."""
+        if self.trunk_cache is not None:
+            raise ConfigError(f"{self.config.where('trunk_cache')}: trunk_cache: algorithm {algorithm} {why}; "
+                              "remove trunk_cache to train through the trunk")
 
 
 @dataclass(frozen=True)

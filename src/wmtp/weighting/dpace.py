@@ -114,8 +114,8 @@ def build(settings: DPaceRecipe, context: SchemeContext) -> DPaceWeighting:
     @torch.no_grad()
     def model_ce(batch: StepBatch) -> torch.Tensor:
         with context.autocast:
-            return context.wrapped(batch.input_ids, batch.attention_mask,
-                                   MTPLoss(batch.labels, chunk_size=chunk_size)).ce
+            return context.wrapped(batch.input_ids, batch.attention_mask, MTPLoss(batch.labels, chunk_size=chunk_size),
+                                   trunk=context.trunk_states(batch)).ce
 
     check_in_forward("dpace", settings.dpace.scoring, context)
     return DPaceWeighting(settings.dpace, model_ce, context.info, chunk_size)

@@ -170,8 +170,8 @@ def build(settings: GradNormRecipe, context: SchemeContext) -> GradNormWeighting
     @torch.no_grad()
     def grad_norm_sq(batch: StepBatch) -> torch.Tensor:
         with context.autocast:
-            return context.wrapped(batch.input_ids, batch.attention_mask,
-                                   GradNormScores(batch.labels, chunk_size)).grad_norm_sq
+            return context.wrapped(batch.input_ids, batch.attention_mask, GradNormScores(batch.labels, chunk_size),
+                                   trunk=context.trunk_states(batch)).grad_norm_sq
 
     check_in_forward("gradnorm", settings.gradnorm.scoring, context)
     return GradNormWeighting(settings.gradnorm, grad_norm_sq, context.info, chunk_size)

@@ -456,6 +456,7 @@ def build(settings: GRPORecipe, context: SchemeContext) -> GRPOWeighting:
     set up the reward and, with a KL term, the frozen copy of the starting base model."""
     s, recipe, info = settings.grpo, context.recipe, context.info
     where = recipe.source
+    context.refuse_trunk_cache("grpo", "trains on completions it samples, which no cache holds")
     if recipe.loss.reduction != "token_mean":
         raise ConfigError(f"{where}: loss.reduction: algorithm grpo gives below-average completions negative weights, "
                           "which only token_mean accepts (docs/method.md §3); set loss.reduction: token_mean")

@@ -244,6 +244,7 @@ def build(settings: CriticRecipe, context: SchemeContext) -> CriticWeighting:
     """Score every training (and validation) document with the reward, place the rewards at the documents' last
     tokens, and set up the value head: loaded from `critic.value_head_path` (stage 1 skipped) or new."""
     critic, pretrain = settings.critic, settings.pretrain or PretrainSettings()
+    context.refuse_trunk_cache("critic", "runs the trunk for its value head (stage 1 and every step's values)")
     if context.config.compute.precision == "fp16":
         raise ConfigError("algorithm critic supports compute.precision fp32 and bf16 (the value head has its "
                           "own optimizer outside the fp16 gradient scaler)")

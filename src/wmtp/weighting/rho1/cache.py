@@ -9,7 +9,6 @@ the reference; any fingerprint mismatch is an error, never a silent reuse.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -19,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ...config import ConfigError
+from ...data.fingerprint import digest_of, sequence_bytes, tokenizer_bytes
 from ...data.sequences import SequenceSet
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".gguf")
@@ -41,12 +41,8 @@ def reference_files_digest(path: str) -> str:
 
 
 def fingerprint(train_set: SequenceSet, tokenizer, reference_path: str) -> str:
-    digest = hashlib.sha256()
-    digest.update(train_set.input_ids.numpy().tobytes())
-    digest.update(train_set.attention_mask.numpy().tobytes())
-    digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
-    digest.update(reference_files_digest(reference_path).encode())
-    return digest.hexdigest()
+    return digest_of([*sequence_bytes(train_set), tokenizer_bytes(tokenizer),
+                      reference_files_digest(reference_path).encode()])
 
 
 def write_cache(path: Path, ref: torch.Tensor, key: str) -> None:

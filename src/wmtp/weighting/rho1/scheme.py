@@ -216,8 +216,8 @@ def build(settings: Rho1Recipe, context: SchemeContext) -> Rho1Weighting:
     @torch.no_grad()
     def model_ce(batch: StepBatch) -> torch.Tensor:
         with context.autocast:
-            return context.wrapped(batch.input_ids, batch.attention_mask,
-                                   MTPLoss(batch.labels, chunk_size=chunk_size)).ce
+            return context.wrapped(batch.input_ids, batch.attention_mask, MTPLoss(batch.labels, chunk_size=chunk_size),
+                                   trunk=context.trunk_states(batch)).ce
 
     if cached:
         from ...runtime.storage import local_path
