@@ -1,9 +1,12 @@
-"""Tracking: two runs that start at the same moment on a fresh local store both get their MLflow run."""
+"""Tracking: two runs that start at the same moment on a fresh local store both get their MLflow run; TensorBoard's
+event files (appending to a closed directory, resumed runs, histograms)."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 from pathlib import Path
+
+import pytest
 
 from wmtp.config import Tracking
 
@@ -104,3 +107,22 @@ def test_histograms_span_their_filled_bins_and_an_empty_one_is_left_out(tmp_path
     assert event.step == 7 and (value.min, value.max, value.num) == (2.0, 4.0, 4.0)
     assert list(value.bucket_limit) == edges[1:] and list(value.bucket) == [0, 0, 3, 1, 0]
     assert (value.sum, value.sum_squares) == (3 * 2.5 + 3.5, 3 * 2.5**2 + 3.5**2)
+
+
+def test_appending_without_the_tensorboard_package_is_one_line_naming_the_directory(tmp_path, monkeypatch):
+    import builtins
+
+    from wmtp.config import ConfigError
+    from wmtp.runtime.tracking import append_scalars
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name == "tensorboard" or name.startswith("tensorboard."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(ConfigError, match=r"tensorboard package: pip install tensorboard") as raised:
+        append_scalars(tmp_path / "tensorboard", {"eval/x": 1.0}, step=0)
+    assert str(tmp_path / "tensorboard") in str(raised.value) and "\n" not in str(raised.value)

@@ -82,6 +82,11 @@ def describe_tracking(config: Config, run_dir: Path) -> str:
 def append_scalars(log_dir: Path, metrics: dict[str, float], step: int) -> None:
     """Scalars added to a TensorBoard directory a tracker wrote and closed (`wmtp execute`'s pass@k to its
     evaluation's): a new event file beside the others, nothing hidden."""
+    try:
+        import tensorboard  # noqa: F401  (torch.utils.tensorboard writes with it)
+    except ImportError:
+        raise ConfigError(f"{log_dir}: this evaluation's TensorBoard events get its pass@k, which needs the "
+                          "tensorboard package: pip install tensorboard") from None
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(log_dir)) as writer:
