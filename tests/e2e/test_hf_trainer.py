@@ -235,3 +235,45 @@ def test_the_docs_example_runs(tmp_path, monkeypatch):
     exec(compile(code, str(page), "exec"), {"__name__": "hf_trainer_example"})
     final = tmp_path / "runs" / "hf-demo" / "final"
     assert (final / "mtp_heads.safetensors").is_file() and (final / "model.safetensors").is_file()
+
+
+def test_trl_sft_trainer_trains_with_wmtps_loss(tmp_path):
+    """TRL's SFTTrainer with WMTPTrainer's loss (docs/hf-trainer.md#trl): prompt/completion rows, TRL's own collator
+    and completion-only labels (-100 on the prompt), two steps, then a directory MTPModel.from_pretrained loads."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from trl import SFTConfig, SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    class WMTPSFTTrainer(WMTPTrainer, SFTTrainer):
+        pass
+
+    raw = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.train_from_iterator([f"def f{i}(x): return x + {i}" for i in range(16)],
+                            trainers.WordLevelTrainer(special_tokens=["<pad>", "<eos>", "<unk>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+    model = MTPModel.from_base(base, n_heads=N_HEADS)
+    model.add_model_tags = model.base.add_model_tags  # TRL tags the model it trains
+    data = Dataset.from_list([{"prompt": f"def f{i}(x):", "completion": f" return x + {i}"} for i in range(16)])
+    args = SFTConfig(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=4, max_steps=2, logging_steps=1,
+                     report_to="none", use_cpu=True, max_length=32, activation_checkpointing=False,
+                     disable_tqdm=True)
+    trainer = WMTPSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                             data_collator=DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id),
+                             algorithm="dpace")
+    batch = next(iter(trainer.get_train_dataloader()))
+    prompt = (batch["labels"] == IGNORE_INDEX) & batch["attention_mask"].bool()
+    assert prompt[:, 0].all() and prompt.sum() > batch["labels"].shape[0]  # the prompts are -100
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2 and all(f"ce_head{h}" in logged[0] for h in range(N_HEADS))
+    assert "dpace/weight_mean_head1" in logged[0]
+    trainer.save_model(str(tmp_path / "final"))
+    MTPModel.from_pretrained(tmp_path / "final")
