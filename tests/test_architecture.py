@@ -23,10 +23,11 @@ LAYERS = {
     "model": 1, "data": 1, "execution": 1,
     "components": 2,
     "weighting": 3,
-    "training": 4, "evaluate": 4,
+    "training": 4, "evaluate": 4, "integrations": 4,
     "cli": 5, "__main__": 5, "__init__": 5,
 }
-FOLDERS = {"runtime", "model", "data", "execution", "components", "weighting", "training", "evaluate"}
+FOLDERS = {"runtime", "model", "data", "execution", "components", "weighting", "training", "evaluate",
+           "integrations"}
 # weighting/: the schemes (SCHEMES' modules) and what they share (base, rewards, per_head, reference)
 SCHEME_MODULES = {f"weighting.{name}" for name in SCHEMES.values()}
 
@@ -159,6 +160,17 @@ def test_execution_imports_nothing_from_training_or_evaluation():
     for module, imports in GRAPH.items():
         if module.startswith("execution"):
             assert not {m for m in imports if m.split(".")[0] in ("training", "weighting", "evaluate", "cli")}, module
+
+
+def test_integrations_are_a_leaf():
+    """integrations/ bridges other frameworks to the model, the loss and the schemes: nothing imports it, and it
+    uses neither the training loop nor evaluation."""
+    assert "weighting.base" in GRAPH["integrations.hf_trainer"]
+    for module, imports in GRAPH.items():
+        if module.startswith("integrations"):
+            assert not {m for m in imports if m.split(".")[0] in ("training", "evaluate", "cli")}, module
+        else:
+            assert not {m for m in imports if m.startswith("integrations")}, module
 
 
 def test_nothing_outside_weighting_branches_on_the_algorithm_name():
