@@ -309,6 +309,20 @@ class _FusedLinearMTPCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
+def valid_pair_rows(head_hidden: list[torch.Tensor], labels: torch.Tensor, chunk_size: int,
+                    ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden rows of the valid pairs, [P, D], and their flat indices into [B, S, n], [P], what every fused
+    per-pair computation below (and the greedy tokens of acceptance) reads: n head states [B, S, D] stacked to
+    [B, S, n, D], rows where labels [B, S, n] != ignore_index. Checks the head count and chunk_size >= 1."""
+    if len(head_hidden) != labels.shape[-1]:
+        raise ValueError(f"got {len(head_hidden)} head hidden states for labels with {labels.shape[-1]} heads")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    hidden = torch.stack(head_hidden, dim=2)  # [B, S, n, D]
+    flat_index = (labels != ignore_index).reshape(-1).nonzero().squeeze(1)
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_index), flat_index
+
+
 def fused_linear_mtp_ce(
     head_hidden: list[torch.Tensor],
     unembedding: torch.Tensor,
@@ -327,14 +341,7 @@ def fused_linear_mtp_ce(
     `chunk_size` rows at a time. Returns (loss, ce [B, S, n] detached fp32 with 0 on ignored pairs,
     correct [B, S, n] bool: the head's argmax equals the label).
     """
-    if len(head_hidden) != labels.shape[-1]:
-        raise ValueError(f"got {len(head_hidden)} head hidden states for labels with {labels.shape[-1]} heads")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    hidden = torch.stack(head_hidden, dim=2)  # [B, S, n, D]
-    valid = labels != ignore_index
-    flat_index = valid.reshape(-1).nonzero().squeeze(1)
-    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_index)
+    rows, flat_index = valid_pair_rows(head_hidden, labels, chunk_size, ignore_index)
     targets = labels.reshape(-1).index_select(0, flat_index)
     pair_coef = coef.reshape(-1).index_select(0, flat_index).float()
     compute_grad = torch.is_grad_enabled() and (rows.requires_grad or unembedding.requires_grad)
@@ -387,13 +394,7 @@ def fused_linear_grad_norm_sq(
     As in `fused_linear_mtp_ce`, only valid pairs are computed, `chunk_size` rows at a time, the matmul in the
     hidden states' dtype and the softmax in one fp32 [chunk, V] buffer. Returns [B, S, n] fp32, 0 on ignored pairs.
     """
-    if len(head_hidden) != labels.shape[-1]:
-        raise ValueError(f"got {len(head_hidden)} head hidden states for labels with {labels.shape[-1]} heads")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    hidden = torch.stack(head_hidden, dim=2)  # [B, S, n, D]
-    flat_index = (labels != ignore_index).reshape(-1).nonzero().squeeze(1)
-    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_index)
+    rows, flat_index = valid_pair_rows(head_hidden, labels, chunk_size, ignore_index)
     targets = labels.reshape(-1).index_select(0, flat_index)
     weight = unembedding.to(rows.dtype)
     b = None if bias is None else bias.to(rows.dtype)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..loss import IGNORE_INDEX
+from ..loss import valid_pair_rows
 
 
 @torch.no_grad()
@@ -30,13 +30,7 @@ def greedy_tokens(head_hidden: list[torch.Tensor], unembedding: torch.Tensor, la
     labels: [B, S, n] (only which pairs are valid is read). Rows are taken `chunk_size` at a time, the matmul in the
     hidden states' dtype and the max in fp32 with autocast off, as `fused_linear_mtp_ce` takes its argmax, so a
     token here is the one its `correct` compares. Returns int64 [B, S, n], -1 on ignored pairs."""
-    if len(head_hidden) != labels.shape[-1]:
-        raise ValueError(f"got {len(head_hidden)} head hidden states for labels with {labels.shape[-1]} heads")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    hidden = torch.stack(head_hidden, dim=2)  # [B, S, n, D]
-    flat_index = (labels != IGNORE_INDEX).reshape(-1).nonzero().squeeze(1)
-    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_index)
+    rows, flat_index = valid_pair_rows(head_hidden, labels, chunk_size)
     weight = unembedding.to(rows.dtype)
     b = None if bias is None else bias.to(rows.dtype)
     tokens = torch.empty(rows.shape[0], dtype=torch.long, device=rows.device)
