@@ -165,7 +165,8 @@ class PairSignalWeighting(WeightingScheme):
     gradient norm at the logits), made either in a pass before the step over all its micro-batches (`scoring:
     separate_pass`) or inside each micro-batch's training forward from its own head hidden states (`scoring:
     in_forward`, statistics per micro-batch: docs/method.md §5). A subclass gives `scoring`, `record` (its
-    `per_head.PerHeadRecord`), `signal`, `signal_in_forward` and `weigh`."""
+    `per_head.PerHeadRecord`, which its metrics, artifacts and histograms come from), `signal`,
+    `signal_in_forward` and `weigh`."""
 
     scoring: str
     record: Any
@@ -197,6 +198,15 @@ class PairSignalWeighting(WeightingScheme):
             return weights
 
         return weights_fn
+
+    def metrics(self) -> dict[str, float]:
+        return dict(self.record.metrics)
+
+    def artifacts(self) -> dict[str, str]:
+        return self.record.artifacts()
+
+    def histograms(self) -> dict[str, Histogram]:
+        return self.record.histograms()
 
 
 def check_in_forward(section: str, scoring: str, context: SchemeContext) -> None:

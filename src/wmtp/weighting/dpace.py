@@ -24,7 +24,6 @@ from pydantic import Field
 from ..config import Strict
 from ..loss import IGNORE_INDEX, fused_linear_mtp_ce
 from ..runtime.distributed import DistInfo
-from ..runtime.tracking import Histogram
 from .base import PairSignalWeighting, SchemeContext, SchemePlugin, StepBatch, check_in_forward
 from .per_head import PerHeadRecord, per_head_weights
 
@@ -93,15 +92,6 @@ class DPaceWeighting(PairSignalWeighting):
                                   self.info, prefix="dpace", stats=("weight_mean", "weight_std", "weight_max"))
         self.record.add(result.metrics, result.histograms)
         return weights
-
-    def metrics(self) -> dict[str, float]:
-        return dict(self.record.metrics)
-
-    def artifacts(self) -> dict[str, str]:
-        return self.record.artifacts()
-
-    def histograms(self) -> dict[str, Histogram]:
-        return self.record.histograms()
 
 
 def build(settings: DPaceRecipe, context: SchemeContext) -> DPaceWeighting:

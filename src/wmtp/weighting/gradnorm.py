@@ -31,7 +31,6 @@ from pydantic import Field, model_validator
 from ..config import Strict
 from ..loss import IGNORE_INDEX, fused_linear_grad_norm_sq
 from ..runtime.distributed import DistInfo
-from ..runtime.tracking import Histogram
 from .base import (
     PairSignalWeighting,
     SchemeContext,
@@ -141,15 +140,6 @@ class GradNormWeighting(PairSignalWeighting):
             self.smoothed = used
         self.record.add(metrics, histogram)
         return weights
-
-    def metrics(self) -> dict[str, float]:
-        return dict(self.record.metrics)
-
-    def artifacts(self) -> dict[str, str]:
-        return self.record.artifacts()
-
-    def histograms(self) -> dict[str, Histogram]:
-        return self.record.histograms()
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         if self.smoothed is None:

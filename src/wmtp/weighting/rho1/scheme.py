@@ -36,7 +36,6 @@ from ...config import ConfigError, Recipe, Strict
 from ...data.sequences import SequenceSet
 from ...loss import IGNORE_INDEX, fused_linear_mtp_ce, per_target_to_heads
 from ...runtime.distributed import DistInfo
-from ...runtime.tracking import Histogram
 from .. import scheme_config
 from ..base import (
     PairSignalWeighting,
@@ -167,15 +166,6 @@ class Rho1Weighting(PairSignalWeighting):
             train_head0_fully=s.train_head0_fully, info=self.info)
         self.record.add(metrics, histogram)
         return weights
-
-    def artifacts(self) -> dict[str, str]:
-        return self.record.artifacts()
-
-    def histograms(self) -> dict[str, Histogram]:
-        return self.record.histograms()
-
-    def metrics(self) -> dict[str, float]:
-        return dict(self.record.metrics)
 
 
 def reference_cache_target(sections: Rho1Config, recipe: Recipe) -> Path:
